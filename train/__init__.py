@@ -1,0 +1,1 @@
+"""selfe.train: training loops for Self-E (the 2-D proof now; the FSDP2 trainer later)."""
