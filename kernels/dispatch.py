@@ -23,7 +23,10 @@ OPS = ("layer_norm_modulate", "gated_residual_modulate", "qk_norm_rope", "energy
 # op -> backend -> implementation. Fast backends register here when their module is imported.
 _REGISTRY: dict[str, dict[str, Callable]] = {op: {"torch": getattr(reference, op)} for op in OPS}
 # Modules that register the non-reference backends; imported on first request only.
-_PROVIDERS: dict[str, tuple[str, ...]] = {"triton": (), "cuda": ()}
+_PROVIDERS: dict[str, tuple[str, ...]] = {
+    "triton": ("selfe.kernels.modulation", "selfe.kernels.renorm", "selfe.kernels.qk_norm_rope"),
+    "cuda": ("selfe.kernels.cuda_ops",),
+}
 # For `auto` on CUDA: preference order per op, fastest first (set from bench/kernels.py results).
 AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {op: ("torch",) for op in OPS}
 

@@ -90,3 +90,35 @@ def energy_preserving_mix(p: Tensor, q: Tensor, a: Tensor, b: Tensor, eps: float
     y = a.to(acc).view(shape) * p.to(acc) + b.to(acc).view(shape) * q.to(acc)
     ratio = per_sample_norm(p) / per_sample_norm(y).clamp_min(eps)
     return (y * ratio.view(shape)).to(p.dtype)
+
+
+def rope_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    key_mask: Tensor | None = None,
+    sm_scale: float | None = None,
+) -> Tensor:
+    """Attention with RoPE applied to q and k first: `softmax(rope(q) rope(k)^T * scale, masked) v`.
+
+    q, k, v: (B, H, L, Dh), q and k already RMS-normed but not rotated; cos, sin: (L, Dh/2);
+    key_mask: (B, L) bool, True = attend (None: every key); sm_scale defaults to Dh ** -0.5.
+    Computed in float32 (float64 for float64). A sample whose mask keeps no key gets a zero output
+    (not NaN), as the Triton kernel does. Returns (B, H, L, Dh) in q.dtype.
+    """
+    acc = _accum_dtype(q.dtype)
+    scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
+    q_rot = apply_rope(q.to(acc), cos, sin)
+    k_rot = apply_rope(k.to(acc), cos, sin)
+    scores = (q_rot @ k_rot.transpose(-1, -2)) * scale
+    if key_mask is not None:
+        keep = key_mask[:, None, None, :]
+        any_key = key_mask.any(dim=-1)[:, None, None, None]
+        # Rows with no key at all softmax over zeros, then are zeroed: finite values and gradients.
+        scores = scores.masked_fill(~keep, float("-inf")).masked_fill(~any_key, 0.0)
+        probs = torch.softmax(scores, dim=-1) * any_key
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    return (probs @ v.to(acc)).to(q.dtype)

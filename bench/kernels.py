@@ -1,0 +1,337 @@
+"""Fused-op benchmark: PyTorch eager and torch.compile'd references vs the Triton and CUDA C++ kernels.
+
+Ops at the 2b model's shapes (B=4, L=512 text + 1024 image tokens, D=2048; the renorm on a (4, 16, 64, 64)
+latent), forward and forward + backward. Each case is timed with CUDA events after a warm-up, median of
+--iters runs, inputs rotated over --buffers copies so they do not sit in L2. Achieved GB/s counts the
+minimal bytes an op must move (each input read once, each output written once) and is compared to the
+device's copy bandwidth, measured in the same run with a large `tensor.copy_`. Markdown table to stdout;
+--json PATH writes the rows. The attention cases of bench/kernels_attention_cases.py are added when that
+file exists (its `cases(args)` returns dicts {"op", "impl", "fn", "bytes", "flops"}, as ours do).
+
+Needs a CUDA device; on CPU it says so and exits 0. `--cpu-smoke` instead runs every case once or twice
+on tiny shapes (Triton through the interpreter, wall-clock timer) to check that the harness itself works:
+
+    python bench/kernels.py                     # H100/H200: the real numbers
+    python bench/kernels.py --cpu-smoke         # CPU: harness check only, the numbers mean nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SMOKE = {
+    "batch": 2,
+    "txt_tokens": 5,
+    "img_tokens": 8,
+    "dim": 48,
+    "heads": 2,
+    "head_dim": 16,
+    "latent": (4, 6, 6),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--txt-tokens", type=int, default=512)
+    parser.add_argument("--img-tokens", type=int, default=1024)
+    parser.add_argument("--dim", type=int, default=2048, help="model width D of the modulation ops")
+    parser.add_argument("--heads", type=int, default=16, help="(attention cases)")
+    parser.add_argument("--head-dim", type=int, default=128, help="(attention cases)")
+    parser.add_argument(
+        "--pad-fraction", type=float, default=None, help="(attention cases) masked text share"
+    )
+    parser.add_argument("--latent", type=int, nargs=3, default=(16, 64, 64), help="C H W of the renorm input")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--iters", type=int, default=100)
+    parser.add_argument(
+        "--buffers", type=int, default=4, help="input copies rotated between runs (L2 misses)"
+    )
+    parser.add_argument("--only", default=None, help="run only ops whose name contains this string")
+    parser.add_argument("--no-attention", action="store_true", help="skip bench/kernels_attention_cases.py")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None, help="write the rows here")
+    parser.add_argument(
+        "--cpu-smoke", action="store_true", help="tiny shapes on CPU: checks the harness only"
+    )
+    args = parser.parse_args(argv)
+    if args.cpu_smoke:
+        for key, value in SMOKE.items():
+            setattr(args, key, value)
+        args.warmup, args.iters, args.buffers, args.device = 1, 2, 2, "cpu"
+    else:
+        args.device = "cuda"
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------------
+
+
+def time_fn(fn: Callable[[], Any], warmup: int, iters: int, device: torch.device) -> float:
+    """Median seconds of fn over iters runs after warmup runs (CUDA events on GPU, wall clock on CPU)."""
+    for _ in range(warmup):
+        fn()
+    if device.type != "cuda":
+        times = []
+        for _ in range(iters):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+    torch.cuda.synchronize(device)
+    events = [
+        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)
+    ]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize(device)
+    return statistics.median(start.elapsed_time(end) for start, end in events) / 1e3
+
+
+def copy_bandwidth(device: torch.device, warmup: int, iters: int) -> float:
+    """Bytes/s of a large device-to-device copy (read + write counted), the roofline for these ops."""
+    n = (1 << 30) if device.type == "cuda" else (1 << 24)
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    seconds = time_fn(lambda: dst.copy_(src), warmup, iters, device)
+    return 2 * n / seconds
+
+
+# ---------------------------------------------------------------------------------------------------
+# Cases: dicts {"op", "impl", "fn": zero-arg callable, "bytes": int | None, "flops": int | None}
+# ---------------------------------------------------------------------------------------------------
+
+
+def implementations(op: str, device: torch.device) -> list[tuple[str, Callable]]:
+    """(impl name, fn) for every implementation of `op` that can run here."""
+    from selfe.kernels import dispatch, reference
+
+    ref = getattr(reference, op)
+    impls = [("torch-eager", ref), ("torch-compile", torch.compile(ref, dynamic=False))]
+    for backend in ("triton", "cuda"):
+        try:
+            impls.append((backend, dispatch.get_op(op, backend, device)))
+        except (ImportError, RuntimeError) as err:
+            print(f"# {op}: no {backend} implementation here ({str(err).splitlines()[0]})", file=sys.stderr)
+    return impls
+
+
+def _rotating(inputs: list[tuple[torch.Tensor, ...]]) -> Callable[[], tuple[torch.Tensor, ...]]:
+    """A callable returning the next input set, round robin (so consecutive runs miss in L2)."""
+    state = {"i": 0}
+
+    def next_inputs() -> tuple[torch.Tensor, ...]:
+        state["i"] = (state["i"] + 1) % len(inputs)
+        return inputs[state["i"]]
+
+    return next_inputs
+
+
+def op_cases(
+    op: str,
+    make_inputs: Callable[[], tuple[torch.Tensor, ...]],
+    make_grads: Callable[[], tuple[torch.Tensor, ...]],
+    fwd_bytes: int,
+    bwd_bytes: int,
+    args: argparse.Namespace,
+) -> list[dict]:
+    """fwd and fwd+bwd cases of every implementation of `op`; inputs with requires_grad get grads."""
+    device = torch.device(args.device)
+    sets = [make_inputs() for _ in range(args.buffers)]
+    grads = [make_grads() for _ in range(args.buffers)]
+    next_inputs, next_grads = _rotating(sets), _rotating(grads)
+    cases = []
+    for impl, fn in implementations(op, device):
+
+        def forward(fn=fn):
+            with torch.no_grad():
+                return fn(*next_inputs())
+
+        def forward_backward(fn=fn):
+            inputs = next_inputs()
+            outs = fn(*inputs)
+            outs = outs if isinstance(outs, tuple) else (outs,)
+            return torch.autograd.grad(outs, [t for t in inputs if t.requires_grad], next_grads())
+
+        cases.append({"op": f"{op}.fwd", "impl": impl, "fn": forward, "bytes": fwd_bytes, "flops": None})
+        cases.append(
+            {
+                "op": f"{op}.fwd+bwd",
+                "impl": impl,
+                "fn": forward_backward,
+                "bytes": fwd_bytes + bwd_bytes,
+                "flops": None,
+            }
+        )
+    return cases
+
+
+def fused_op_cases(args: argparse.Namespace) -> list[dict]:
+    """layer_norm_modulate, gated_residual_modulate, energy_preserving_mix at the configured shapes."""
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    gen = torch.Generator().manual_seed(args.seed)
+    B, L, D = args.batch, args.txt_tokens + args.img_tokens, args.dim
+    es = torch.finfo(dtype).bits // 8
+
+    def randn(*shape: int, grad: bool = True, std: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen) * std).to(device, dtype).requires_grad_(grad)
+
+    tokens, cond = B * L * D * es, B * D * es
+    cases = op_cases(
+        "layer_norm_modulate",
+        lambda: (randn(B, L, D), randn(B, D, std=0.1), randn(B, D, std=0.1)),
+        lambda: (randn(B, L, D, grad=False),),
+        fwd_bytes=2 * tokens + 2 * cond,  # read x, write out
+        bwd_bytes=3 * tokens + 4 * cond,  # read x, d(out); write dx (+ dshift, dscale)
+        args=args,
+    )
+    cases += op_cases(
+        "gated_residual_modulate",
+        lambda: (
+            randn(B, L, D),
+            randn(B, D, std=0.1),
+            randn(B, L, D),
+            randn(B, D, std=0.1),
+            randn(B, D, std=0.1),
+        ),
+        lambda: (randn(B, L, D, grad=False), randn(B, L, D, grad=False)),
+        fwd_bytes=4 * tokens + 3 * cond,  # read x, y; write x', out
+        bwd_bytes=6 * tokens + 6 * cond,  # read x', y, d(x'), d(out); write dx, dy
+        args=args,
+    )
+    C, H, W = args.latent
+    latent = B * C * H * W * es
+
+    def coefficients() -> tuple[torch.Tensor, torch.Tensor]:
+        omega = torch.full((B,), 5.0, device=device, requires_grad=True)  # the sampler's CFG scale
+        return omega, (1 - omega).detach().requires_grad_()
+
+    cases += op_cases(
+        "energy_preserving_mix",
+        lambda: (randn(B, C, H, W), randn(B, C, H, W), *coefficients()),
+        lambda: (randn(B, C, H, W, grad=False),),
+        fwd_bytes=3 * latent,  # read p, q; write out (the two-phase kernels read p, q twice)
+        bwd_bytes=5 * latent,  # read p, q, d(out); write dp, dq
+        args=args,
+    )
+    return cases
+
+
+def attention_cases(args: argparse.Namespace) -> list[dict]:
+    """Cases from bench/kernels_attention_cases.py when that file exists (optional)."""
+    path = Path(__file__).with_name("kernels_attention_cases.py")
+    if args.no_attention or not path.exists():
+        return []
+    spec = importlib.util.spec_from_file_location("selfe_bench_attention_cases", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return list(module.cases(args))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    copy_bw = copy_bandwidth(device, args.warmup, args.iters)
+    cases = fused_op_cases(args) + attention_cases(args)
+    if args.only:
+        cases = [c for c in cases if args.only in c["op"]]
+    rows = []
+    for case in cases:
+        seconds = time_fn(case["fn"], args.warmup, args.iters, device)
+        row = {"op": case["op"], "impl": case["impl"], "ms": seconds * 1e3}
+        if case.get("bytes"):
+            row["GB/s"] = case["bytes"] / seconds / 1e9
+            row["% copy BW"] = 100 * case["bytes"] / seconds / copy_bw
+        if case.get("flops"):
+            row["TFLOP/s"] = case["flops"] / seconds / 1e12
+        rows.append(row)
+    eager = {r["op"]: r["ms"] for r in rows if r["impl"] == "torch-eager"}
+    for row in rows:
+        if row["op"] in eager:
+            row["x eager"] = eager[row["op"]] / row["ms"]
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke run)",
+        "torch": torch.__version__,
+        "dtype": args.dtype,
+        "shapes": {
+            "B": args.batch,
+            "L": args.txt_tokens + args.img_tokens,
+            "D": args.dim,
+            "latent": list(args.latent),
+        },
+        "copy_GB/s": copy_bw / 1e9,
+        "rows": rows,
+        "fastest_fwd_bwd": fastest(rows),
+    }
+
+
+def fastest(rows: list[dict]) -> dict[str, list[str]]:
+    """Per op, implementations from fastest to slowest on fwd+bwd (input for dispatch.AUTO_PREFERENCE)."""
+    by_op: dict[str, list[tuple[float, str]]] = {}
+    for row in rows:
+        if row["op"].endswith(".fwd+bwd"):
+            by_op.setdefault(row["op"].removesuffix(".fwd+bwd"), []).append((row["ms"], row["impl"]))
+    return {op: [impl for _, impl in sorted(entries)] for op, entries in by_op.items()}
+
+
+FORMATS = {"ms": "{:.4f}", "GB/s": "{:.0f}", "% copy BW": "{:.0f}%", "TFLOP/s": "{:.1f}", "x eager": "{:.2f}"}
+
+
+def markdown(result: dict) -> str:
+    columns = ["op", "impl", *FORMATS]
+    lines = [
+        f"Device: {result['device']}, torch {result['torch']}, {result['dtype']}, shapes {result['shapes']}; "
+        f"copy bandwidth {result['copy_GB/s']:.0f} GB/s",
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
+    ]
+    for row in result["rows"]:
+        cells = [row["op"], row["impl"]]
+        for col, fmt in FORMATS.items():
+            cells.append(fmt.format(row[col]) if col in row else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Fastest fwd+bwd first: " + json.dumps(result["fastest_fwd_bwd"])]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.cpu_smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel is defined
+        torch.manual_seed(args.seed)
+    elif not torch.cuda.is_available():
+        print("bench/kernels.py needs a CUDA device (none here); nothing measured. "
+              "Use --cpu-smoke to check the harness on tiny CPU shapes.")  # fmt: skip
+        return 0
+    result = run(args)
+    print(markdown(result))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Forward + backward throughput of the MMDiT with random weights and inputs.
+
+Prints image tokens/s, peak memory and MFU (analytical FLOPs from selfe.flops over a configurable
+peak: H100 SXM bf16 dense = 989e12). CPU smoke run:
+
+    python bench/model_fwd_bwd.py --preset tiny --resolution 64 --txt-tokens 16 --batch 2 --iters 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from selfe.config import mmdit_preset
+from selfe.flops import mmdit_forward_backward_flops
+from selfe.model import MMDiT
+
+VAE_DOWNSAMPLE = 8  # FLUX autoencoder: 512 px -> 64 latent -> 32x32 = 1024 tokens with 2x2 patches
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="2b")
+    parser.add_argument("--resolution", type=int, default=512, help="image side in pixels (square)")
+    parser.add_argument("--txt-tokens", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU"
+    )
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--attention-backend", default="sdpa")
+    parser.add_argument("--kernel-backend", default="auto")
+    parser.add_argument(
+        "--pad-fraction",
+        type=float,
+        default=0.0,
+        help="fraction of text tokens masked as padding (0: no mask, the fast path)",
+    )
+    parser.add_argument("--compile", action="store_true", help="torch.compile each block")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--peak-flops", type=float, default=989e12, help="device peak FLOP/s for MFU")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    config = mmdit_preset(
+        args.preset, attention_backend=args.attention_backend, kernel_backend=args.kernel_backend
+    )
+    latent = args.resolution // VAE_DOWNSAMPLE
+    if args.resolution % VAE_DOWNSAMPLE or latent % config.patch_size:
+        raise ValueError(
+            f"--resolution {args.resolution} must be a multiple of {VAE_DOWNSAMPLE * config.patch_size}"
+        )
+    img_tokens = (latent // config.patch_size) ** 2
+    torch.manual_seed(args.seed)
+
+    model = MMDiT(config).to(device=device, dtype=dtype)
+    # adaLN-Zero makes every block the identity at init; random weights everywhere make the timing honest.
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.02)
+    model.validate_inputs = False
+    if args.compile:
+        for block in [*model.double_blocks, *model.single_blocks]:
+            block.compile()
+
+    b = args.batch
+    x = torch.randn(b, config.in_channels, latent, latent, device=device, dtype=dtype)
+    t = torch.rand(b, device=device)
+    s = t * torch.rand(b, device=device)
+    txt_mask = None
+    if args.pad_fraction > 0:
+        n_real = max(1, round(args.txt_tokens * (1 - args.pad_fraction)))
+        txt_mask = torch.arange(args.txt_tokens, device=device)[None, :].expand(b, -1) < n_real
+    cond = {
+        "txt": torch.randn(b, args.txt_tokens, config.txt_dim, device=device, dtype=dtype),
+        "txt_mask": txt_mask,
+        "pooled": torch.randn(b, config.vec_dim, device=device, dtype=dtype),
+    }
+
+    def step() -> None:
+        out = model(x, t, s, cond)
+        out.float().square().mean().backward()
+        model.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):
+        step()
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+    else:
+        t0 = time.perf_counter()
+    for _ in range(args.iters):
+        step()
+    if cuda:
+        end.record()
+        torch.cuda.synchronize()
+        seconds = start.elapsed_time(end) / 1e3 / args.iters
+    else:
+        seconds = (time.perf_counter() - t0) / args.iters
+
+    flops = mmdit_forward_backward_flops(config, b, img_tokens, args.txt_tokens)
+    result = {
+        "preset": args.preset,
+        "params": config.num_parameters(),
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "dtype": str(dtype).removeprefix("torch."),
+        "attention_backend": args.attention_backend,
+        "kernel_backend": args.kernel_backend,
+        "compile": args.compile,
+        "batch": b,
+        "resolution": args.resolution,
+        "img_tokens": img_tokens,
+        "txt_tokens": args.txt_tokens,
+        "pad_fraction": args.pad_fraction,
+        "iters": args.iters,
+        "step_ms": seconds * 1e3,
+        "img_tokens_per_s": b * img_tokens / seconds,
+        "tokens_per_s": b * (img_tokens + args.txt_tokens) / seconds,
+        "samples_per_s": b / seconds,
+        "flops_per_step": flops,
+        "tflops_per_s": flops / seconds / 1e12,
+        "peak_flops": args.peak_flops,
+        "mfu": flops / seconds / args.peak_flops,
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
+        "torch": torch.__version__,
+    }
+    memory = f"{result['peak_memory_gib']:.2f} GiB" if cuda else "n/a (CPU)"
+    print(
+        f"{args.preset} fwd+bwd  batch {b}  {img_tokens}+{args.txt_tokens} tokens  {result['dtype']}  "
+        f"attn={args.attention_backend} kernels={args.kernel_backend}"
+    )
+    print(
+        f"  step {result['step_ms']:.2f} ms  |  {result['img_tokens_per_s']:.0f} img tokens/s  "
+        f"({result['tokens_per_s']:.0f} incl. text)  |  {result['tflops_per_s']:.2f} TFLOP/s  "
+        f"MFU {100 * result['mfu']:.1f}% of {args.peak_flops:.3g}  |  peak memory {memory}"
+    )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""The Self-E training objective (SELFE.md §3): learning from data and self-evaluation in one loss.
+
+Written against a network's call signature only, `net(x, t, s, cond) -> V`, so the MMDiT and the
+2-D task's MLP run the same code. Flow matching is this objective with `self_eval=False` (s = t always).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from selfe import condition_tree
+from selfe.renorm import energy_preserving_target
+from selfe.schedule import TimeShift, sample_s, sample_t, self_eval_count, tau_at
+
+
+class DualTimeNetwork(Protocol):
+    def __call__(self, x: Tensor, t: Tensor, s: Tensor, cond: Any) -> Tensor: ...
+
+
+@dataclass
+class ObjectiveConfig:
+    """Every knob of the objective, in SELFE.md's terms; [ours] marks choices the paper leaves open."""
+
+    self_eval: bool = True  # False: plain flow matching (s = t for every sample), everything else equal
+    caption_dropout: float = 0.1  # p_drop [ours: 0.1]; the null condition is the encoding of ""
+    time_shift: TimeShift = field(default_factory=TimeShift)
+    s_split: str = "half"  # [ours] "half": exactly the first B//2 samples get s < t (static shapes); "bernoulli": paper
+    self_eval_prob: float = 0.5  # P(s < t) under the "bernoulli" split
+    tau_warmup: int = 300_000  # iterations over which tau rises 0 -> 1 (paper: 300k)
+    energy_preserving: bool = True  # False: the no-renorm ablation, target = y / (1 + lambda)
+    fresh_self_eval_noise: bool = True  # [ours] eps' for x_s_hat is fresh noise (False: reuse eps)
+    aux_start: int | None = 550_000  # iteration at which the fake-score term switches on (None: never)
+    aux_k: float = 0.9  # D = k (g_u - g_c) + (1 - k)(g_f - g_c)
+    aux_weight: float = 1.0  # weight of L_fake [ours: 1.0]
+    kernel_backend: str | None = "auto"  # implementation of the energy-preserving renorm (selfe.kernels)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.time_shift, dict):
+            self.time_shift = TimeShift(**self.time_shift)
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ValueError(f"caption_dropout must lie in [0, 1), got {self.caption_dropout}")
+        if self.s_split not in ("half", "bernoulli"):
+            raise ValueError(f"s_split must be 'half' or 'bernoulli', got {self.s_split!r}")
+        if not 0.0 <= self.self_eval_prob <= 1.0:
+            raise ValueError(f"self_eval_prob must lie in [0, 1], got {self.self_eval_prob}")
+        if self.tau_warmup < 0:
+            raise ValueError(f"tau_warmup must be >= 0, got {self.tau_warmup}")
+        if not 0.0 <= self.aux_k <= 1.0:
+            raise ValueError(f"aux_k must lie in [0, 1], got {self.aux_k}")
+        if self.aux_weight < 0:
+            raise ValueError(f"aux_weight must be >= 0, got {self.aux_weight}")
+
+    def aux_on(self, iteration: int) -> bool:
+        return self.self_eval and self.aux_start is not None and iteration >= self.aux_start
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def clean_estimate(v: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+    """G = x_t - t V: the clean-sample estimate, always at the current time t. t: (B,)."""
+    return x_t - _bcast(t, x_t) * v
+
+
+def self_eval_lambda(t: Tensor, s: Tensor) -> Tensor:
+    """lambda = t / (1 - t) - s / (1 - s): zero where s = t; unclamped, as in the paper."""
+    return t / (1 - t) - s / (1 - s)
+
+
+def loss_weight(t: Tensor) -> Tensor:
+    """w(t) = 1 / t^2: makes the x0-space loss equal the velocity MSE when s = t."""
+    return 1 / t.square()
+
+
+def _bcast(v: Tensor, like: Tensor) -> Tensor:
+    return v.view((-1,) + (1,) * (like.dim() - 1)).to(like.dtype)
+
+
+def _mean_per_sample(x: Tensor) -> Tensor:
+    """Mean over all non-batch dims, accumulated in float32 (float64 for float64 inputs)."""
+    return x.flatten(1).to(torch.promote_types(x.dtype, torch.float32)).mean(dim=1)
+
+
+class SelfELoss:
+    """The loss of one training step. Call with the live network, the EMA network and a batch.
+
+    batch keys: "x0" (B, ...) clean latents; "cond", "null_cond" (B-batched conditions, see
+    selfe.condition_tree); "fake_cond" when the auxiliary term is on; "num_tokens" (image tokens per
+    sample, for the length shift) unless the config fixes mu.
+    """
+
+    def __init__(self, config: ObjectiveConfig | None = None):
+        self.config = config or ObjectiveConfig()
+
+    def __call__(
+        self,
+        net: DualTimeNetwork,
+        ema_net: DualTimeNetwork,
+        batch: dict[str, Any],
+        iteration: int,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        cfg = self.config
+        x0 = batch["x0"]
+        B, device = x0.shape[0], x0.device
+        cond, null = batch["cond"], batch["null_cond"]
+        aux_on = cfg.aux_on(iteration)
+        if aux_on and batch.get("fake_cond") is None:
+            raise ValueError(f"the auxiliary term is on at iteration {iteration} but the batch has no 'fake_cond'")
+
+        if cfg.caption_dropout > 0:
+            dropped = torch.rand(B, generator=generator, device=device) < cfg.caption_dropout
+            cond = condition_tree.where(dropped, null, cond)
+
+        # Times: t from the shifted logit-normal, s below it for the self-evaluated samples.
+        mu = cfg.time_shift.mu_for(batch.get("num_tokens"))
+        t = sample_t(B, mu, generator, device)
+        if cfg.self_eval:
+            s, self_mask = sample_s(t, tau_at(iteration, cfg.tau_warmup), cfg.s_split, cfg.self_eval_prob, generator)
+        else:
+            s, self_mask = t, torch.zeros(B, dtype=torch.bool, device=device)
+
+        eps = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
+        x_t = (1 - _bcast(t, x0)) * x0 + _bcast(t, x0) * eps
+        v = net(x_t, t, s, cond)
+        x0_hat = clean_estimate(v, x_t, t)
+
+        # delta = x_target - x0 is zero where s = t; the loss is taken in velocity form,
+        # w(t) |x0_hat - x_target|^2 = |V - (eps - x0 - delta / t)|^2, which keeps precision at small t.
+        delta = torch.zeros_like(x0)
+        metrics: dict[str, Tensor] = {}
+        loss_fake = x0.new_zeros(())
+        lam = torch.zeros_like(t)
+        if cfg.self_eval:
+            if cfg.s_split == "half":
+                index: Tensor | slice = slice(0, self_eval_count(B))  # static: no host sync
+            else:
+                index = self_mask.nonzero().squeeze(1)
+            t_i, s_i = t[index], s[index]
+            x0_hat_i = x0_hat[index].detach()
+            noise_i = (
+                torch.randn(x0_hat_i.shape, generator=generator, device=device, dtype=x0.dtype)
+                if cfg.fresh_self_eval_noise
+                else eps[index]
+            )
+            x_s_hat = (1 - _bcast(s_i, x0_hat_i)) * x0_hat_i + _bcast(s_i, x0_hat_i) * noise_i
+            cond_i, null_i = condition_tree.select(cond, index), condition_tree.select(null, index)
+            fake_i = condition_tree.select(batch["fake_cond"], index) if aux_on else None
+            with torch.no_grad():
+                g_c = clean_estimate(ema_net(x_s_hat, s_i, s_i, cond_i), x_s_hat, s_i)
+                g_u = clean_estimate(net(x_s_hat, s_i, s_i, null_i), x_s_hat, s_i)
+                direction = g_u - g_c
+                if aux_on:
+                    g_f = clean_estimate(net(x_s_hat, s_i, s_i, fake_i), x_s_hat, s_i)
+                    direction = cfg.aux_k * direction + (1 - cfg.aux_k) * (g_f - g_c)
+                x_self = x0_hat_i - direction
+            lam_i = self_eval_lambda(t_i.double(), s_i.double())  # t / (1 - t) loses digits near t = 1 in fp32
+            x0_i = x0[index]
+            lam_i = lam_i.to(torch.promote_types(x0.dtype, torch.float32))
+            target_i = energy_preserving_target(x0_i, x_self, lam_i, cfg.energy_preserving, cfg.kernel_backend)
+            delta = delta.index_put((torch.arange(B, device=device)[index],), target_i - x0_i)
+            lam = lam.index_put((torch.arange(B, device=device)[index],), lam_i.to(lam.dtype))
+
+            if aux_on:
+                # The fake branch learns the posterior mean of the model's own samples:
+                # w(s) |G(x_s_hat, s, s, c_fake) - x0_hat|^2 = |V_f - (eps' - x0_hat)|^2.
+                v_fake = net(x_s_hat, s_i, s_i, fake_i)
+                loss_fake = _mean_per_sample((v_fake - (noise_i - x0_hat_i)).square()).mean()
+                metrics["loss_fake"] = loss_fake.detach()
+
+        v_target = eps - x0 - delta / _bcast(t, x0)
+        per_sample = _mean_per_sample((v - v_target).square())
+        loss = per_sample.mean() + (cfg.aux_weight * loss_fake if aux_on else 0.0)
+
+        data_mask = ~self_mask
+        metrics.update(
+            loss=loss.detach(),
+            loss_data=_masked_mean(per_sample.detach(), data_mask),
+            loss_self=_masked_mean(per_sample.detach(), self_mask),
+            lambda_mean=lam.mean(),
+            frac_self=(s < t).float().mean(),
+            aux_on=torch.tensor(float(aux_on)),
+        )
+        return loss, metrics
+
+
+def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp_min(1)

@@ -1,0 +1,166 @@
+"""The any-step sampler (SELFE.md §5): one network, any number of steps.
+
+`denoise_step` is one step with every per-step scalar passed as a tensor and no data-dependent
+Python control flow or host-device sync, so a later engine can compile it and capture it in a CUDA
+graph once per shape and replay it for every step count. `sample` is the plain loop around it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from selfe import condition_tree
+from selfe.objective import DualTimeNetwork
+from selfe.renorm import energy_preserving_cfg
+from selfe.schedule import TimeShift, sampling_grid
+
+S_POLICIES = ("next", "current", "midpoint", "fixed")
+METHODS = ("ddim", "euler")
+
+
+@dataclass
+class SamplerConfig:
+    """How to sample. Defaults are the paper's: s_k = t_{k+1}, EP-CFG with omega 5, stochastic DDIM (eta 1)."""
+
+    steps: int = 2
+    method: str = "ddim"  # "ddim" (eta-DDIM, paper appendix) or "euler"
+    eta: float = 1.0
+    guidance: float | None = 5.0  # omega of energy-preserving CFG; None: no CFG (one forward per step)
+    s_policy: str = "next"  # s_k = t_{k+1} ("next"), t_k ("current": flow matching), "midpoint", or "fixed"
+    s_fixed: float = 0.5  # s for the "fixed" policy, clamped into [t_{k+1}, t_k]; 0.5 is best for 1 step w/o CFG
+    time_shift: TimeShift = field(default_factory=TimeShift)
+    kernel_backend: str | None = "auto"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.time_shift, dict):
+            self.time_shift = TimeShift(**self.time_shift)
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"sampler method must be one of {METHODS}, got {self.method!r}")
+        if self.s_policy not in S_POLICIES:
+            raise ValueError(f"s_policy must be one of {S_POLICIES}, got {self.s_policy!r}")
+        if not 0.0 <= self.eta <= 1.0:
+            raise ValueError(f"eta must lie in [0, 1], got {self.eta}")
+        if self.guidance is not None and not (
+            float(self.guidance) == float(self.guidance) and abs(self.guidance) < float("inf")
+        ):
+            raise ValueError(f"guidance must be a finite number or None, got {self.guidance}")
+        if not 0.0 <= self.s_fixed <= 1.0:
+            raise ValueError(f"s_fixed must lie in [0, 1], got {self.s_fixed}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def s_grid(t_grid: Tensor, policy: str = "next", s_fixed: float = 0.5) -> Tensor:
+    """The second time of each step, s_k in [t_{k+1}, t_k]. t_grid: (N + 1,) -> (N,)."""
+    t_cur, t_next = t_grid[:-1], t_grid[1:]
+    if policy == "next":
+        return t_next.clone()
+    if policy == "current":
+        return t_cur.clone()
+    if policy == "midpoint":
+        return (t_cur + t_next) / 2
+    if policy == "fixed":
+        return torch.minimum(torch.maximum(torch.full_like(t_cur, s_fixed), t_next), t_cur)
+    raise ValueError(f"s_policy must be one of {S_POLICIES}, got {policy!r}")
+
+
+def guided_velocity(
+    net: DualTimeNetwork,
+    x: Tensor,
+    t: Tensor,
+    s: Tensor,
+    cond: Any,
+    null_cond: Any,
+    guidance: Tensor | None,
+    kernel_backend: str | None = "auto",
+) -> Tensor:
+    """V at (x, t, s); with guidance, the conditional and unconditional branches run as one batched forward."""
+    if guidance is None:
+        return net(x, t, s, cond)
+    both = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([s, s]), condition_tree.concat(cond, null_cond))
+    v_cond, v_uncond = both.chunk(2)
+    return energy_preserving_cfg(v_cond, v_uncond, guidance, kernel_backend)
+
+
+def denoise_step(
+    net: DualTimeNetwork,
+    x: Tensor,
+    t_cur: Tensor,
+    t_next: Tensor,
+    s_cur: Tensor,
+    cond: Any,
+    null_cond: Any,
+    guidance: Tensor | None,
+    noise: Tensor,
+    eta: Tensor,
+    method: str = "ddim",
+    kernel_backend: str | None = "auto",
+) -> Tensor:
+    """One step from t_cur to t_next. x, noise: (B, ...); t_cur, t_next, s_cur: (B,); eta: 0-d tensor.
+
+    DDIM (alpha = 1 - t, sigma = t): x0_hat = x - sigma_k V, eps_hat = x + alpha_k V,
+    b = max(sigma_{k+1} - eta (sigma_k - sigma_{k+1}) sigma_{k+1} / sigma_k, 0),
+    x <- alpha_{k+1} x0_hat + b eps_hat + sqrt(sigma_{k+1}^2 - b^2) z. At t_next = 0 this is x0_hat.
+    Euler: x <- x - (t_k - t_{k+1}) V.
+    """
+    v = guided_velocity(net, x, t_cur, s_cur, cond, null_cond, guidance, kernel_backend)
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    sig_k, sig_n = t_cur.view(shape).to(x.dtype), t_next.view(shape).to(x.dtype)
+    if method == "euler":
+        return x - (sig_k - sig_n) * v
+    if method != "ddim":
+        raise ValueError(f"sampler method must be one of {METHODS}, got {method!r}")
+    x0_hat = x - sig_k * v
+    eps_hat = x + (1 - sig_k) * v
+    b = (sig_n - eta * (sig_k - sig_n) * sig_n / sig_k).clamp_min(0)
+    fresh = (sig_n.square() - b.square()).clamp_min(0).sqrt()
+    return (1 - sig_n) * x0_hat + b * eps_hat + fresh * noise
+
+
+@torch.no_grad()
+def sample(
+    net: DualTimeNetwork,
+    noise: Tensor,
+    cond: Any,
+    null_cond: Any = None,
+    config: SamplerConfig | None = None,
+    num_tokens: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Run `config.steps` steps from `noise` (x at t = 1) to a clean sample. Deterministic for a given generator.
+
+    num_tokens: image tokens per sample for the length shift (unless the config fixes mu).
+    """
+    config = config or SamplerConfig()
+    if config.guidance is not None and null_cond is None:
+        raise ValueError("guidance is set but no null condition was given (pass null_cond or guidance=None)")
+    B, device = noise.shape[0], noise.device
+    t_grid = sampling_grid(config.steps, config.time_shift.mu_for(num_tokens), device=device)
+    s_values = s_grid(t_grid, config.s_policy, config.s_fixed)
+    guidance = None if config.guidance is None else torch.full((B,), float(config.guidance), device=device)
+    eta = torch.tensor(config.eta, device=device, dtype=noise.dtype)
+    x = noise
+    for k in range(config.steps):
+        z = torch.randn(noise.shape, generator=generator, device=device, dtype=noise.dtype)
+        x = denoise_step(
+            net,
+            x,
+            t_grid[k].expand(B),
+            t_grid[k + 1].expand(B),
+            s_values[k].expand(B),
+            cond,
+            null_cond,
+            guidance,
+            z,
+            eta,
+            config.method,
+            config.kernel_backend,
+        )
+    return x

@@ -1,0 +1,382 @@
+"""Text encoders: T5 token states (the text stream) and the pooled CLIP text vector (into `vec`).
+
+Both load from LOCAL Hugging Face snapshot directories (config.json, *.safetensors, tokenizer files)
+with `local_files_only=True`; a path that is not a local directory is an error, never a hub id. For
+a FLUX-style snapshot pass the sub-folders: `text_encoder_2` + `tokenizer_2` (T5), `text_encoder` +
+`tokenizer` (CLIP). transformers is imported inside the loaders only, so `import selfe` stays light.
+
+Outputs of `TextEncoders.encode(prompts)`, B prompts:
+    txt:      (B, Lt, d_t5)  T5 last hidden states, zero at padding positions
+    txt_mask: (B, Lt) bool   True on real tokens (EOS included), False on padding
+    pooled:   (B, d_clip)    CLIP pooled output (final-norm state at the first EOS)
+Lt is `t5_max_length` (static shapes, default) or the longest prompt of the batch.
+
+Everything runs under torch.no_grad, not inference_mode: the outputs feed layers that train, and an
+inference tensor cannot be saved for backward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+CONDITION_KEYS = ("txt", "txt_mask", "pooled")
+
+# Any one group of files is enough for the tokenizer of that family.
+T5_TOKENIZER_FILES = (("tokenizer.json",), ("spiece.model",))
+CLIP_TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
+
+_DTYPE_NAMES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+}
+
+
+class PromptEncoder(Protocol):
+    """What the conditioner needs: prompts in, {"txt", "txt_mask", "pooled"} out (shapes above)."""
+
+    def encode(self, prompts: Sequence[str]) -> dict[str, Tensor]: ...
+
+
+# ----------------------------------------------------------------------------------------------
+# Devices, dtypes, snapshot checks
+
+
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    """The given device, else CUDA when present, else CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    """The given dtype (a torch.dtype or a name such as "bf16"), else bf16 on GPU and fp32 on CPU."""
+    if dtype is None:
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    if isinstance(dtype, str):
+        if dtype not in _DTYPE_NAMES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPE_NAMES)} or a torch.dtype, got {dtype!r}")
+        return _DTYPE_NAMES[dtype]
+    if dtype not in _DTYPE_NAMES.values():
+        raise ValueError(f"text encoders run in bfloat16, float16 or float32, got {dtype}")
+    return dtype
+
+
+def check_model_dir(path: str | Path, what: str) -> Path:
+    """A local snapshot folder with config.json and safetensors weights, or a clear error."""
+    expected = "a local directory with config.json and *.safetensors weights"
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        hint = (
+            " (hub ids are not fetched: download the snapshot and pass its folder)"
+            if not path.exists()
+            else ""
+        )
+        raise FileNotFoundError(
+            f"{what} snapshot {str(path)!r} is not a directory{hint}; expected {expected}"
+        )
+    missing = []
+    if not (path / "config.json").is_file():
+        missing.append("config.json")
+    if not any(path.glob("*.safetensors")):
+        missing.append("*.safetensors weights (.bin checkpoints are not loaded)")
+    if missing:
+        raise FileNotFoundError(
+            f"{what} snapshot {str(path)!r} lacks {', '.join(missing)}; expected {expected}"
+        )
+    return path
+
+
+def check_tokenizer_dir(path: str | Path, what: str, alternatives: tuple[tuple[str, ...], ...]) -> Path:
+    """A local folder holding one complete group of tokenizer files, or a clear error."""
+    options = " or ".join(" + ".join(group) for group in alternatives)
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"{what} tokenizer folder {str(path)!r} is not a directory; expected {options}"
+        )
+    if not any(all((path / name).is_file() for name in group) for group in alternatives):
+        raise FileNotFoundError(
+            f"{what} tokenizer folder {str(path)!r} lacks tokenizer files; expected {options}"
+        )
+    return path
+
+
+def _from_pretrained(cls: Any, path: Path, what: str, **kwargs: Any) -> Any:
+    """cls.from_pretrained on a checked local folder; never touches a hub."""
+    try:
+        return cls.from_pretrained(str(path), local_files_only=True, **kwargs)
+    except (OSError, ValueError) as err:
+        raise OSError(f"could not load the {what} from {str(path)!r}: {err}") from err
+
+
+def _dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    # transformers 4.56 renamed `torch_dtype` to `dtype`; older releases only know the old name.
+    import transformers
+
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
+def _load_model(cls: Any, path: Path, what: str, device: torch.device, dtype: torch.dtype) -> Any:
+    model = _from_pretrained(cls, path, what, use_safetensors=True, **_dtype_kwarg(dtype))
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------------------------
+# The two encoders
+
+
+class T5TextEncoder:
+    """T5 encoder token states with an attention mask.
+
+    `attention_mask=True` [ours] passes the mask into T5, so the states of real tokens do not depend
+    on how much padding follows, and zeroes the padded states; FLUX passes no mask (set False for that).
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, *, max_length: int = 512, attention_mask: bool = True):
+        if max_length < 1:
+            raise ValueError(f"T5 max_length must be >= 1, got {max_length}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.attention_mask = attention_mask
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def width(self) -> int:
+        return int(self.model.config.d_model)
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str], *, length: int | None = None) -> tuple[Tensor, Tensor]:
+        """Token states (B, L, d) and mask (B, L) bool.
+
+        L = `length` when given (pad or truncate to exactly it), else the longest prompt (at most
+        max_length). The EOS token survives truncation.
+        """
+        prompts = check_prompts(prompts)
+        if length is not None and not 1 <= length <= self.max_length:
+            raise ValueError(f"T5 length must be in [1, {self.max_length}], got {length}")
+        tokens = self.tokenizer(
+            prompts,
+            padding="max_length" if length is not None else "longest",
+            max_length=length or self.max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        ids = tokens["input_ids"].to(self.device)
+        mask = tokens["attention_mask"].to(self.device).bool()
+        states = self.model(input_ids=ids, attention_mask=mask.long() if self.attention_mask else None)
+        states = states.last_hidden_state
+        if self.attention_mask:
+            states = states.masked_fill(~mask[..., None], 0.0)
+        return states, mask
+
+
+class CLIPTextEncoder:
+    """The pooled CLIP text output. Always padded to max_length: CLIP's causal attention makes the
+    pooled (first-EOS) state independent of the padding, and a fixed shape keeps one compiled graph."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, max_length: int = 77):
+        limit = int(model.config.max_position_embeddings)
+        if not 2 <= max_length <= limit:
+            raise ValueError(
+                f"CLIP max_length must be in [2, {limit}] (the model's positions), got {max_length}"
+            )
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def width(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> Tensor:
+        """Pooled output (B, d_clip)."""
+        prompts = check_prompts(prompts)
+        tokens = self.tokenizer(
+            prompts, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
+        )
+        return self.model(input_ids=tokens["input_ids"].to(self.device)).pooler_output
+
+
+def load_t5_encoder(
+    path: str | Path,
+    *,
+    tokenizer_path: str | Path | None = None,
+    max_length: int = 512,
+    attention_mask: bool = True,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | str | None = None,
+) -> T5TextEncoder:
+    """A T5 encoder (`T5EncoderModel`) and its tokenizer from local folders (tokenizer: path if not given)."""
+    model_dir = check_model_dir(path, "T5 encoder")
+    tok_dir = check_tokenizer_dir(tokenizer_path or model_dir, "T5", T5_TOKENIZER_FILES)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    import transformers
+
+    tokenizer = _from_pretrained(transformers.T5TokenizerFast, tok_dir, "T5 tokenizer")
+    model = _load_model(transformers.T5EncoderModel, model_dir, "T5 encoder", device, dtype)
+    return T5TextEncoder(model, tokenizer, max_length=max_length, attention_mask=attention_mask)
+
+
+def load_clip_encoder(
+    path: str | Path,
+    *,
+    tokenizer_path: str | Path | None = None,
+    max_length: int = 77,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | str | None = None,
+) -> CLIPTextEncoder:
+    """A CLIP text model (`CLIPTextModel`; a full CLIPModel snapshot works too) and its tokenizer."""
+    model_dir = check_model_dir(path, "CLIP text")
+    tok_dir = check_tokenizer_dir(tokenizer_path or model_dir, "CLIP", CLIP_TOKENIZER_FILES)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    import transformers
+
+    tokenizer = _from_pretrained(transformers.CLIPTokenizerFast, tok_dir, "CLIP tokenizer")
+    model = _load_model(transformers.CLIPTextModel, model_dir, "CLIP text model", device, dtype)
+    return CLIPTextEncoder(model, tokenizer, max_length=max_length)
+
+
+# ----------------------------------------------------------------------------------------------
+# Both together, and the null prompt
+
+
+def check_prompts(prompts: Sequence[str]) -> list[str]:
+    """A non-empty list of strings, or an error naming the bad entry."""
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+        raise TypeError(f"prompts must be a list of strings, got {type(prompts).__name__}")
+    if len(prompts) == 0:
+        raise ValueError('prompts is empty; pass at least one string ("" is the null prompt)')
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompts[{i}] must be a string, got {type(prompt).__name__}")
+    return list(prompts)
+
+
+def expand_condition(cond: dict[str, Tensor], batch: int) -> dict[str, Tensor]:
+    """A batch-1 condition broadcast to `batch` rows (views: no copy; do not write into them)."""
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    return {key: value.expand(batch, *value.shape[1:]) for key, value in cond.items()}
+
+
+def fit_condition_length(cond: dict[str, Tensor], length: int) -> dict[str, Tensor]:
+    """Pad (zero states, False mask) or cut the token axis of a condition to `length`.
+
+    Exact only for an encoder whose real-token states do not depend on the padding, which holds for
+    `T5TextEncoder(attention_mask=True)`; cutting real tokens is an error.
+    """
+    txt, mask = cond["txt"], cond["txt_mask"]
+    current = txt.shape[1]
+    if length < current:
+        if mask[:, length:].any():
+            raise ValueError(f"cannot cut the condition to {length} tokens: it has real tokens beyond that")
+        txt, mask = txt[:, :length], mask[:, :length]
+    elif length > current:
+        extra = length - current
+        txt = torch.cat([txt, txt.new_zeros(txt.shape[0], extra, *txt.shape[2:])], dim=1)
+        mask = torch.cat([mask, mask.new_zeros(mask.shape[0], extra)], dim=1)
+    return {**cond, "txt": txt, "txt_mask": mask}
+
+
+class NullConditionCache:
+    """The null condition (the encoding of "") for any PromptEncoder: encoded once, then fitted to
+    the requested token length and expanded to the batch."""
+
+    def __init__(self, encoder: PromptEncoder):
+        self.encoder = encoder
+        self._encoded: dict[str, Tensor] | None = None
+        self._fitted: dict[int, dict[str, Tensor]] = {}  # token length -> batch-1 condition
+
+    def __call__(self, batch: int, length: int | None = None) -> dict[str, Tensor]:
+        if self._encoded is None:
+            self._encoded = self.encoder.encode([""])
+        if length is None:
+            return expand_condition(self._encoded, batch)
+        if length not in self._fitted:
+            self._fitted[length] = fit_condition_length(self._encoded, length)
+        return expand_condition(self._fitted[length], batch)
+
+
+class TextEncoders:
+    """T5 + CLIP behind one `encode(prompts) -> {"txt", "txt_mask", "pooled"}` (a PromptEncoder)."""
+
+    def __init__(self, t5: T5TextEncoder, clip: CLIPTextEncoder, *, pad_to_max_length: bool = True):
+        self.t5 = t5
+        self.clip = clip
+        self.pad_to_max_length = pad_to_max_length
+        # padded length -> the encoding of "" at that length, batch 1
+        self._null: dict[int, dict[str, Tensor]] = {}
+
+    @classmethod
+    def from_snapshots(
+        cls,
+        t5_path: str | Path,
+        clip_path: str | Path,
+        *,
+        t5_tokenizer_path: str | Path | None = None,
+        clip_tokenizer_path: str | Path | None = None,
+        t5_max_length: int = 512,
+        clip_max_length: int = 77,
+        pad_to_max_length: bool = True,
+        t5_attention_mask: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | str | None = None,
+    ) -> TextEncoders:
+        """Both encoders from local snapshot folders, on one device and dtype."""
+        t5 = load_t5_encoder(
+            t5_path,
+            tokenizer_path=t5_tokenizer_path,
+            max_length=t5_max_length,
+            attention_mask=t5_attention_mask,
+            device=device,
+            dtype=dtype,
+        )
+        clip = load_clip_encoder(
+            clip_path,
+            tokenizer_path=clip_tokenizer_path,
+            max_length=clip_max_length,
+            device=device,
+            dtype=dtype,
+        )
+        return cls(t5, clip, pad_to_max_length=pad_to_max_length)
+
+    def encode(self, prompts: Sequence[str], *, length: int | None = None) -> dict[str, Tensor]:
+        """{"txt": (B, Lt, d_t5), "txt_mask": (B, Lt) bool, "pooled": (B, d_clip)}.
+
+        Lt = `length` if given, else t5 max_length (pad_to_max_length) or the batch's longest prompt.
+        """
+        prompts = check_prompts(prompts)
+        if length is None and self.pad_to_max_length:
+            length = self.t5.max_length
+        txt, txt_mask = self.t5.encode(prompts, length=length)
+        return {"txt": txt, "txt_mask": txt_mask, "pooled": self.clip.encode(prompts)}
+
+    def null_condition(self, batch: int, length: int | None = None) -> dict[str, Tensor]:
+        """The encoding of "" expanded to `batch` rows, padded to `length` tokens (default: the length
+        `encode` pads to under pad_to_max_length). Encoded once per length, then served from the cache."""
+        if length is None:
+            length = self.t5.max_length if self.pad_to_max_length else 1
+        if length not in self._null:
+            self._null[length] = self.encode([""], length=length)
+        return expand_condition(self._null[length], batch)

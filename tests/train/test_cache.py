@@ -1,0 +1,220 @@
+"""The latent/text cache: written, killed mid-way, resumed, and read back bit-exactly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from selfe.train.cache import (
+    CacheConfig,
+    CachedDataset,
+    SmokeImageEncoder,
+    SmokeTextEncoder,
+    build_cache,
+    cache_main,
+)
+from selfe.train.data import ManifestConfig, ResolutionSchedule, load_for_bucket, scan_manifest
+from tests.helpers_data import make_image, make_procedural_dataset
+
+CHECKS = ManifestConfig(min_side=32, scan_workers=2)
+
+
+class Recording:
+    """Wraps an encoder; keeps every (input, output) pair so the test can compare with the cache."""
+
+    def __init__(self, encoder, fail_after: int | None = None):
+        self.encoder = encoder
+        self.calls: list[tuple[object, object]] = []
+        self.fail_after = fail_after
+
+    def __call__(self, x):
+        if self.fail_after is not None and len(self.calls) >= self.fail_after:
+            raise KeyboardInterrupt("simulated kill")
+        out = self.encoder(x)
+        self.calls.append((x, out))
+        return out
+
+    @property
+    def items(self) -> int:
+        return sum(len(x) for x, _ in self.calls)
+
+
+def _dataset(tmp_path):
+    data = make_procedural_dataset(tmp_path, 22, seed=6, sizes=((96, 96), (128, 64), (64, 128), (96, 72)))
+    img, _ = make_image(96, 96, 3)
+    img.save(tmp_path / "full.png")
+    raw = (tmp_path / "full.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(raw[: len(raw) // 2])
+    with open(data.manifest, "a") as f:
+        f.write("truncated.png\ta truncated image\n")
+    return data
+
+
+def _config(**overrides):
+    return CacheConfig(
+        **{
+            "resolutions": (32, 48),
+            "shard_size": 4,
+            "encode_batch_size": 3,
+            "num_threads": 2,
+            "checks": CHECKS,
+        }
+        | overrides
+    )
+
+
+def _build(data, out, image_encoder=None, text_encoder=None, **kwargs):
+    return build_cache(
+        data.manifest,
+        out,
+        image_encoder or Recording(SmokeImageEncoder()),
+        text_encoder or Recording(SmokeTextEncoder()),
+        _config(),
+        base_dir=data.root,
+        progress=False,
+        **kwargs,
+    )
+
+
+def test_reader_returns_exactly_what_the_encoders_produced(tmp_path):
+    data = _dataset(tmp_path)
+    images, texts = Recording(SmokeImageEncoder()), Recording(SmokeTextEncoder())
+    index = _build(data, tmp_path / "cache", images, texts)
+    assert index["complete"] and index["stats"]["undecodable_image"] == 1 and index["stats"]["rows_ok"] == 22
+    manifest = scan_manifest(data.manifest, data.root, CHECKS)
+    cache = CachedDataset(tmp_path / "cache", batch_size=2)
+    assert len(cache) == 22
+    # Text was encoded once per sample (first resolution only); images once per sample and resolution.
+    assert texts.items == 22 and images.items == 2 * 22
+    produced_text = {}
+    for prompts, out in texts.calls:
+        for row, prompt in enumerate(prompts):
+            produced_text[prompt] = {k: v[row : row + 1] for k, v in out.items()}
+    produced_latents = [(x[row], y[row]) for x, y in images.calls for row in range(len(x))]
+    for i in cache.sample_indices:
+        sample = manifest.samples[i]
+        for resolution in (32, 48):
+            got = cache.get(i, resolution)
+            h, w = got["latents"].shape[-2] * 8, got["latents"].shape[-1] * 8
+            image = load_for_bucket(sample.path, h, w)
+            (latent,) = [y for x, y in produced_latents if x.shape == image.shape and torch.equal(x, image)]
+            assert torch.equal(got["latents"][0], latent)
+            assert got["caption"] == sample.caption
+            for key in ("txt", "txt_mask", "pooled"):
+                assert torch.equal(got[key], produced_text[sample.caption][key]), key
+    # The padding the writer trimmed (captions are shorter than 32 tokens) comes back as zeros.
+    shard = next(e for e in index["shards"] if e["has_text"])
+    assert shard["text_length"] == 32
+
+
+def test_kill_and_resume_equals_uninterrupted_build(tmp_path):
+    data = _dataset(tmp_path)
+    reference = _build(data, tmp_path / "reference")
+    out = tmp_path / "cache"
+    # Run 1 stops after 3 shards (a job split into pieces).
+    partial = _build(data, out, max_new_shards=3)
+    assert not partial["complete"] and len(partial["shards"]) == 3
+    with pytest.raises(ValueError, match="incomplete"):
+        CachedDataset(out)
+    # Run 2 is killed after 3 encoder calls, inside a shard; a kill during a save leaves a temp file.
+    with pytest.raises(KeyboardInterrupt):
+        _build(data, out, image_encoder=Recording(SmokeImageEncoder(), fail_after=3))
+    done = json.loads((out / "index.json").read_text())["shards"]
+    assert 3 < len(done) < reference["total_shards"]
+    (out / f"shard-{len(done):06d}.safetensors.tmp").write_bytes(b"half a shard")
+    kept = {e["file"]: (out / e["file"]).stat().st_mtime_ns for e in done if e["file"]}
+    # Run 3 finishes: it redoes only the unfinished shards.
+    images = Recording(SmokeImageEncoder())
+    final = _build(data, out, image_encoder=images)
+    assert final["complete"] and final["total_shards"] == reference["total_shards"]
+    assert images.items == 2 * 22 + 1 - sum(len(e["undecodable"]) + e["num"] for e in done)
+    assert {f: (out / f).stat().st_mtime_ns for f in kept} == kept
+    assert not list(out.glob("*.tmp"))
+    for a, b in zip(final["shards"], reference["shards"]):
+        assert a == b
+        if a["file"]:
+            assert (out / a["file"]).read_bytes() == (tmp_path / "reference" / b["file"]).read_bytes()
+    assert final["stats"] == reference["stats"]
+    # A different config in the same folder is refused rather than mixed in.
+    with pytest.raises(ValueError, match="another manifest or config"):
+        build_cache(
+            data.manifest, out, SmokeImageEncoder(), SmokeTextEncoder(), _config(shard_size=5), progress=False
+        )
+
+
+def test_reader_batches_order_and_resume(tmp_path):
+    data = _dataset(tmp_path)
+    _build(data, tmp_path / "cache")
+    schedule = ResolutionSchedule(stages=[(0, {32: 0.5, 48: 0.5})])
+    make = lambda: CachedDataset(tmp_path / "cache", batch_size=2, seed=3, schedule=schedule)
+    reference = make()
+    expected = [next(reference) for _ in range(12)]
+    assert reference.batches_per_epoch < 12
+    sizes = set()
+    for batch in expected:
+        b = len(batch["indices"])
+        assert b == 2 and batch["latents"].shape[:2] == (2, 16) and len(batch["captions"]) == 2
+        assert batch["txt"].shape == (2, 32, 64) and batch["txt_mask"].dtype == torch.bool
+        assert batch["pooled"].shape == (2, 32)
+        sizes.add(tuple(batch["latents"].shape[-2:]))
+    assert len(sizes) >= 3  # several buckets and both resolutions
+    first = make()
+    head = [next(first) for _ in range(5)]
+    state = first.state_dict()
+    resumed = make()
+    resumed.load_state_dict(state)
+    tail = [next(resumed) for _ in range(7)]
+    for a, b in zip(head + tail, expected):
+        assert a["indices"] == b["indices"] and all(
+            torch.equal(a[k], b[k]) for k in ("latents", "txt", "pooled")
+        )
+    with pytest.raises(ValueError, match="lacks"):
+        CachedDataset(tmp_path / "cache", schedule=ResolutionSchedule.fixed(64))
+
+
+def test_cache_cli_smoke(tmp_path, capsys):
+    data = make_procedural_dataset(tmp_path, 8, seed=9, sizes=((96, 96),))
+    argv = ["--manifest", str(data.manifest), "--base-dir", str(data.root), "--out", str(tmp_path / "c")]
+    argv += ["--resolution", "32", "--shard-size", "3", "--min-side", "32", "--device", "cpu"]
+    assert cache_main([*argv, "--smoke", "--no-progress"]) == 0
+    assert "3/3 shards" in capsys.readouterr().out
+    cache = CachedDataset(tmp_path / "c", batch_size=4)
+    assert next(cache)["latents"].shape == (4, 16, 4, 4)
+    with pytest.raises(SystemExit):
+        cache_main(argv)  # neither --smoke nor the model paths
+    with pytest.raises(SystemExit):
+        cache_main([*argv, "--smoke", "--ae", "x"])
+
+
+def test_cache_cli_real_path_wiring(tmp_path, monkeypatch):
+    """--ae/--t5/--clip reach selfe.autoencoder and selfe.text_encoders (loaders stubbed: no weights here)."""
+    autoencoder = pytest.importorskip("selfe.autoencoder")
+    text_encoders = pytest.importorskip("selfe.text_encoders")
+    seen = {}
+
+    class StubAutoEncoder:
+        def encode(self, images):
+            return SmokeImageEncoder()(images)
+
+    class StubTextEncoders:
+        encode = staticmethod(SmokeTextEncoder())
+
+        @classmethod
+        def from_snapshots(cls, t5, clip, **kwargs):
+            seen["text"] = (t5, clip, kwargs["t5_max_length"], kwargs["dtype"])
+            return cls()
+
+    def load_autoencoder(path, device="cpu", dtype=torch.float32):
+        seen["ae"] = (path, dtype)
+        return StubAutoEncoder()
+
+    monkeypatch.setattr(autoencoder, "load_autoencoder", load_autoencoder)
+    monkeypatch.setattr(text_encoders, "TextEncoders", StubTextEncoders)
+    data = make_procedural_dataset(tmp_path, 4, seed=2, sizes=((64, 64),))
+    argv = ["--manifest", str(data.manifest), "--out", str(tmp_path / "c"), "--resolution", "32"]
+    argv += ["--min-side", "32", "--device", "cpu", "--no-progress", "--t5-max-length", "77"]
+    assert cache_main([*argv, "--ae", "ae.sft", "--t5", "t5dir", "--clip", "clipdir"]) == 0
+    assert seen == {"ae": ("ae.sft", torch.float32), "text": ("t5dir", "clipdir", 77, torch.float32)}
+    assert len(CachedDataset(tmp_path / "c", batch_size=4)) == 4

@@ -1,0 +1,166 @@
+"""Train flow matching and Self-E with the same objective code, network and budget; sample at several step counts."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor
+
+from selfe.objective import ObjectiveConfig, SelfELoss
+from selfe.sampler import SamplerConfig, sample
+from selfe.schedule import TimeShift
+from selfe.train.ema import EMA
+from selfe.train.toy2d.data import RingMixture
+from selfe.train.toy2d.metrics import evaluate_samples
+from selfe.train.toy2d.network import DualTimeMLP
+
+log = logging.getLogger("selfe.toy2d")
+
+METHODS = ("flow_matching", "selfe")
+
+
+@dataclass
+class Toy2DConfig:
+    """The whole 2-D experiment. Both methods share every field; only `self_eval` differs between them."""
+
+    iterations: int = 3000
+    batch_size: int = 512
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    width: int = 256
+    depth: int = 4
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1
+    tau_warmup_fraction: float = 0.25  # tau rises 0 -> 1 over this share of the run
+    aux_start_fraction: float | None = 0.775  # the fake-score term switches on here (paper: 550k of 710k)
+    aux_k: float = 0.9
+    fresh_self_eval_noise: bool = True  # [ours] eps' of x_s_hat is fresh noise (False: reuse the eps of x_t)
+    time_shift_mu: float = 0.0  # 2-D points are no token grid: a fixed mu (0 = no shift)
+    steps: tuple[int, ...] = (1, 2, 4, 8, 50)
+    guidance: float | None = 5.0  # EP-CFG omega for both methods (None: no CFG)
+    sampler_method: str = "ddim"
+    eval_samples: int = 4000
+    seed: int = 0
+    log_every: int = 500
+    data: RingMixture = field(default_factory=RingMixture)
+
+    def __post_init__(self) -> None:
+        if self.iterations < 1 or self.batch_size < 2:
+            raise ValueError(f"need iterations >= 1 and batch_size >= 2, got {self.iterations}, {self.batch_size}")
+        if not self.steps or min(self.steps) < 1:
+            raise ValueError(f"steps must be a non-empty list of integers >= 1, got {self.steps}")
+
+    def objective(self, self_eval: bool) -> ObjectiveConfig:
+        aux = None if self.aux_start_fraction is None else int(self.aux_start_fraction * self.iterations)
+        return ObjectiveConfig(
+            self_eval=self_eval,
+            caption_dropout=self.caption_dropout,
+            time_shift=TimeShift(mu=self.time_shift_mu),
+            tau_warmup=int(self.tau_warmup_fraction * self.iterations),
+            aux_start=aux,
+            aux_k=self.aux_k,
+            fresh_self_eval_noise=self.fresh_self_eval_noise,
+            kernel_backend="torch",
+        )
+
+    def sampler(self, method: str, steps: int) -> SamplerConfig:
+        # A flow-matching network only ever saw s = t, so it samples with s = t; Self-E with s_k = t_{k+1}.
+        return SamplerConfig(
+            steps=steps,
+            method=self.sampler_method,
+            guidance=self.guidance,
+            s_policy="current" if method == "flow_matching" else "next",
+            time_shift=TimeShift(mu=self.time_shift_mu),
+            kernel_backend="torch",
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def train_method(
+    method: str, x_train: Tensor, y_train: Tensor, num_conditions: int, config: Toy2DConfig
+) -> tuple[DualTimeMLP, list[dict]]:
+    """Train one method; returns the EMA network and the logged metrics."""
+    torch.manual_seed(config.seed)  # same initial weights for both methods
+    gen = torch.Generator().manual_seed(config.seed + 1)
+    net = DualTimeMLP(num_conditions, config.width, config.depth)
+    ema = EMA(net, config.ema_decay)
+    opt = torch.optim.Adam(net.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
+    loss_fn = SelfELoss(config.objective(self_eval=method == "selfe"))
+    history: list[dict] = []
+    start = time.perf_counter()
+    for it in range(config.iterations):
+        idx = torch.randint(x_train.shape[0], (config.batch_size,), generator=gen)
+        labels = y_train[idx]
+        batch = {
+            "x0": x_train[idx],
+            "cond": labels,
+            "null_cond": torch.full_like(labels, net.null_label),
+            "fake_cond": net.fake_labels(labels),
+        }
+        loss, metrics = loss_fn(net, ema.model, batch, it, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip)
+        opt.step()
+        ema.update(net)
+        if (it + 1) % config.log_every == 0 or it + 1 == config.iterations:
+            elapsed = time.perf_counter() - start
+            rate = (it + 1) / elapsed
+            row = {"method": method, "iteration": it + 1, **{k: round(v.item(), 5) for k, v in metrics.items()}}
+            history.append(row)
+            log.info(
+                "%s it %d/%d loss %.4f (data %.4f self %.4f) lambda %.3f aux %d | %.0f it/s, ETA %.0fs",
+                method,
+                it + 1,
+                config.iterations,
+                row["loss"],
+                row["loss_data"],
+                row["loss_self"],
+                row["lambda_mean"],
+                row["aux_on"],
+                rate,
+                (config.iterations - it - 1) / rate,
+            )
+    return ema.model, history
+
+
+@torch.no_grad()
+def sample_method(net: DualTimeMLP, method: str, labels: Tensor, steps: int, config: Toy2DConfig) -> Tensor:
+    """Samples (N, 2) for the given labels, from the same noise for every method and step count."""
+    gen = torch.Generator().manual_seed(config.seed + 2)
+    noise = torch.randn(labels.shape[0], 2, generator=gen)
+    return sample(
+        net, noise, labels, torch.full_like(labels, net.null_label), config.sampler(method, steps), generator=gen
+    )
+
+
+def run_experiment(
+    config: Toy2DConfig,
+    train_data: tuple[Tensor, Tensor],
+    heldout: tuple[Tensor, Tensor],
+    known_modes: RingMixture | None,
+) -> dict:
+    """Train both methods, sample every step count, evaluate. Returns the results dict (also the samples)."""
+    x_train, y_train = train_data
+    x_ref, y_ref = heldout
+    num_conditions = int(torch.cat([y_train, y_ref]).max().item()) + 1
+    gen = torch.Generator().manual_seed(config.seed + 3)
+    eval_labels = y_ref[torch.randint(len(y_ref), (config.eval_samples,), generator=gen)]
+    results: dict = {"config": config.to_dict(), "methods": {}, "samples": {}, "eval_labels": eval_labels}
+    for method in METHODS:
+        start = time.perf_counter()
+        net, history = train_method(method, x_train, y_train, num_conditions, config)
+        train_seconds = time.perf_counter() - start
+        per_steps = {}
+        for steps in config.steps:
+            x = sample_method(net, method, eval_labels, steps, config)
+            results["samples"][(method, steps)] = x
+            per_steps[steps] = evaluate_samples(x, eval_labels, x_ref, y_ref, known_modes)
+        results["methods"][method] = {"train_seconds": train_seconds, "history": history, "metrics": per_steps}
+    return results
