@@ -5,8 +5,14 @@ registry, so flash-attn or a fused Triton kernel plugs in with `register_attenti
 lazily, by naming a provider module in `_PROVIDERS`) without touching the model. Optional imports
 happen only inside a backend, on first use.
 
+A second registry holds "rope-fused" backends, which rotate q and k themselves (RoPE applied to
+the tiles as they load, so the rotated q, k never go through memory): blocks ask
+`applies_rope(backend)` once, then only RMS-norm q, k and call `rope_attention(q, k, v, cos, sin,
+key_mask, backend)` instead.
+
 Backends: "sdpa" (torch's scaled_dot_product_attention), "math" (explicit float32 softmax: the
-oracle every other backend is tested against), "auto" (currently sdpa).
+oracle every other backend is tested against), "auto" (currently sdpa); rope-fused: "triton_rope"
+(selfe.kernels.rope_attention, imported on first use).
 """
 
 from __future__ import annotations
@@ -22,22 +28,60 @@ from torch import Tensor
 # fn(q, k, v, key_mask) -> (B, H, L, Dh); `attention` does the head merge.
 AttentionFn = Callable[[Tensor, Tensor, Tensor, "Tensor | None"], Tensor]
 
+# fn(q, k, v, cos, sin, key_mask) -> (B, H, L, Dh), with q, k normed but not yet rotated.
+RopeAttentionFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, "Tensor | None"], Tensor]
+
 _REGISTRY: dict[str, AttentionFn] = {}
 # Backends provided by another module, imported on first request (which registers the name).
 _PROVIDERS: dict[str, str] = {}
+_ROPE_REGISTRY: dict[str, RopeAttentionFn] = {}
+# Rope-fused backends from selfe.kernels: (module, function), registered here on first request, since
+# selfe.kernels may not import this module to register itself.
+_ROPE_PROVIDERS: dict[str, tuple[str, str]] = {
+    "triton_rope": ("selfe.kernels.rope_attention", "fused_rope_attention"),
+}
+
+
+def _check_name(name: str, other_kind: set[str], kind: str) -> None:
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"attention backend name must be a non-empty str, got {name!r}")
+    if name in other_kind:  # one name, one calling convention: blocks pick theirs by name
+        raise ValueError(f"attention backend {name!r} is already registered as a {kind} backend")
 
 
 def register_attention_backend(name: str, fn: AttentionFn) -> AttentionFn:
     """Register `fn(q, k, v, key_mask) -> (B, H, L, Dh)` under `name` (replacing any earlier one)."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"attention backend name must be a non-empty str, got {name!r}")
+    _check_name(name, set(_ROPE_REGISTRY) | set(_ROPE_PROVIDERS), "rope-fused")
     _REGISTRY[name] = fn
     return fn
 
 
+def register_rope_attention_backend(name: str, fn: RopeAttentionFn) -> RopeAttentionFn:
+    """Register a rope-fused `fn(q, k, v, cos, sin, key_mask) -> (B, H, L, Dh)` under `name`.
+
+    fn gets q, k RMS-normed but not rotated, and cos, sin: (L, Dh/2) for the pairs (2i, 2i+1).
+    """
+    _check_name(name, set(_REGISTRY) | set(_PROVIDERS), "plain")
+    _ROPE_REGISTRY[name] = fn
+    return fn
+
+
 def known_attention_backends() -> tuple[str, ...]:
-    """Every name `attention` accepts (registered or provided lazily); importing nothing."""
-    return tuple(sorted(set(_REGISTRY) | set(_PROVIDERS)))
+    """Every backend name a block accepts, plain or rope-fused (registered or provided lazily); importing nothing."""
+    return tuple(sorted(set(_REGISTRY) | set(_PROVIDERS) | set(_ROPE_REGISTRY) | set(_ROPE_PROVIDERS)))
+
+
+def _unknown(name: str) -> ValueError:
+    return ValueError(f"unknown attention backend {name!r}; known: {', '.join(known_attention_backends())}")
+
+
+def applies_rope(name: str) -> bool:
+    """True when backend `name` rotates q and k itself (call `rope_attention`), False for a plain one."""
+    if name in _ROPE_REGISTRY or name in _ROPE_PROVIDERS:
+        return True
+    if name in _REGISTRY or name in _PROVIDERS:
+        return False
+    raise _unknown(name)
 
 
 def get_attention_backend(name: str) -> AttentionFn:
@@ -47,9 +91,22 @@ def get_attention_backend(name: str) -> AttentionFn:
         importlib.import_module(_PROVIDERS[name])  # registers `name`; import errors surface here, by name
         fn = _REGISTRY.get(name)
     if fn is None:
-        raise ValueError(
-            f"unknown attention backend {name!r}; known: {', '.join(known_attention_backends())}"
-        )
+        if name in _ROPE_REGISTRY or name in _ROPE_PROVIDERS:
+            raise ValueError(f"attention backend {name!r} applies RoPE itself; call rope_attention")
+        raise _unknown(name)
+    return fn
+
+
+def get_rope_attention_backend(name: str) -> RopeAttentionFn:
+    """The rope-fused implementation under `name`, importing its provider on first use (errors surface here)."""
+    fn = _ROPE_REGISTRY.get(name)
+    if fn is None and name in _ROPE_PROVIDERS:
+        module, function = _ROPE_PROVIDERS[name]
+        fn = register_rope_attention_backend(name, getattr(importlib.import_module(module), function))
+    if fn is None:
+        if name in _REGISTRY or name in _PROVIDERS:
+            raise ValueError(f"attention backend {name!r} does not apply RoPE; call attention")
+        raise _unknown(name)
     return fn
 
 
@@ -82,6 +139,36 @@ def attention(
     attended to, or None when every key is valid (the fast path). Every query row must keep at least
     one valid key (image tokens always are). Returns (B, L, H * Dh).
     """
+    _check_qkv(q, k, v, key_mask)
+    out = get_attention_backend(backend)(q, k, v, key_mask)
+    return out.transpose(1, 2).flatten(2)
+
+
+def rope_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    key_mask: Tensor | None = None,
+    backend: str = "triton_rope",
+) -> Tensor:
+    """`attention(rope(q), rope(k), v, key_mask)` with the rotation done by a rope-fused backend.
+
+    q, k, v: (B, H, L, Dh), q and k RMS-normed but NOT rotated; cos, sin: (L, Dh/2) float32 tables of
+    the whole sequence; key_mask as in `attention`. Returns (B, L, H * Dh).
+    """
+    _check_qkv(q, k, v, key_mask)
+    table = (q.shape[2], q.shape[3] // 2)
+    if cos.shape != table or sin.shape != table:
+        raise ValueError(
+            f"rope_attention cos, sin must be (L, Dh/2) = {table}, got {tuple(cos.shape)}, {tuple(sin.shape)}"
+        )
+    out = get_rope_attention_backend(backend)(q, k, v, cos, sin, key_mask)
+    return out.transpose(1, 2).flatten(2)
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> None:
     if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(
             f"attention expects q, k, v of one shape (B, H, L, Dh); got {q.shape}, {k.shape}, {v.shape}"
@@ -91,5 +178,3 @@ def attention(
             f"attention key_mask must be bool of shape (B, L) = {(q.shape[0], q.shape[2])}, "
             f"got {key_mask.dtype} {tuple(key_mask.shape)}"
         )
-    out = get_attention_backend(backend)(q, k, v, key_mask)
-    return out.transpose(1, 2).flatten(2)

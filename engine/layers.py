@@ -3,7 +3,8 @@
 Layout and names follow FLUX (black-forest-labs/flux, modules/layers.py). The fused math (adaLN
 modulation, gated residual + modulation, QK RMSNorm + RoPE) goes through `KernelOps`, resolved from
 `selfe.kernels.dispatch`, so the reference ops here and the Triton/CUDA kernels are interchangeable;
-attention goes through `selfe.attention`'s backend switch.
+attention goes through `selfe.attention`'s backend switch. A rope-fused attention backend rotates q, k
+itself: the blocks then only RMS-norm them and hand it the RoPE tables (`joint_attention`).
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from selfe.attention import attention
+from selfe.attention import applies_rope, attention, rope_attention
 from selfe.kernels.dispatch import get_op
+from selfe.kernels.reference import rms_norm
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,7 @@ class Modulation(nn.Module):
 
 
 class QKNorm(nn.Module):
-    """RMSNorm of q and k with learned (Dh,) weights, then RoPE: one fused op."""
+    """RMSNorm of q and k with learned (Dh,) weights, then RoPE: one fused op (or RoPE left to attention)."""
 
     def __init__(self, head_dim: int, eps: float):
         super().__init__()
@@ -100,10 +102,25 @@ class QKNorm(nn.Module):
         self.key_weight = nn.Parameter(torch.ones(head_dim))
 
     def forward(
-        self, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, ops: KernelOps
+        self, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, ops: KernelOps, rope_in_attention: bool = False
     ) -> tuple[Tensor, Tensor]:
-        """q, k: (B, H, L, Dh); cos, sin: (L, Dh/2) -> rotated, normalised q, k."""
+        """q, k: (B, H, L, Dh); cos, sin: (L, Dh/2) -> normalised q, k, rotated unless `rope_in_attention`."""
+        if rope_in_attention:  # a rope-fused backend rotates the tiles as it loads them: norm only
+            return rms_norm(q, self.query_weight, self.eps), rms_norm(k, self.key_weight, self.eps)
         return ops.qk_norm_rope(q, k, self.query_weight, self.key_weight, cos, sin, self.eps)
+
+
+def joint_attention(
+    q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor | None, backend: str
+) -> Tensor:
+    """Attention over the joint sequence with `backend`. q, k, v: (B, H, L, Dh); cos, sin: (L, Dh/2).
+
+    q, k arrive normed; rotated already for a plain backend, unrotated for a rope-fused one (which
+    rotates them with cos, sin). Returns (B, L, H * Dh).
+    """
+    if applies_rope(backend):
+        return rope_attention(q, k, v, cos, sin, key_mask, backend)
+    return attention(q, k, v, key_mask, backend)
 
 
 def split_heads(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -128,10 +145,12 @@ class StreamAttention(nn.Module):
         self.norm = QKNorm(hidden_size // num_heads, eps)
         self.proj = nn.Linear(hidden_size, hidden_size)
 
-    def qkv_heads(self, x: Tensor, cos: Tensor, sin: Tensor, ops: KernelOps) -> tuple[Tensor, Tensor, Tensor]:
-        """x: (B, L, D) modulated stream -> q, k (normed, rotated), v: (B, H, L, Dh)."""
+    def qkv_heads(
+        self, x: Tensor, cos: Tensor, sin: Tensor, ops: KernelOps, rope_in_attention: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """x: (B, L, D) modulated stream -> q, k (normed; rotated unless `rope_in_attention`), v: (B, H, L, Dh)."""
         q, k, v = split_heads(self.qkv(x), self.num_heads)
-        q, k = self.norm(q, k, cos, sin, ops)
+        q, k = self.norm(q, k, cos, sin, ops, rope_in_attention)
         return q, k, v
 
 
@@ -155,6 +174,7 @@ class DoubleStreamBlock(nn.Module):
         super().__init__()
         self.eps = eps
         self.attention_backend = attention_backend
+        self.rope_in_attention = applies_rope(attention_backend)  # also rejects unknown names early
         self.kernels = REFERENCE_OPS  # rebound by MMDiT for the device it runs on
         for stream in ("img", "txt"):
             self.add_module(f"{stream}_mod", Modulation(hidden_size, 6))
@@ -177,17 +197,21 @@ class DoubleStreamBlock(nn.Module):
         img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = self.img_mod(vec)
         txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = self.txt_mod(vec)
 
-        # Each stream norms q, k with its own weights; both are rotated by their slice of the joint table.
+        # Each stream norms q, k with its own weights; both are rotated by their slice of the joint table
+        # (or, for a rope-fused backend, by the whole table inside attention, after the concatenation).
+        fused = self.rope_in_attention
         img_q, img_k, img_v = self.img_attn.qkv_heads(
-            ops.layer_norm_modulate(img, img_shift1, img_scale1, self.eps), cos[n_txt:], sin[n_txt:], ops
+            ops.layer_norm_modulate(img, img_shift1, img_scale1, self.eps), cos[n_txt:], sin[n_txt:], ops, fused
         )
         txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(
-            ops.layer_norm_modulate(txt, txt_shift1, txt_scale1, self.eps), cos[:n_txt], sin[:n_txt], ops
+            ops.layer_norm_modulate(txt, txt_shift1, txt_scale1, self.eps), cos[:n_txt], sin[:n_txt], ops, fused
         )
-        out = attention(
+        out = joint_attention(
             torch.cat((txt_q, img_q), dim=2),
             torch.cat((txt_k, img_k), dim=2),
             torch.cat((txt_v, img_v), dim=2),
+            cos,
+            sin,
             key_mask,
             self.attention_backend,
         )
@@ -225,6 +249,7 @@ class SingleStreamBlock(nn.Module):
         self.hidden_size = hidden_size
         self.mlp_hidden_dim = mlp_hidden_dim
         self.attention_backend = attention_backend
+        self.rope_in_attention = applies_rope(attention_backend)  # also rejects unknown names early
         self.kernels = REFERENCE_OPS
         self.modulation = Modulation(hidden_size, 3)
         self.linear1 = nn.Linear(hidden_size, 3 * hidden_size + mlp_hidden_dim)
@@ -242,8 +267,8 @@ class SingleStreamBlock(nn.Module):
             (3 * self.hidden_size, self.mlp_hidden_dim), dim=-1
         )
         q, k, v = split_heads(qkv, self.num_heads)
-        q, k = self.norm(q, k, cos, sin, ops)
-        out = attention(q, k, v, key_mask, self.attention_backend)
+        q, k = self.norm(q, k, cos, sin, ops, self.rope_in_attention)
+        out = joint_attention(q, k, v, cos, sin, key_mask, self.attention_backend)
         return gated_add(x, gate, self.linear2(torch.cat((out, self.mlp_act(mlp_in)), dim=-1)))
 
 

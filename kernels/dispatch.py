@@ -4,10 +4,14 @@ Backends: `torch` (reference.py, runs anywhere), `triton`, `cuda`, and `auto` (t
 CUDA the fastest available per op). The choice comes from the caller (a config field) or else from
 the SELFE_KERNEL_BACKEND environment variable. An implementation the user asked for by name that
 cannot run raises; `auto` falls back quietly.
+
+Each op's provider module is imported on its own, on first request, so one module that cannot load
+(a missing extension, a Triton feature an old version lacks) costs only the ops it provides.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable
 
@@ -22,10 +26,19 @@ OPS = ("layer_norm_modulate", "gated_residual_modulate", "qk_norm_rope", "energy
 
 # op -> backend -> implementation. Fast backends register here when their module is imported.
 _REGISTRY: dict[str, dict[str, Callable]] = {op: {"torch": getattr(reference, op)} for op in OPS}
-# Modules that register the non-reference backends; imported on first request only.
-_PROVIDERS: dict[str, tuple[str, ...]] = {
-    "triton": ("selfe.kernels.modulation", "selfe.kernels.renorm", "selfe.kernels.qk_norm_rope"),
-    "cuda": ("selfe.kernels.cuda_ops",),
+# backend -> op -> the module that registers it (by importing it); imported on first request only.
+_PROVIDERS: dict[str, dict[str, str]] = {
+    "triton": {
+        "layer_norm_modulate": "selfe.kernels.modulation",
+        "gated_residual_modulate": "selfe.kernels.modulation",
+        "qk_norm_rope": "selfe.kernels.qk_norm_rope",
+        "energy_preserving_mix": "selfe.kernels.renorm",
+    },
+    "cuda": {
+        "layer_norm_modulate": "selfe.kernels.cuda_ops",
+        "gated_residual_modulate": "selfe.kernels.cuda_ops",
+        "energy_preserving_mix": "selfe.kernels.cuda_ops",
+    },
 }
 # For `auto` on CUDA: preference order per op, fastest first (set from bench/kernels.py results).
 AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {op: ("torch",) for op in OPS}
@@ -52,10 +65,10 @@ def resolve_backend(backend: str | None = None) -> str:
     return name
 
 
-def _load_providers(backend: str) -> None:
-    import importlib
-
-    for module in _PROVIDERS.get(backend, ()):
+def _load_provider(op: str, backend: str) -> None:
+    """Import the module that registers `op` for `backend`, if any; its import error propagates."""
+    module = _PROVIDERS.get(backend, {}).get(op)
+    if module is not None:
         importlib.import_module(module)
 
 
@@ -73,13 +86,13 @@ def get_op(op: str, backend: str | None, device: torch.device) -> Callable:
         for candidate in AUTO_PREFERENCE[op]:
             if candidate != "torch":
                 try:
-                    _load_providers(candidate)
+                    _load_provider(op, candidate)
                 except Exception:  # an auto-selected fast path that cannot load falls back quietly
                     continue
             if candidate in impls:
                 return impls[candidate]
         return impls["torch"]
-    _load_providers(name)
+    _load_provider(op, name)
     if name not in impls:
         raise RuntimeError(f"kernel backend {name!r} has no implementation of {op!r} in this install")
     return impls[name]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -36,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-samples", type=int, default=defaults.eval_samples)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                        help="train the two methods in parallel processes (1: one after the other)")
     parser.add_argument(
         "--set",
         nargs="*",
@@ -100,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         train = modes.sample(200_000, gen)
         heldout = modes.sample(config.eval_samples, gen)
     start = time.perf_counter()
-    results = run_experiment(config, train, heldout, modes)
+    results = run_experiment(config, train, heldout, modes, jobs=args.jobs)
     results["seconds"] = time.perf_counter() - start
     results["data"] = str(args.data) if args.data else f"built-in {type(RingMixture()).__name__}"
     args.out.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,7 @@ def markdown_table(results: dict) -> str:
         m for m in ("precision", "coverage", "recall", "swd") if m in methods[METHODS[0]]["metrics"][steps[0]]
     ]
     lines = [
-        "| method | metric | " + " | ".join(f"{s} steps" for s in steps) + " |",
+        "| method | metric | " + " | ".join(f"{s} step{'s' * (s > 1)}" for s in steps) + " |",
         "|---|---|" + "---|" * len(steps),
     ]
     for method in METHODS:

@@ -1,0 +1,79 @@
+"""Packaging and import hygiene: one `selfe` namespace, and the dependency direction kernels <- engine <- train."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FOLDERS = {"engine": "selfe", "kernels": "selfe.kernels", "train": "selfe.train"}
+
+
+def _load_setup_module():
+    spec = importlib.util.spec_from_file_location("selfe_setup", ROOT / "setup.py")
+    source = (ROOT / "setup.py").read_text()
+    # Evaluate only the helpers, not the final setup() call.
+    module = importlib.util.module_from_spec(spec)
+    exec(compile(source.split("\next_modules, cmdclass")[0], str(ROOT / "setup.py"), "exec"), module.__dict__)
+    return module
+
+
+def test_every_installed_package_lives_under_selfe():
+    setup = _load_setup_module()
+    packages = setup.find_packages_mapped()
+    assert "selfe" in packages and "selfe.kernels" in packages and "selfe.train" in packages
+    assert all(p == "selfe" or p.startswith("selfe.") for p in packages), packages
+    assert set(setup.PACKAGE_DIRS) == set(FOLDERS.values())
+
+
+def test_bare_folder_names_do_not_import_outside_the_repo(tmp_path):
+    code = "import importlib.util as u; print([n for n in ('engine', 'kernels', 'train') if u.find_spec(n)])"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    out = subprocess.run([sys.executable, "-c", "import selfe.kernels, selfe.train; print('ok')"], cwd=tmp_path,
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ok"
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module == "selfe":  # `from selfe import x` names submodules (or the compiled selfe._C)
+                names.update(f"selfe.{alias.name}" for alias in node.names)
+            else:
+                names.add(node.module)
+    return names
+
+
+def _layer(module: str) -> str | None:
+    if module.startswith("selfe.kernels") or module == "selfe._C":  # _C: the compiled kernels of csrc/
+        return "kernels"
+    if module.startswith("selfe.train"):
+        return "train"
+    if module == "selfe" or module.startswith("selfe."):
+        return "engine"
+    return None
+
+
+def test_dependency_direction_and_namespace():
+    allowed = {"kernels": {"kernels"}, "engine": {"kernels", "engine"}, "train": {"kernels", "engine", "train"}}
+    problems = []
+    for folder in FOLDERS:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            if path.name == "cli.py" and folder == "engine":
+                continue  # the command line dispatches to every layer, lazily
+            for name in _imports(path):
+                root = name.split(".")[0]
+                if root in FOLDERS:
+                    problems.append(f"{path.relative_to(ROOT)} imports bare {name!r}; use selfe.*")
+                layer = _layer(name)
+                if layer and layer not in allowed[folder]:
+                    problems.append(f"{path.relative_to(ROOT)} ({folder}) imports {name} ({layer})")
+    assert not problems, "\n".join(problems)
