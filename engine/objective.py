@@ -170,7 +170,6 @@ class SelfELoss:
                 # w(s) |G(x_s_hat, s, s, c_fake) - x0_hat|^2 = |V_f - (eps' - x0_hat)|^2.
                 v_fake = net(x_s_hat, s_i, s_i, fake_i)
                 loss_fake = _mean_per_sample((v_fake - (noise_i - x0_hat_i)).square()).mean()
-                metrics["loss_fake"] = loss_fake.detach()
 
         v_target = eps - x0 - delta / _bcast(t, x0)
         per_sample = _mean_per_sample((v - v_target).square())
@@ -183,6 +182,7 @@ class SelfELoss:
             loss_self=_masked_mean(per_sample.detach(), self_mask),
             lambda_mean=lam.mean(),
             frac_self=(s < t).float().mean(),
+            loss_fake=loss_fake.detach(),  # zero while the auxiliary term is off
             aux_on=torch.tensor(float(aux_on)),
         )
         return loss, metrics

@@ -96,3 +96,55 @@ def make_procedural_dataset(
     manifest = root / manifest_name
     manifest.write_text("".join(f"{p}\t{c}\n" for p, c in zip(paths, captions)), encoding="utf-8")
     return ProceduralDataset(root, manifest, paths, captions, out_sizes)
+
+
+# Bad rows for ManifestConfig(min_side=32, max_caption_chars=200): one line per kind, the reason each
+# is skipped for. The two truncated images pass the header scan and fail only when decoded.
+BAD_ROWS = (
+    (b"images/00000.png no tab here", "malformed_line"),
+    (b"\tcaption without a path", "malformed_line"),
+    (b"images/00001.png\t\xff\xfe not utf-8", "non_utf8_caption"),
+    (b"images/00002.png\t   ", "empty_caption"),
+    (b"images/00003.png\t" + b"x" * 201, "overlong_caption"),
+    (b"images/does_not_exist.png\ta missing file", "missing_file"),
+    (b"bad/not_an_image.png\ttext pretending", "unreadable_image"),
+    (b"bad/empty.jpg\tzero bytes", "unreadable_image"),
+    (b"bad/tiny.png\ta tiny image", "tiny_image"),
+    (b"bad/truncated.png\ta truncated png", "undecodable_image"),
+    (b"bad/truncated.jpg\ta truncated jpeg", "undecodable_image"),
+)
+BAD_MIN_SIDE, BAD_MAX_CAPTION_CHARS = 32, 200
+
+
+def _write_bad_files(root: Path) -> None:
+    """Files behind the bad rows: a non-image, an empty file, a tiny image, truncated PNG and JPEG."""
+    (root / "bad").mkdir()
+    (root / "bad/not_an_image.png").write_text("this is text, not a PNG")
+    (root / "bad/empty.jpg").write_bytes(b"")
+    img, _ = make_image(24, 100, seed=7)  # shorter side 24 < min_side 32
+    img.save(root / "bad/tiny.png")
+    for ext in ("png", "jpg"):
+        img, _ = make_image(120, 96, seed=11)
+        img.save(root / f"bad/full.{ext}")
+        data = (root / f"bad/full.{ext}").read_bytes()
+        # Header intact, pixel data cut: passes the scan, fails to decode.
+        (root / f"bad/truncated.{ext}").write_bytes(data[: len(data) // 2])
+
+
+def make_bad_manifest(directory: str | Path, n_good: int = 12, seed: int = 1) -> tuple[ProceduralDataset, Path]:
+    """A procedural data set of n_good (>= 4) images with every kind of bad row of BAD_ROWS interleaved;
+    an extra column on good rows, CRLF on some lines and a blank line (ignored, not counted).
+    Returns (the good data set, the manifest path directory/manifest.tsv)."""
+    root = Path(directory)
+    data = make_procedural_dataset(root, n_good, seed=seed)
+    _write_bad_files(root)
+    good = [f"{p}\t{c}\textra column ignored".encode() for p, c in zip(data.paths, data.captions)]
+    lines = []
+    for i, row in enumerate(good):
+        lines.append(row + (b"\r\n" if i % 2 else b"\n"))
+        if i < len(BAD_ROWS):
+            lines.append(BAD_ROWS[i][0] + b"\n")
+    lines += [row + b"\n" for row, _ in BAD_ROWS[len(good) :]]
+    lines.insert(3, b"\n")
+    (root / "manifest.tsv").write_bytes(b"".join(lines))
+    return data, root / "manifest.tsv"

@@ -9,10 +9,13 @@ BPE with "</w>" word ends) over a small vocabulary, so nothing is downloaded. We
 
 from __future__ import annotations
 
+import pickle
+import socket
 import string
 from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
 import torch
 
 # Words a test prompt is likely to use; anything else still tokenizes (letters are in both vocabs).
@@ -20,9 +23,26 @@ DEFAULT_WORDS = ("a", "photo", "of", "cat", "dog", "red", "blue", "fake", "image
 _CHARS = string.ascii_lowercase + string.digits + ",.!?'-"
 CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
 # The regex CLIP's tokenizer splits words with.
-_CLIP_SPLIT = (
-    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-)
+_CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+
+def forbid_network_and_unpickling(monkeypatch: pytest.MonkeyPatch) -> None:
+    """For an autouse fixture: opening a connection, torch.load or unpickling fails the test, and the
+    hub libraries are told to stay offline. Loaders must read local safetensors files only."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+    def refuse(what: str):
+        def fail(*args, **kwargs):
+            raise AssertionError(f"{what} attempted: {args[:1]}")
+
+        return fail
+
+    monkeypatch.setattr(socket.socket, "connect", refuse("network access"))
+    monkeypatch.setattr(socket, "create_connection", refuse("network access"))
+    monkeypatch.setattr(torch, "load", refuse("torch.load"))
+    monkeypatch.setattr(pickle, "load", refuse("unpickling"))
+    monkeypatch.setattr(pickle, "loads", refuse("unpickling"))
 
 
 def _t5_tokenizer(words: Sequence[str]):
@@ -42,9 +62,7 @@ def _t5_tokenizer(words: Sequence[str]):
     tok.post_processor = processors.TemplateProcessing(
         single=["$A", "</s>"], pair=["$A", "</s>", "$B", "</s>"], special_tokens=[("</s>", 1)]
     )
-    return T5TokenizerFast(
-        tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0
-    )
+    return T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0)
 
 
 def _clip_tokenizer():

@@ -1,7 +1,9 @@
-"""Precomputed latents and text states: safetensors shards plus an index, resumable after a kill.
+"""Writing the latent/text cache: safetensors shards plus an index, resumable after a kill.
 
-Layout of `out_dir`:
+Layout of `out_dir` (read back by selfe.train.data.cached.CachedDataset):
     index.json                    written atomically (temp file + rename) after every finished shard
+    null.safetensors              txt (1, Lt', d), txt_mask (1, Lt'), pooled (1, d_pooled): the encoding
+                                  of "" (phi), encoded once per cache
     shard-000000.safetensors      one bucket (resolution, aspect class) per shard, up to shard_size samples:
         latents  (N, C, H/8, W/8)  the image encoder's output
         indices  (N,) int64        positions in the scanned manifest's usable samples
@@ -20,16 +22,15 @@ recorded size are kept; every other planned shard, including the one a kill inte
 Encoders are two protocols, so this module needs no real model:
     image_encoder(images (B, 3, H, W) float in [-1, 1]) -> latents (B, C, H/8, W/8)
     text_encoder(prompts: list[str]) -> dict(txt=(B, Lt, d), txt_mask=(B, Lt) bool, pooled=(B, d_pooled))
+The command line (`selfe cache`) is in selfe.train.cache_cli.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
 import os
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -37,21 +38,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
 from selfe.train.data.buckets import BucketConfig
+from selfe.train.data.cached import FORMAT, INDEX_NAME, NULL_NAME, TEXT_KEYS, file_sha256
 from selfe.train.data.images import ImageReadError, load_for_bucket
 from selfe.train.data.manifest import UNDECODABLE_IMAGE, DataStats, ManifestConfig, scan_manifest
 
 log = logging.getLogger(__name__)
 
-INDEX_NAME = "index.json"
-FORMAT = "selfe-cache/1"
 ImageEncoder = Callable[[torch.Tensor], torch.Tensor]
 TextEncoder = Callable[[list[str]], dict[str, torch.Tensor]]
-_STORE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+STORE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass
@@ -73,23 +72,16 @@ class CacheConfig:
     def __post_init__(self) -> None:
         self.resolutions = tuple(int(r) for r in self.resolutions)
         if not self.resolutions or len(set(self.resolutions)) != len(self.resolutions):
-            raise ValueError(
-                f"CacheConfig.resolutions must be non-empty and distinct, got {self.resolutions}"
-            )
+            raise ValueError(f"CacheConfig.resolutions must be non-empty and distinct, got {self.resolutions}")
         for r in self.resolutions:
             self.buckets.buckets(r)  # validates: positive multiple of the bucket multiple
         for name in ("shard_size", "encode_batch_size", "num_threads"):
             value = getattr(self, name)
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, int)
-                or value < (0 if name == "num_threads" else 1)
-            ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "num_threads" else 1):
                 raise ValueError(f"CacheConfig.{name} must be a positive int, got {value!r}")
-        if self.store_dtype is not None and self.store_dtype not in _STORE_DTYPES:
+        if self.store_dtype is not None and self.store_dtype not in STORE_DTYPES:
             raise ValueError(
-                f"CacheConfig.store_dtype must be None or one of {list(_STORE_DTYPES)}, "
-                f"got {self.store_dtype!r}"
+                f"CacheConfig.store_dtype must be None or one of {list(STORE_DTYPES)}, got {self.store_dtype!r}"
             )
 
 
@@ -122,14 +114,6 @@ def plan_shards(aspect_classes: Sequence[int], config: CacheConfig) -> list[Shar
     return shards
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -137,6 +121,21 @@ def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> int:
+    """Write a safetensors file through a temp file and a rename (a kill leaves only the *.tmp); its size."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path.stat().st_size
+
+
+def _cast(tensors: dict[str, torch.Tensor], store_dtype: str | None) -> dict[str, torch.Tensor]:
+    if store_dtype is None:
+        return tensors
+    dtype = STORE_DTYPES[store_dtype]
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
 
 
 def _trim_text(txt: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,7 +147,7 @@ def _trim_text(txt: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 def _check_text(out: Any, batch: int) -> dict[str, torch.Tensor]:
-    if not isinstance(out, dict) or not {"txt", "txt_mask", "pooled"} <= set(out):
+    if not isinstance(out, dict) or not set(TEXT_KEYS) <= set(out):
         raise TypeError("text_encoder must return dict(txt=(B, Lt, d), txt_mask=(B, Lt) bool, pooled=(B, d))")
     txt, mask, pooled = out["txt"], out["txt_mask"], out["pooled"]
     if (
@@ -234,16 +233,20 @@ def _encode_shard(
     if plan.has_text:
         lengths = {t.shape[1] for t in parts["txt"]}
         if len(lengths) != 1:
-            raise ValueError(
-                f"text_encoder returned different lengths Lt {sorted(lengths)}; pad to a fixed length"
-            )
+            raise ValueError(f"text_encoder returned different lengths Lt {sorted(lengths)}; pad to a fixed length")
         txt, mask = _trim_text(torch.cat(parts["txt"]), torch.cat(parts["txt_mask"]))
         tensors.update(txt=txt, txt_mask=mask, pooled=torch.cat(parts["pooled"]))
         text_length = lengths.pop()
-    if config.store_dtype is not None:
-        dtype = _STORE_DTYPES[config.store_dtype]
-        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-    return tensors, [samples[i].caption for i in kept], bad, text_length
+    return _cast(tensors, config.store_dtype), [samples[i].caption for i in kept], bad, text_length
+
+
+def _encode_null(text_encoder: TextEncoder, out: Path, config: CacheConfig) -> dict[str, Any]:
+    """Encode "" once and store it (phi, the null condition of caption dropout); its index entry."""
+    text = _check_text(text_encoder([""]), 1)
+    txt, mask = _trim_text(text["txt"], text["txt_mask"])
+    tensors = _cast({"txt": txt, "txt_mask": mask, "pooled": text["pooled"]}, config.store_dtype)
+    size = _save_atomic(tensors, out / NULL_NAME)
+    return {"file": NULL_NAME, "bytes": size, "text_length": text["txt"].shape[1]}
 
 
 def build_cache(
@@ -272,7 +275,7 @@ def build_cache(
     classes = [config.buckets.aspect_class(s.width, s.height) for s in scanned.samples]
     plans = plan_shards(classes, config)
     settings = {
-        "manifest_sha256": _file_sha256(scanned.path),
+        "manifest_sha256": file_sha256(scanned.path),
         "base_dir": str(scanned.base_dir.resolve()),
         **{k: v for k, v in asdict(config).items() if k not in ("num_threads", "encode_batch_size")},
     }
@@ -282,6 +285,7 @@ def build_cache(
 
     index_path = out / INDEX_NAME
     done: dict[int, dict[str, Any]] = {}
+    null: dict[str, Any] | None = None
     if index_path.exists():
         previous = json.loads(index_path.read_text(encoding="utf-8"))
         if previous.get("fingerprint") != fingerprint:
@@ -293,8 +297,13 @@ def build_cache(
             path = out / entry["file"] if entry["file"] else None
             if path is None or (path.is_file() and path.stat().st_size == entry["bytes"]):
                 done[entry["id"]] = entry
-    for stale in [*out.glob("shard-*.safetensors.tmp"), out / (INDEX_NAME + ".tmp")]:
-        stale.unlink(missing_ok=True)  # a shard or index a kill left half-written
+        null_path = out / NULL_NAME
+        kept_null = previous.get("null") or {}
+        if null_path.is_file() and null_path.stat().st_size == kept_null.get("bytes"):
+            null = kept_null
+    stale = [*out.glob("shard-*.safetensors.tmp"), out / (NULL_NAME + ".tmp"), out / (INDEX_NAME + ".tmp")]
+    for path in stale:
+        path.unlink(missing_ok=True)  # a file a kill left half-written
 
     index: dict[str, Any] = {
         "format": FORMAT,
@@ -306,6 +315,7 @@ def build_cache(
         "num_samples": len(scanned.samples),
         "scan_stats": scanned.stats.state_dict(),
         "total_shards": len(plans),
+        "null": null,
         "shards": [done[p.id] for p in plans if p.id in done],
         "complete": False,
     }
@@ -323,6 +333,9 @@ def build_cache(
     )
     try:
         with torch.inference_mode():
+            if index["null"] is None:
+                index["null"] = _encode_null(text_encoder, out, config)
+                _write_json_atomic(index_path, index)
             for plan in plans:
                 if plan.id in done:
                     continue
@@ -345,12 +358,8 @@ def build_cache(
                     "text_length": text_length,
                 }
                 if tensors:
-                    tmp = out / (plan.file + ".tmp")
-                    save_file(
-                        tensors, str(tmp), metadata={"captions": json.dumps(captions, ensure_ascii=False)}
-                    )
-                    os.replace(tmp, out / plan.file)
-                    entry["bytes"] = (out / plan.file).stat().st_size
+                    metadata = {"captions": json.dumps(captions, ensure_ascii=False)}
+                    entry["bytes"] = _save_atomic(tensors, out / plan.file, metadata)
                 index["shards"].append(entry)
                 index["shards"].sort(key=lambda e: e["id"])
                 written += 1
@@ -371,307 +380,8 @@ def build_cache(
     return index
 
 
-# ----------------------------------------------------------------------------------------------
-# Reader
-
-
-class CachedDataset:
-    """Batches from a cache: dict(latents=(B, C, h, w), txt=(B, Lt, d), txt_mask=(B, Lt) bool,
-    pooled=(B, d_pooled), captions=list[str], indices=list[int]), each batch from one bucket, in the
-    deterministic resumable order of BucketBatchSampler (state_dict / load_state_dict).
-
-    schedule: which cached resolution each batch uses (default: the cache's first resolution); every
-    resolution it can draw must be in the cache. Samples missing from any of them are left out.
-    """
-
-    def __init__(
-        self,
-        out_dir: str | os.PathLike,
-        batch_size: int = 32,
-        *,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        schedule: Any = None,
-        remainder: str = "drop",
-        shuffle: bool = True,
-        batches_per_step: int = 1,
-        allow_incomplete: bool = False,
-        open_shards: int = 32,
-    ):
-        from selfe.train.data.buckets import ResolutionSchedule
-        from selfe.train.data.sampler import BucketBatchSampler
-
-        self.root = Path(out_dir)
-        index_path = self.root / INDEX_NAME
-        if not index_path.is_file():
-            raise FileNotFoundError(
-                f"{self.root} is not a cache: {INDEX_NAME} is missing (run `selfe cache` first)"
-            )
-        self.index = json.loads(index_path.read_text(encoding="utf-8"))
-        if self.index.get("format") != FORMAT:
-            raise ValueError(
-                f"{index_path}: unknown cache format {self.index.get('format')!r}, expected {FORMAT!r}"
-            )
-        if not self.index["complete"] and not allow_incomplete:
-            raise ValueError(
-                f"cache {self.root} is incomplete "
-                f"({len(self.index['shards'])}/{self.index['total_shards']} shards); "
-                "run build_cache again to finish it, or pass allow_incomplete=True"
-            )
-        cached = self.index["resolutions"]
-        self.schedule = schedule or ResolutionSchedule.fixed(cached[0])
-        missing = [r for r in self.schedule.resolutions if r not in cached]
-        if missing:
-            raise ValueError(
-                f"schedule draws resolutions {missing} that cache {self.root} lacks (it has {cached})"
-            )
-        self._entries = {e["id"]: e for e in self.index["shards"] if e["file"]}
-        self.text_length = max((e["text_length"] for e in self._entries.values() if e["has_text"]), default=0)
-        self._open_shards = open_shards
-        self._handles: dict[int, Any] = {}
-        self._captions: dict[int, list[str]] = {}
-        # (resolution, sample index) -> (shard id, row); sample index -> text (shard id, row)
-        self._where: dict[tuple[int, int], tuple[int, int]] = {}
-        self._text_at: dict[int, tuple[int, int]] = {}
-        classes: dict[int, int] = {}
-        for sid, entry in self._entries.items():
-            indices = self._handle(sid).get_tensor("indices").tolist()
-            for row, i in enumerate(indices):
-                self._where[(entry["resolution"], i)] = (sid, row)
-                classes[i] = entry["aspect_class"]
-                if entry["has_text"]:
-                    self._text_at[i] = (sid, row)
-        wanted = self.schedule.resolutions
-        self.sample_indices = sorted(
-            i for i in classes if i in self._text_at and all((r, i) in self._where for r in wanted)
-        )
-        if not self.sample_indices:
-            raise ValueError(
-                f"cache {self.root} holds no sample at every resolution of the schedule {wanted}"
-            )
-        self.sampler = BucketBatchSampler(
-            [classes[i] for i in self.sample_indices],
-            batch_size,
-            seed=seed,
-            rank=rank,
-            world_size=world_size,
-            remainder=remainder,
-            shuffle=shuffle,
-            schedule=self.schedule,
-            batches_per_step=batches_per_step,
-        )
-
-    def __len__(self) -> int:
-        return len(self.sample_indices)
-
-    def _handle(self, sid: int) -> Any:
-        handle = self._handles.pop(sid, None)
-        if handle is None:
-            handle = safe_open(str(self.root / self._entries[sid]["file"]), framework="pt")
-            if len(self._handles) >= self._open_shards:
-                self._handles.pop(next(iter(self._handles)))
-        self._handles[sid] = handle  # most recently used last
-        return handle
-
-    def _row(self, sid: int, name: str, row: int) -> torch.Tensor:
-        return self._handle(sid).get_slice(name)[row : row + 1]
-
-    def _caption(self, sid: int, row: int) -> str:
-        if sid not in self._captions:
-            self._captions[sid] = json.loads(self._handle(sid).metadata()["captions"])
-        return self._captions[sid][row]
-
-    def get(self, index: int, resolution: int | None = None) -> dict[str, Any]:
-        """One sample by its manifest sample index: dict(latents (1, C, h, w), txt (1, Lt, d),
-        txt_mask (1, Lt), pooled (1, d_pooled), caption)."""
-        resolution = resolution or self.index["resolutions"][0]
-        if (resolution, index) not in self._where or index not in self._text_at:
-            raise KeyError(f"sample {index} at resolution {resolution} is not in cache {self.root}")
-        sid, row = self._where[(resolution, index)]
-        tsid, trow = self._text_at[index]
-        txt, mask = self._row(tsid, "txt", trow), self._row(tsid, "txt_mask", trow)
-        pad = self.text_length - txt.shape[1]
-        if pad:  # the zero padding the writer did not store
-            txt = torch.cat([txt, txt.new_zeros(1, pad, txt.shape[2])], 1)
-            mask = torch.cat([mask, mask.new_zeros(1, pad)], 1)
-        return {
-            "latents": self._row(sid, "latents", row),
-            "txt": txt,
-            "txt_mask": mask,
-            "pooled": self._row(tsid, "pooled", trow),
-            "caption": self._caption(tsid, trow),
-        }
-
-    def batch(self, plan: Any) -> dict[str, Any]:
-        """The batch of a BatchPlan (positions into sample_indices)."""
-        indices = [self.sample_indices[p] for p in plan.indices]
-        items = [self.get(i, plan.resolution) for i in indices]
-        out: dict[str, Any] = {
-            k: torch.cat([it[k] for it in items]) for k in ("latents", "txt", "txt_mask", "pooled")
-        }
-        out["captions"] = [it["caption"] for it in items]
-        out["indices"] = indices
-        return out
-
-    def __iter__(self) -> CachedDataset:
-        return self
-
-    def __next__(self) -> dict[str, Any]:
-        return self.batch(next(self.sampler))
-
-    def iter_epoch(self, epoch: int = 0):
-        """The batches of one epoch; leaves the iterator state alone."""
-        return (self.batch(plan) for plan in self.sampler.iter_epoch(epoch))
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return self.sampler.batches_per_epoch
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"sampler": self.sampler.state_dict(), "fingerprint": self.index["fingerprint"]}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["fingerprint"] != self.index["fingerprint"]:
-            raise ValueError(f"the saved data state belongs to another cache than {self.root}")
-        self.sampler.load_state_dict(state["sampler"])
-
-
-# ----------------------------------------------------------------------------------------------
-# Smoke-only stand-in encoders (random init; for checking the pipeline, never for training)
-
-
-class SmokeImageEncoder:
-    """SMOKE ONLY: a fixed random 8x8 stride-8 convolution, (B, 3, H, W) -> (B, channels, H/8, W/8)."""
-
-    def __init__(self, channels: int = 16, seed: int = 0):
-        generator = torch.Generator().manual_seed(seed)
-        self.weight = torch.randn(channels, 3, 8, 8, generator=generator) / (3 * 64) ** 0.5
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.conv2d(images.float(), self.weight.to(images.device), stride=8)
-
-
-class SmokeTextEncoder:
-    """SMOKE ONLY: words hashed (blake2b, stable across runs) into a fixed random embedding table.
-
-    txt (B, max_length, dim) zero at padding, txt_mask (B, max_length), pooled (B, pooled_dim) = a
-    fixed projection of the mean word embedding.
-    """
-
-    def __init__(
-        self, dim: int = 64, pooled_dim: int = 32, max_length: int = 32, vocab: int = 4096, seed: int = 0
-    ):
-        generator = torch.Generator().manual_seed(seed)
-        self.table = torch.randn(vocab, dim, generator=generator)
-        self.proj = torch.randn(dim, pooled_dim, generator=generator) / dim**0.5
-        self.max_length = max_length
-
-    def _token(self, word: str) -> int:
-        digest = hashlib.blake2b(word.encode("utf-8"), digest_size=8).digest()
-        return int.from_bytes(digest, "little") % len(self.table)
-
-    def __call__(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-        b, length = len(prompts), self.max_length
-        txt = torch.zeros(b, length, self.table.shape[1])
-        mask = torch.zeros(b, length, dtype=torch.bool)
-        for row, prompt in enumerate(prompts):
-            tokens = [self._token(w) for w in prompt.lower().split()][:length]
-            if tokens:
-                txt[row, : len(tokens)] = self.table[tokens]
-                mask[row, : len(tokens)] = True
-        count = mask.sum(1, keepdim=True).clamp(min=1)
-        return {"txt": txt, "txt_mask": mask, "pooled": (txt.sum(1) / count) @ self.proj}
-
-
-# ----------------------------------------------------------------------------------------------
-# CLI: selfe cache
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="selfe cache", description="Precompute latents and text states into shards."
-    )
-    p.add_argument("--manifest", required=True, help="TSV manifest: image path<TAB>prompt")
-    p.add_argument(
-        "--base-dir", default=None, help="where relative image paths resolve (default: the manifest's folder)"
-    )
-    p.add_argument("--out", required=True, help="output folder (resumes a cache already there)")
-    p.add_argument("--resolution", type=int, nargs="+", default=[256], help="base resolution(s) to cache")
-    p.add_argument("--shard-size", type=int, default=1024, help="samples per shard")
-    p.add_argument("--batch-size", type=int, default=16, help="images / prompts per encoder call")
-    p.add_argument("--num-threads", type=int, default=4, help="image decode threads")
-    p.add_argument(
-        "--min-side", type=int, default=ManifestConfig.min_side, help="skip images with a shorter side"
-    )
-    p.add_argument("--max-caption-chars", type=int, default=ManifestConfig.max_caption_chars)
-    p.add_argument("--store-dtype", choices=sorted(_STORE_DTYPES), default=None, help="default: as encoded")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument(
-        "--dtype", default=None, help="encoder dtype (bf16, fp16, fp32); default bf16 on cuda, fp32 on cpu"
-    )
-    p.add_argument("--t5-max-length", type=int, default=512)
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--ae", help="FLUX.1 autoencoder weights (safetensors)")
-    p.add_argument("--t5", help="local T5 encoder snapshot folder")
-    p.add_argument("--clip", help="local CLIP text encoder snapshot folder")
-    p.add_argument(
-        "--smoke", action="store_true", help="random-init tiny stand-in encoders (pipeline check only)"
-    )
-    return p
-
-
 def cache_main(argv: Sequence[str] | None = None) -> int:
-    """`selfe cache ...`: build (or resume) a cache; returns the exit status."""
-    parser = _parser()
-    args = parser.parse_args(argv)
-    real = [args.ae, args.t5, args.clip]
-    if args.smoke == any(real) or (not args.smoke and not all(real)):
-        parser.error("give either --smoke or all of --ae, --t5 and --clip")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.smoke:
-        image_encoder: ImageEncoder = SmokeImageEncoder()
-        text_encoder: TextEncoder = SmokeTextEncoder()
-        tag = "smoke"
-    else:
-        # Imported here: the real models need transformers and weights, the smoke path neither.
-        from selfe.autoencoder import load_autoencoder
-        from selfe.text_encoders import TextEncoders, resolve_dtype
+    """`selfe cache ...` (the `selfe` command routes here): see selfe.train.cache_cli."""
+    from selfe.train.cache_cli import cache_main as run
 
-        dtype = resolve_dtype(args.dtype, device)
-        autoencoder = load_autoencoder(args.ae, device=device, dtype=dtype)
-        image_encoder = autoencoder.encode
-        encoders = TextEncoders.from_snapshots(
-            args.t5, args.clip, t5_max_length=args.t5_max_length, device=device, dtype=dtype
-        )
-        text_encoder = encoders.encode
-        paths = ";".join(
-            f"{k}={Path(v).resolve()}" for k, v in (("ae", args.ae), ("t5", args.t5), ("clip", args.clip))
-        )
-        tag = f"{paths};t5_max_length={args.t5_max_length}"
-    config = CacheConfig(
-        resolutions=tuple(args.resolution),
-        shard_size=args.shard_size,
-        encode_batch_size=args.batch_size,
-        num_threads=args.num_threads,
-        store_dtype=args.store_dtype,
-        encoder_tag=tag,
-        checks=ManifestConfig(min_side=args.min_side, max_caption_chars=args.max_caption_chars),
-    )
-    start = time.perf_counter()
-    index = build_cache(
-        args.manifest,
-        args.out,
-        image_encoder,
-        text_encoder,
-        config,
-        base_dir=args.base_dir,
-        device=device,
-        progress=not args.no_progress,
-    )
-    seconds = time.perf_counter() - start
-    print(
-        f"cache {args.out}: {len(index['shards'])}/{index['total_shards']} shards in {seconds:.1f} s; "
-        f"{index['stats']}"
-    )
-    return 0 if index["complete"] else 1
+    return run(argv)

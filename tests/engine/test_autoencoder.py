@@ -19,6 +19,7 @@ from selfe.weights import (
     load_state_dict_into,
     safetensors_shapes,
 )
+from tests.helpers_text import forbid_network_and_unpickling
 
 # A sample of the released ae.safetensors (FLUX.1-dev/-schnell) names and shapes, written out
 # from black-forest-labs/flux src/flux/modules/autoencoder.py with ch=128, ch_mult=(1, 2, 4, 4),
@@ -73,6 +74,11 @@ NOT_RELEASED = [
     "post_quant_conv.weight",
     "encoder.down.0.attn.0.q.weight",
 ]
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    forbid_network_and_unpickling(monkeypatch)
 
 
 def _tiny_model(seed: int = 0) -> AutoEncoder:

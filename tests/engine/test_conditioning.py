@@ -4,7 +4,6 @@ T5 + CLIP snapshots."""
 from __future__ import annotations
 
 import math
-import socket
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,7 +13,7 @@ import torch
 
 from selfe.conditioning import ConditioningConfig, TextConditioner
 from selfe.text_encoders import TextEncoders
-from tests.helpers_text import make_tiny_clip_snapshot, make_tiny_t5_snapshot
+from tests.helpers_text import forbid_network_and_unpickling, make_tiny_clip_snapshot, make_tiny_t5_snapshot
 
 CAPTIONS = ["a photo of a cat", "a red dog", "the blue table", "a cat on the table", "dog", "a photo"]
 
@@ -42,16 +41,12 @@ class WordHashEncoder:
         return {"txt": txt, "txt_mask": mask, "pooled": txt.sum(dim=1)}
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"network access attempted: {args}")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
+@pytest.fixture(autouse=True, scope="module")
+def no_network():
+    """Module-wide, so the snapshot fixtures run under it too."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        forbid_network_and_unpickling(monkeypatch)
+        yield
 
 
 def conditioner(**overrides) -> tuple[TextConditioner, WordHashEncoder]:

@@ -86,8 +86,9 @@ def forward_backward(model: MMDiT, inputs) -> tuple[Tensor, dict[str, Tensor]]:
     out = model(x.to(dtype), t.to(dtype), s.to(dtype), cond)
     weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     (out.double() * weight.to(out.device)).sum().backward()
-    grads = {name: p.grad.double() for name, p in model.named_parameters()}
-    return out.double(), grads
+    missing = [name for name, p in model.named_parameters() if p.grad is None]
+    assert not missing, f"no gradient reaches {missing}"
+    return out.double(), {name: p.grad.double() for name, p in model.named_parameters()}
 
 
 def assert_as_accurate(got: Tensor, ref32: Tensor, oracle: Tensor, what: str) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ast
 import importlib.util
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -19,23 +18,18 @@ from selfe.text_encoders import (
     load_t5_encoder,
     resolve_dtype,
 )
-from tests.helpers_text import make_tiny_clip_snapshot, make_tiny_t5_snapshot
+from tests.helpers_text import forbid_network_and_unpickling, make_tiny_clip_snapshot, make_tiny_t5_snapshot
 
 L = 64
 PROMPTS = ["a photo of a cat", "", "a red dog on the table, photo of the dog", "zebra!"]
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Any attempt to open a connection fails the test, and the hub libraries are told to stay offline."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"network access attempted: {args}")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
+@pytest.fixture(autouse=True, scope="module")
+def no_network():
+    """Module-wide, so the snapshot fixtures run under it too."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        forbid_network_and_unpickling(monkeypatch)
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -225,3 +219,55 @@ def test_defaults_on_gpu_are_bf16(snapshots: tuple[Path, Path]) -> None:
     reference = TextEncoders.from_snapshots(*snapshots, t5_max_length=L, device="cpu").encode(PROMPTS)
     assert torch.equal(out["txt_mask"].cpu(), reference["txt_mask"])
     torch.testing.assert_close(out["pooled"].float().cpu(), reference["pooled"], atol=0.05, rtol=0.05)
+
+
+LOADING_MODULES = [
+    "selfe.weights",
+    "selfe.autoencoder",
+    "selfe.text_encoders",
+    "selfe.conditioning",
+    "selfe.train.cache",
+    "selfe.train.cache_cli",
+    "selfe.train.data.cached",
+    "selfe.train.data.images",
+    "selfe.train.data.manifest",
+    "selfe.train.data.loader",
+]
+
+
+def _keyword_is(call: ast.Call, name: str, value: bool) -> bool:
+    return any(k.arg == name and isinstance(k.value, ast.Constant) and k.value.value is value for k in call.keywords)
+
+
+@pytest.mark.parametrize("module", LOADING_MODULES)
+def test_loaders_never_unpickle(module: str) -> None:
+    """No pickle-family import; torch.load only with weights_only=True, np.load only with allow_pickle=False;
+    transformers models only from safetensors."""
+    tree = ast.parse(Path(importlib.util.find_spec(module).origin).read_text())
+    problems = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            problems += [n for n in names if n.split(".")[0] in {"pickle", "dill", "joblib", "cloudpickle", "marshal"}]
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            owner = node.func.value.id if isinstance(node.func.value, ast.Name) else ""
+            if node.func.attr == "load" and owner == "torch" and not _keyword_is(node, "weights_only", True):
+                problems.append(f"torch.load without weights_only=True at line {node.lineno}")
+            if node.func.attr == "load" and owner in {"np", "numpy"} and not _keyword_is(node, "allow_pickle", False):
+                problems.append(f"np.load without allow_pickle=False at line {node.lineno}")
+    assert not problems, problems
+    if module == "selfe.text_encoders":  # the one place transformers models are loaded
+        assert "use_safetensors=True" in Path(importlib.util.find_spec(module).origin).read_text()
+
+
+def test_guard_refuses_network_and_unpickling(tmp_path: Path) -> None:
+    """The module's autouse guard is live: these would pass silently without it."""
+    import pickle
+    import socket
+
+    with pytest.raises(AssertionError, match="network"):
+        socket.create_connection(("127.0.0.1", 9))
+    with pytest.raises(AssertionError, match="torch.load"):
+        torch.load(tmp_path / "x.pt")
+    with pytest.raises(AssertionError, match="unpickling"):
+        pickle.loads(b"")

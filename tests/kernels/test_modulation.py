@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from selfe.kernels import dispatch, reference
+from tests.kernels.tolerance import assert_within_torch_error
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SHAPES = [(1, 1, 48), (3, 7, 80), (2, 33, 130)]  # (B, L, D): ragged D, L = 1, B = 1
@@ -46,20 +47,6 @@ def _forward_backward(fn, inputs: list[torch.Tensor], grads_out: list[torch.Tens
     outs = list(outs) if isinstance(outs, tuple) else [outs]
     grads = torch.autograd.grad(outs, leaves, [g.to(o.dtype) for g, o in zip(grads_out, outs)])
     return [o.detach() for o in outs] + list(grads)
-
-
-def assert_within_torch_error(kernel, torch_same, ref64, names: list[str], dtype: torch.dtype) -> None:
-    for name, k, t, r in zip(names, kernel, torch_same, ref64):
-        assert k.dtype == t.dtype and k.shape == t.shape, (
-            f"{name}: {k.dtype} {k.shape} vs {t.dtype} {t.shape}"
-        )
-        assert torch.isfinite(k).all(), f"{name}: non-finite values"
-        err_kernel = (k.double() - r).abs().max().item()
-        err_torch = (t.double() - r).abs().max().item()
-        atol = 0.5 * torch.finfo(dtype).eps * max(1.0, r.abs().max().item())
-        assert err_kernel <= 2 * err_torch + atol, (
-            f"{name} ({dtype}): kernel error {err_kernel:.3e} > 2 x torch error {err_torch:.3e} + {atol:.1e}"
-        )
 
 
 def _check_op(op: str, backend: str, inputs: list[torch.Tensor], grads_out: list[torch.Tensor], names, dtype):
@@ -111,9 +98,7 @@ def test_strided_conditioning_matches_contiguous(backend):
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
     lnm = _impl("layer_norm_modulate", backend)
-    torch.testing.assert_close(
-        lnm(x, shift, scale), lnm(x, shift.contiguous(), scale.contiguous()), rtol=0, atol=0
-    )
+    torch.testing.assert_close(lnm(x, shift, scale), lnm(x, shift.contiguous(), scale.contiguous()), rtol=0, atol=0)
 
 
 def test_dispatch_returns_triton_and_reference():

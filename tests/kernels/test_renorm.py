@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from selfe.kernels import dispatch, reference
+from tests.kernels.tolerance import assert_within_torch_error
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # (B, ...): 2-D and 4-D, a sample smaller than a tile, and N = 2100 spanning several tiles and chunks.
@@ -44,20 +45,6 @@ def _forward_backward(fn, inputs: list[torch.Tensor], grad: torch.Tensor) -> lis
     leaves = [t.detach().clone().requires_grad_() for t in inputs]
     out = fn(*leaves, EPS)
     return [out.detach(), *torch.autograd.grad(out, leaves, grad.to(out.dtype))]
-
-
-def assert_within_torch_error(kernel, torch_same, ref64, names: list[str], dtype: torch.dtype) -> None:
-    for name, k, t, r in zip(names, kernel, torch_same, ref64):
-        assert k.dtype == t.dtype and k.shape == t.shape, (
-            f"{name}: {k.dtype} {k.shape} vs {t.dtype} {t.shape}"
-        )
-        assert torch.isfinite(k).all(), f"{name}: non-finite values"
-        err_kernel = (k.double() - r).abs().max().item()
-        err_torch = (t.double() - r).abs().max().item()
-        atol = 0.5 * torch.finfo(dtype).eps * max(1.0, r.abs().max().item())
-        assert err_kernel <= 2 * err_torch + atol, (
-            f"{name} ({dtype}): kernel error {err_kernel:.3e} > 2 x torch error {err_torch:.3e} + {atol:.1e}"
-        )
 
 
 def _check(backend: str, inputs: list[torch.Tensor], grad: torch.Tensor, dtype: torch.dtype) -> None:

@@ -112,9 +112,7 @@ def test_exif_orientation_swaps_size(tmp_path):
 
 
 def test_schedule_deterministic_and_mixing_rate():
-    schedule = ResolutionSchedule(
-        stages=[(0, {256: 1.0}), (1000, {256: 0.5, 512: 0.5}), (3000, {256: 1, 512: 3})]
-    )
+    schedule = ResolutionSchedule(stages=[(0, {256: 1.0}), (1000, {256: 0.5, 512: 0.5}), (3000, {256: 1, 512: 3})])
     assert schedule.resolutions == [256, 512]
     assert {schedule.resolution_at(i, seed=0) for i in range(1000)} == {256}
     draws = [schedule.resolution_at(i, seed=0) for i in range(1000, 3000)]
@@ -150,3 +148,22 @@ def test_loader_draws_resolution_per_batch(tmp_path):
     assert all(sides[i] == sides[i + 1] for i in range(0, 24, 2))  # micro-batches of a step share it
     assert sides[4:] == [schedule.resolution_at(s // 2, 0) for s in range(4, 24)]
     loader.close()
+
+
+def test_progressive_preset_is_the_papers_schedule():
+    paper = ResolutionSchedule.progressive()
+    assert paper == ResolutionSchedule(stages=[(0, {256: 1.0}), (500_000, {256: 0.5, 512: 0.5})])
+    assert paper.resolution_at(499_999) == 256 and paper.mix_at(500_000) == {256: 0.5, 512: 0.5}
+    draws = [paper.resolution_at(i) for i in range(500_000, 502_000)]
+    assert abs(draws.count(512) / len(draws) - 0.5) < 0.05
+    # Configurable: where it switches and how much of the mix is at the high resolution.
+    custom = ResolutionSchedule.progressive(switch_at=10, low=32, high=64, high_fraction=0.25)
+    assert custom.mix_at(9) == {32: 1.0} and custom.mix_at(10) == {32: 0.75, 64: 0.25}
+    assert ResolutionSchedule.progressive(high_fraction=1.0).mix_at(500_000) == {512: 1.0}
+    for bad, match in [
+        ({"low": 512}, "below"),
+        ({"high_fraction": 0.0}, "high_fraction"),
+        ({"switch_at": 0}, "switch_at"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            ResolutionSchedule.progressive(**bad)

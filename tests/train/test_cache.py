@@ -3,22 +3,44 @@
 from __future__ import annotations
 
 import json
+import re
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from selfe.train.cache import (
-    CacheConfig,
+import selfe.cli
+from selfe.train.cache import CacheConfig, build_cache, cache_main
+from selfe.train.data import (
+    BucketConfig,
     CachedDataset,
-    SmokeImageEncoder,
-    SmokeTextEncoder,
-    build_cache,
-    cache_main,
+    DataConfig,
+    ImageTextLoader,
+    LoaderConfig,
+    ManifestConfig,
+    ResolutionSchedule,
+    build_loaders,
+    load_for_bucket,
+    scan_manifest,
 )
-from selfe.train.data import ManifestConfig, ResolutionSchedule, load_for_bucket, scan_manifest
-from tests.helpers_data import make_image, make_procedural_dataset
+from selfe.train.smoke_encoders import SmokeImageEncoder, SmokeTextEncoder
+from tests.helpers_data import (
+    BAD_MAX_CAPTION_CHARS,
+    BAD_MIN_SIDE,
+    make_bad_manifest,
+    make_image,
+    make_procedural_dataset,
+)
+from tests.helpers_text import forbid_network_and_unpickling
 
 CHECKS = ManifestConfig(min_side=32, scan_workers=2)
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    forbid_network_and_unpickling(monkeypatch)
 
 
 class Recording:
@@ -86,10 +108,18 @@ def test_reader_returns_exactly_what_the_encoders_produced(tmp_path):
     manifest = scan_manifest(data.manifest, data.root, CHECKS)
     cache = CachedDataset(tmp_path / "cache", batch_size=2)
     assert len(cache) == 22
-    # Text was encoded once per sample (first resolution only); images once per sample and resolution.
-    assert texts.items == 22 and images.items == 2 * 22
+    # Text was encoded once per sample (first resolution only) plus "" once (the null condition);
+    # images once per sample and resolution.
+    assert texts.items == 22 + 1 and images.items == 2 * 22
+    assert [prompts for prompts, _ in texts.calls].count([""]) == 1
+    null_prompts, null_out = texts.calls[0]
+    assert null_prompts == [""]
+    null = cache.null_condition(3)
+    assert null["txt"].shape == (3, 32, 64) and null["pooled"].shape == (3, 32)
+    for key in ("txt", "txt_mask", "pooled"):
+        assert torch.equal(null[key], null_out[key].expand_as(null[key])), key
     produced_text = {}
-    for prompts, out in texts.calls:
+    for prompts, out in texts.calls[1:]:
         for row, prompt in enumerate(prompts):
             produced_text[prompt] = {k: v[row : row + 1] for k, v in out.items()}
     produced_latents = [(x[row], y[row]) for x, y in images.calls for row in range(len(x))]
@@ -125,9 +155,10 @@ def test_kill_and_resume_equals_uninterrupted_build(tmp_path):
     assert 3 < len(done) < reference["total_shards"]
     (out / f"shard-{len(done):06d}.safetensors.tmp").write_bytes(b"half a shard")
     kept = {e["file"]: (out / e["file"]).stat().st_mtime_ns for e in done if e["file"]}
-    # Run 3 finishes: it redoes only the unfinished shards.
-    images = Recording(SmokeImageEncoder())
-    final = _build(data, out, image_encoder=images)
+    # Run 3 finishes: it redoes only the unfinished shards, and keeps the stored null condition.
+    images, texts = Recording(SmokeImageEncoder()), Recording(SmokeTextEncoder())
+    final = _build(data, out, image_encoder=images, text_encoder=texts)
+    assert [""] not in [prompts for prompts, _ in texts.calls]
     assert final["complete"] and final["total_shards"] == reference["total_shards"]
     assert images.items == 2 * 22 + 1 - sum(len(e["undecodable"]) + e["num"] for e in done)
     assert {f: (out / f).stat().st_mtime_ns for f in kept} == kept
@@ -137,11 +168,10 @@ def test_kill_and_resume_equals_uninterrupted_build(tmp_path):
         if a["file"]:
             assert (out / a["file"]).read_bytes() == (tmp_path / "reference" / b["file"]).read_bytes()
     assert final["stats"] == reference["stats"]
+    assert (out / "null.safetensors").read_bytes() == (tmp_path / "reference" / "null.safetensors").read_bytes()
     # A different config in the same folder is refused rather than mixed in.
     with pytest.raises(ValueError, match="another manifest or config"):
-        build_cache(
-            data.manifest, out, SmokeImageEncoder(), SmokeTextEncoder(), _config(shard_size=5), progress=False
-        )
+        build_cache(data.manifest, out, SmokeImageEncoder(), SmokeTextEncoder(), _config(shard_size=5), progress=False)
 
 
 def test_reader_batches_order_and_resume(tmp_path):
@@ -167,9 +197,7 @@ def test_reader_batches_order_and_resume(tmp_path):
     resumed.load_state_dict(state)
     tail = [next(resumed) for _ in range(7)]
     for a, b in zip(head + tail, expected):
-        assert a["indices"] == b["indices"] and all(
-            torch.equal(a[k], b[k]) for k in ("latents", "txt", "pooled")
-        )
+        assert a["indices"] == b["indices"] and all(torch.equal(a[k], b[k]) for k in ("latents", "txt", "pooled"))
     with pytest.raises(ValueError, match="lacks"):
         CachedDataset(tmp_path / "cache", schedule=ResolutionSchedule.fixed(64))
 
@@ -218,3 +246,135 @@ def test_cache_cli_real_path_wiring(tmp_path, monkeypatch):
     assert cache_main([*argv, "--ae", "ae.sft", "--t5", "t5dir", "--clip", "clipdir"]) == 0
     assert seen == {"ae": ("ae.sft", torch.float32), "text": ("t5dir", "clipdir", 77, torch.float32)}
     assert len(CachedDataset(tmp_path / "c", batch_size=4)) == 4
+
+
+# Scan-time and decode-time counts of tests.helpers_data.make_bad_manifest with 12 good rows.
+BAD_COUNTS = {
+    "rows_total": 12 + 11,
+    "rows_ok": 12,
+    "malformed_line": 2,
+    "non_utf8_caption": 1,
+    "empty_caption": 1,
+    "overlong_caption": 1,
+    "missing_file": 1,
+    "unreadable_image": 2,
+    "tiny_image": 1,
+    "undecodable_image": 2,
+}
+
+
+def test_selfe_cache_command_reads_back_identically(tmp_path, capsys):
+    """`selfe cache --smoke` through the real entry point on a manifest with every kind of bad row:
+    the counts, the progress bar, and every cached tensor equal to encoding the loader's image."""
+    _, manifest = make_bad_manifest(tmp_path / "data", 12, seed=1)
+    out = tmp_path / "cache"
+    argv = ["cache", "--smoke", "--manifest", str(manifest), "--out", str(out), "--resolution", "32", "48"]
+    argv += ["--shard-size", "4", "--batch-size", "1", "--num-threads", "2", "--device", "cpu"]
+    argv += ["--min-side", str(BAD_MIN_SIDE), "--max-caption-chars", str(BAD_MAX_CAPTION_CHARS)]
+    assert selfe.cli.main(argv) == 0
+    captured = capsys.readouterr()
+    index = json.loads((out / "index.json").read_text())
+    assert index["complete"] and index["stats"] == BAD_COUNTS
+    assert f"{len(index['shards'])}/{index['total_shards']} shards" in captured.out
+    # tqdm's bar: count, elapsed<remaining (the ETA) and the rate.
+    assert re.search(r"cache: 100%\|.*\| (\d+)/\1 \[\d\d:\d\d<\d\d:\d\d, +\d+(\.\d+)?img/s\]", captured.err)
+
+    samples = scan_manifest(manifest, None, ManifestConfig(min_side=BAD_MIN_SIDE, max_caption_chars=200)).samples
+    cache = CachedDataset(out, batch_size=2)
+    assert len(cache) == 12 and all(not samples[i].path.name.startswith("truncated") for i in cache.sample_indices)
+    # --batch-size 1: the command encoded one image / prompt per call, so encoding each again is bit-exact.
+    image_encoder, text_encoder, buckets = SmokeImageEncoder(), SmokeTextEncoder(), BucketConfig()
+    for i in cache.sample_indices:
+        sample = samples[i]
+        text = text_encoder([sample.caption])
+        for resolution in (32, 48):
+            height, width = buckets.buckets(resolution)[buckets.aspect_class(sample.width, sample.height)]
+            got = cache.get(i, resolution)
+            assert torch.equal(got["latents"], image_encoder(load_for_bucket(sample.path, height, width)[None]))
+            assert got["caption"] == sample.caption
+            for key in ("txt", "txt_mask", "pooled"):
+                assert torch.equal(got[key], text[key]), key
+    null = cache.null_condition(2)
+    for key, value in text_encoder([""]).items():
+        assert torch.equal(null[key], value.expand_as(null[key])), key
+    # Running the command again on a finished cache writes nothing and succeeds.
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert selfe.cli.main([*argv, "--no-progress"]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "index.json"} == {
+        k: v for k, v in before.items() if k != "index.json"
+    }
+
+
+def test_build_loaders_trains_from_the_cache_when_it_is_there(tmp_path):
+    """With DataConfig.cache_dir, the training batches are the cached ones, in the image loader's order."""
+    data = make_procedural_dataset(tmp_path, 16, seed=5, sizes=((96, 96), (128, 64)))
+    out = tmp_path / "cache"
+    schedule = ResolutionSchedule(stages=[(0, {32: 1.0}), (2, {32: 0.5, 48: 0.5})])
+    config = DataConfig(
+        manifest=str(data.manifest),
+        checks=ManifestConfig(min_side=32),
+        schedule=schedule,
+        loader=LoaderConfig(batch_size=2, seed=7, num_threads=0),
+        cache_dir=str(out),
+    )
+    images, _ = build_loaders(config)  # no cache yet: decoded images
+    assert isinstance(images, ImageTextLoader)
+    cache_config = CacheConfig(resolutions=(32, 48), encode_batch_size=1, num_threads=0, checks=config.checks)
+    build_cache(data.manifest, out, SmokeImageEncoder(), SmokeTextEncoder(), cache_config, progress=False)
+    cached, _ = build_loaders(config)
+    assert isinstance(cached, CachedDataset) and cached.batches_per_epoch == images.batches_per_epoch
+    encoder = SmokeImageEncoder()
+    resolutions = set()
+    for _ in range(10):
+        from_images, from_cache = next(images), next(cached)
+        assert from_cache["indices"] == from_images["indices"]
+        assert from_cache["captions"] == from_images["captions"]
+        expected = torch.cat([encoder(image[None]) for image in from_images["images"]])
+        assert torch.equal(from_cache["latents"], expected)
+        resolutions.add(tuple(from_images["images"].shape[-2:]))
+    assert {(32, 32), (48, 48)} <= resolutions  # the schedule mixed both cached resolutions
+    images.close()
+    # A cache of another manifest is refused, not used.
+    other = make_procedural_dataset(tmp_path / "other", 4, seed=1)
+    with pytest.raises(ValueError, match="another manifest"):
+        build_loaders(DataConfig(**{**config.__dict__, "manifest": str(other.manifest)}))
+
+
+KILLED_RUN = """
+import os, signal, sys
+from selfe.train.cache import CacheConfig, build_cache
+from selfe.train.data import ManifestConfig
+from selfe.train.smoke_encoders import SmokeImageEncoder, SmokeTextEncoder
+
+manifest, root, out, kill_at = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+encoder, calls = SmokeImageEncoder(), []
+
+
+def image_encoder(images):
+    calls.append(len(images))
+    if len(calls) == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no finally: a real kill
+    return encoder(images)
+
+
+config = CacheConfig(resolutions=(32, 48), shard_size=4, encode_batch_size=3, num_threads=2,
+                     checks=ManifestConfig(min_side=32, scan_workers=2))
+build_cache(manifest, out, image_encoder, SmokeTextEncoder(), config, base_dir=root, progress=False)
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+def test_resume_after_sigkill(tmp_path):
+    data = _dataset(tmp_path)
+    reference = _build(data, tmp_path / "reference")
+    out = tmp_path / "cache"
+    args = [sys.executable, "-c", KILLED_RUN, str(data.manifest), str(data.root), str(out), "7"]
+    killed = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    done = json.loads((out / "index.json").read_text())["shards"]
+    assert 0 < len(done) < reference["total_shards"]
+    final = _build(data, out)
+    assert final["complete"] and final["shards"] == reference["shards"]
+    for entry in final["shards"]:
+        if entry["file"]:
+            assert (out / entry["file"]).read_bytes() == (tmp_path / "reference" / entry["file"]).read_bytes()

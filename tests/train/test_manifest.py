@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from selfe.train.data import (
+    REASONS,
     DataConfig,
     EmptyManifestError,
     ImageTextLoader,
@@ -17,52 +18,13 @@ from selfe.train.data import (
     build_loaders,
     scan_manifest,
 )
-from tests.helpers_data import make_image, make_procedural_dataset
+from tests.helpers_data import BAD_MAX_CAPTION_CHARS, BAD_MIN_SIDE, BAD_ROWS, make_bad_manifest, make_procedural_dataset
 
-CHECKS = ManifestConfig(min_side=32, max_caption_chars=200, scan_workers=2)
-
-
-def _write_bad_files(root):
-    """Files behind the bad rows: a non-image, an empty file, a tiny image, truncated PNG and JPEG."""
-    (root / "bad").mkdir()
-    (root / "bad/not_an_image.png").write_text("this is text, not a PNG")
-    (root / "bad/empty.jpg").write_bytes(b"")
-    img, _ = make_image(24, 100, seed=7)  # shorter side 24 < min_side 32
-    img.save(root / "bad/tiny.png")
-    for ext in ("png", "jpg"):
-        img, _ = make_image(120, 96, seed=11)
-        img.save(root / f"bad/full.{ext}")
-        data = (root / f"bad/full.{ext}").read_bytes()
-        # Header intact, pixel data cut: passes the scan, fails to decode.
-        (root / f"bad/truncated.{ext}").write_bytes(data[: len(data) // 2])
+CHECKS = ManifestConfig(min_side=BAD_MIN_SIDE, max_caption_chars=BAD_MAX_CAPTION_CHARS, scan_workers=2)
 
 
 def _bad_manifest(tmp_path):
-    data = make_procedural_dataset(tmp_path, 12, seed=1)
-    _write_bad_files(tmp_path)
-    good = [f"{p}\t{c}\textra column ignored".encode() for p, c in zip(data.paths, data.captions)]
-    bad = [
-        b"images/00000.png no tab here",  # malformed_line
-        b"\tcaption without a path",  # malformed_line
-        b"images/00001.png\t\xff\xfe not utf-8",  # non_utf8_caption
-        b"images/00002.png\t   ",  # empty_caption
-        b"images/00003.png\t" + b"x" * 201,  # overlong_caption
-        b"images/does_not_exist.png\ta missing file",  # missing_file
-        b"bad/not_an_image.png\ttext pretending",  # unreadable_image
-        b"bad/empty.jpg\tzero bytes",  # unreadable_image
-        b"bad/tiny.png\ta tiny image",  # tiny_image
-        b"bad/truncated.png\ta truncated png",  # passes the scan, undecodable at load
-        b"bad/truncated.jpg\ta truncated jpeg",  # passes the scan, undecodable at load
-    ]
-    # Interleave bad rows between good ones, CRLF on some lines, blank lines ignored.
-    lines = []
-    for i, row in enumerate(good):
-        lines.append(row + (b"\r\n" if i % 2 else b"\n"))
-        if i < len(bad):
-            lines.append(bad[i] + b"\n")
-    lines.insert(3, b"\n")
-    (tmp_path / "manifest.tsv").write_bytes(b"".join(lines))
-    return data, tmp_path / "manifest.tsv"
+    return make_bad_manifest(tmp_path, 12, seed=1)
 
 
 EXPECTED_SCAN = {
@@ -79,6 +41,7 @@ EXPECTED_SCAN = {
 
 def test_scan_counts_every_reason(tmp_path, caplog):
     data, path = _bad_manifest(tmp_path)
+    assert {reason for _, reason in BAD_ROWS} == set(REASONS)  # every kind of bad row is in the manifest
     with caplog.at_level(logging.WARNING, logger="selfe.train.data.manifest"):
         manifest = scan_manifest(path, tmp_path, CHECKS)
     counts = manifest.stats.as_dict()
@@ -88,6 +51,12 @@ def test_scan_counts_every_reason(tmp_path, caplog):
     assert [s.caption for s in manifest.samples if s.path.parent.name == "images"] == data.captions
     # Each bad row is logged with its manifest line number: line 2 is the first bad row ("no tab here").
     assert any(f"{path}:2 (malformed_line)" in r.getMessage() for r in caplog.records)
+    logged = {
+        int(r.getMessage().split(f"{path}:")[1].split(" ")[0]) for r in caplog.records if f"{path}:" in r.getMessage()
+    }
+    lines = path.read_bytes().splitlines()
+    scan_time = [row for row, reason in BAD_ROWS if reason != "undecodable_image"]
+    assert logged == {lines.index(row) + 1 for row in scan_time}  # every bad row, by its line number
     sizes = {s.path.name: (s.width, s.height) for s in manifest.samples}
     assert sizes["00003.png"] == data.sizes[3]
 
@@ -106,9 +75,7 @@ def test_loader_skips_undecodable_images_and_counts_them_once(tmp_path):
     for _ in range(2):  # two epochs: the truncated images come up again but count once
         for batch in loader.iter_epoch():
             images = batch["images"]
-            assert (
-                images.ndim == 4 and images.shape[1] == 3 and len(batch["captions"]) == images.shape[0] == 2
-            )
+            assert images.ndim == 4 and images.shape[1] == 3 and len(batch["captions"]) == images.shape[0] == 2
             assert images.dtype == torch.float32 and -1.0 <= images.min() <= images.max() <= 1.0
             seen.update(batch["indices"])
             batches += 1
@@ -126,9 +93,7 @@ def test_loader_skips_undecodable_images_and_counts_them_once(tmp_path):
 
 def test_all_bad_manifest_raises_with_counts(tmp_path):
     (tmp_path / "m.tsv").write_bytes(b"no_tab_line\nmissing.png\ta caption\nx.png\t\n")
-    with pytest.raises(
-        EmptyManifestError, match=r"m\.tsv has no usable row.*malformed_line=1.*missing_file=1"
-    ):
+    with pytest.raises(EmptyManifestError, match=r"m\.tsv has no usable row.*malformed_line=1.*missing_file=1"):
         scan_manifest(tmp_path / "m.tsv", tmp_path, CHECKS)
     with pytest.raises(FileNotFoundError, match="nowhere.tsv"):
         scan_manifest(tmp_path / "nowhere.tsv")
@@ -138,9 +103,7 @@ def test_header_and_absolute_paths(tmp_path):
     data = make_procedural_dataset(tmp_path / "d", 3)
     rows = ["path\tprompt"] + [f"{data.root / p}\t{c}" for p, c in zip(data.paths, data.captions)]
     (tmp_path / "abs.tsv").write_text("\n".join(rows), encoding="utf-8")
-    manifest = scan_manifest(
-        tmp_path / "abs.tsv", "/nonexistent", ManifestConfig(min_side=32, has_header=True)
-    )
+    manifest = scan_manifest(tmp_path / "abs.tsv", "/nonexistent", ManifestConfig(min_side=32, has_header=True))
     assert [s.caption for s in manifest.samples] == data.captions
     assert [s.line for s in manifest.samples] == [2, 3, 4]
 

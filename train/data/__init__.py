@@ -1,4 +1,5 @@
-"""Training data: TSV manifests, aspect-ratio buckets, resumable sharded order, the image-text loader."""
+"""Training data: TSV manifests, aspect-ratio buckets, resumable sharded order, the image-text loader,
+and the reader of a latent/text cache."""
 
 from selfe.train.data.buckets import (
     DEFAULT_ASPECT_RATIOS,
@@ -7,6 +8,7 @@ from selfe.train.data.buckets import (
     ResolutionSchedule,
     bucket_for_aspect,
 )
+from selfe.train.data.cached import CachedDataset
 from selfe.train.data.images import (
     ImageReadError,
     load_for_bucket,
@@ -14,7 +16,7 @@ from selfe.train.data.images import (
     resize_center_crop,
     to_tensor,
 )
-from selfe.train.data.loader import DataConfig, ImageTextLoader, LoaderConfig, build_loaders
+from selfe.train.data.loader import DataConfig, ImageTextLoader, LoaderConfig, build_loaders, open_cache
 from selfe.train.data.manifest import (
     REASONS,
     DataStats,
@@ -33,6 +35,7 @@ __all__ = [
     "Bucket",
     "BucketBatchSampler",
     "BucketConfig",
+    "CachedDataset",
     "DataConfig",
     "DataStats",
     "EmptyManifestError",
@@ -46,6 +49,7 @@ __all__ = [
     "build_loaders",
     "bucket_for_aspect",
     "load_for_bucket",
+    "open_cache",
     "read_image_size",
     "resize_center_crop",
     "scan_manifest",

@@ -64,12 +64,7 @@ class BucketConfig:
 
     def buckets(self, base: int) -> list[Bucket]:
         """One bucket per aspect class at base resolution `base` (about base^2 pixels)."""
-        if (
-            isinstance(base, bool)
-            or not isinstance(base, int)
-            or base < self.multiple
-            or base % self.multiple
-        ):
+        if isinstance(base, bool) or not isinstance(base, int) or base < self.multiple or base % self.multiple:
             raise ValueError(f"base resolution must be a positive multiple of {self.multiple}, got {base!r}")
         return [bucket_for_aspect(base, r, self.multiple) for r in self.aspect_ratios]
 
@@ -124,9 +119,7 @@ class ResolutionSchedule:
                 raise ValueError(f"stage at iteration {start} has no resolution")
             for res, weight in mix.items():
                 if res < 16 or res % 16:
-                    raise ValueError(
-                        f"stage at iteration {start}: resolution {res} is not a positive multiple of 16"
-                    )
+                    raise ValueError(f"stage at iteration {start}: resolution {res} is not a positive multiple of 16")
                 if not math.isfinite(weight) or weight < 0:
                     raise ValueError(f"stage at iteration {start}: weight {weight} for {res} must be >= 0")
             if sum(mix.values()) <= 0:
@@ -135,6 +128,21 @@ class ResolutionSchedule:
     @classmethod
     def fixed(cls, resolution: int) -> ResolutionSchedule:
         return cls(stages=((0, {resolution: 1.0}),))
+
+    @classmethod
+    def progressive(
+        cls, switch_at: int = 500_000, low: int = 256, high: int = 512, high_fraction: float = 0.5
+    ) -> ResolutionSchedule:
+        """The paper's schedule (SELFE.md): `low` only until iteration `switch_at`, then each batch at
+        `high` with probability high_fraction, else `low` (paper: 256, 512, 1:1 from 500k)."""
+        if low >= high:
+            raise ValueError(f"progressive schedule: low={low} must be below high={high}")
+        if not 0.0 < high_fraction <= 1.0:
+            raise ValueError(f"progressive schedule: high_fraction must be in (0, 1], got {high_fraction}")
+        if switch_at < 1:
+            raise ValueError(f"progressive schedule: switch_at must be >= 1, got {switch_at}")
+        mix = {low: 1.0 - high_fraction, high: high_fraction}
+        return cls(stages=((0, {low: 1.0}), (switch_at, mix)))
 
     @property
     def resolutions(self) -> list[int]:

@@ -10,20 +10,25 @@ fails too the batch shrinks; an empty batch is skipped.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from selfe.train.data.buckets import BucketConfig, ResolutionSchedule
+from selfe.train.data.cached import INDEX_NAME, CachedDataset, file_sha256, read_index
 from selfe.train.data.images import ImageReadError, load_for_bucket
 from selfe.train.data.manifest import UNDECODABLE_IMAGE, DataStats, Manifest, ManifestConfig, scan_manifest
 from selfe.train.data.sampler import REMAINDER_POLICIES, BatchPlan, BucketBatchSampler
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -52,14 +57,16 @@ class LoaderConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"LoaderConfig.{name} must be an int >= 0, got {value!r}")
         if self.remainder not in REMAINDER_POLICIES:
-            raise ValueError(
-                f"LoaderConfig.remainder must be one of {REMAINDER_POLICIES}, got {self.remainder!r}"
-            )
+            raise ValueError(f"LoaderConfig.remainder must be one of {REMAINDER_POLICIES}, got {self.remainder!r}")
 
 
 @dataclass
 class DataConfig:
-    """Everything the trainer needs to build its loaders. base_dir defaults to each manifest's folder."""
+    """Everything the trainer needs to build its loaders. base_dir defaults to each manifest's folder.
+
+    cache_dir: a `selfe cache` folder for the training manifest; when it holds a cache, training
+    batches are read from it (latents and text states) instead of decoding images.
+    """
 
     manifest: str = ""
     base_dir: str | None = None
@@ -69,6 +76,7 @@ class DataConfig:
     buckets: BucketConfig = field(default_factory=BucketConfig)
     schedule: ResolutionSchedule = field(default_factory=ResolutionSchedule)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
+    cache_dir: str | None = None
 
 
 @dataclass
@@ -104,9 +112,7 @@ class ImageTextLoader:
         self.schedule = schedule or ResolutionSchedule()
         self.config = config or LoaderConfig()
         self._bucket_sizes = {r: self.buckets.buckets(r) for r in self.schedule.resolutions}
-        classes = np.array(
-            [self.buckets.aspect_class(s.width, s.height) for s in manifest.samples], dtype=np.int64
-        )
+        classes = np.array([self.buckets.aspect_class(s.width, s.height) for s in manifest.samples], dtype=np.int64)
         self._members = {int(c): np.flatnonzero(classes == c) for c in np.unique(classes)}
         self.sampler = BucketBatchSampler(
             classes,
@@ -120,9 +126,7 @@ class ImageTextLoader:
             batches_per_step=self.config.batches_per_step,
         )
         # Scan-time counts plus decode-time failures, each failing sample counted once.
-        self.stats = DataStats(
-            max_logged_per_reason=manifest.stats.max_logged_per_reason, source=manifest.stats.source
-        )
+        self.stats = DataStats(max_logged_per_reason=manifest.stats.max_logged_per_reason, source=manifest.stats.source)
         self.stats.load_state_dict(manifest.stats.state_dict())
         self._undecodable: set[int] = set()
         self._pool = ThreadPoolExecutor(self.config.num_threads) if self.config.num_threads > 0 else None
@@ -252,14 +256,46 @@ class ImageTextLoader:
             pool.shutdown(wait=False, cancel_futures=True)
 
 
+def open_cache(config: DataConfig, rank: int = 0, world_size: int = 1) -> CachedDataset | None:
+    """The training cache of `config.cache_dir` in the loader's order, or None when the folder holds
+    no cache yet. A cache of another manifest or other buckets is an error, never used silently."""
+    if not config.cache_dir:
+        return None
+    root = Path(config.cache_dir)
+    if not (root / INDEX_NAME).is_file():
+        log.warning("no cache in %s (run `selfe cache`); decoding the images of %s", root, config.manifest)
+        return None
+    index = read_index(root)
+    if index["settings"]["manifest_sha256"] != file_sha256(config.manifest):
+        raise ValueError(f"cache {root} was built from another manifest than {config.manifest}")
+    if tuple(index["aspect_ratios"]) != config.buckets.aspect_ratios:
+        raise ValueError(
+            f"cache {root} has aspect ratios {index['aspect_ratios']} but DataConfig.buckets has "
+            f"{list(config.buckets.aspect_ratios)}"
+        )
+    loader = config.loader
+    return CachedDataset(
+        root,
+        loader.batch_size,
+        seed=loader.seed,
+        rank=rank,
+        world_size=world_size,
+        schedule=config.schedule,
+        remainder=loader.remainder,
+        shuffle=loader.shuffle,
+        batches_per_step=loader.batches_per_step,
+    )
+
+
 def build_loaders(
     config: DataConfig, rank: int = 0, world_size: int = 1
-) -> tuple[ImageTextLoader, ImageTextLoader | None]:
-    """(train loader, validation loader or None). The validation loader keeps file order (no shuffle),
-    pads the last batch of each bucket, and draws resolutions from the same schedule."""
+) -> tuple[ImageTextLoader | CachedDataset, ImageTextLoader | None]:
+    """(train loader, validation loader or None). Training batches come from `config.cache_dir` when
+    it holds a cache (see `open_cache`), else from decoded images. The validation loader keeps file
+    order (no shuffle), pads the last batch of each bucket, and draws resolutions from the same schedule."""
     if not config.manifest:
         raise ValueError("DataConfig.manifest is empty: give the TSV manifest of the training set")
-    train = ImageTextLoader(
+    train = open_cache(config, rank, world_size) or ImageTextLoader(
         scan_manifest(config.manifest, config.base_dir, config.checks),
         config.buckets,
         config.schedule,

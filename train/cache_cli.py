@@ -1,0 +1,111 @@
+"""`selfe cache`: precompute latents and text states for a TSV manifest (see selfe.train.cache).
+
+    selfe cache --manifest data.tsv --out cache/ --resolution 256 512 \
+        --ae ae.safetensors --t5 t5-snapshot/ --clip clip-snapshot/
+    selfe cache --manifest data.tsv --out cache/ --smoke      # random stand-ins: a pipeline check only
+
+Run the same command again to resume after a kill: finished shards are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from selfe.train.cache import STORE_DTYPES, CacheConfig, ImageEncoder, TextEncoder, build_cache
+from selfe.train.data.manifest import ManifestConfig
+from selfe.train.smoke_encoders import SmokeImageEncoder, SmokeTextEncoder
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="selfe cache", description="Precompute latents and text states into shards.")
+    p.add_argument("--manifest", required=True, help="TSV manifest: image path<TAB>prompt")
+    p.add_argument(
+        "--base-dir", default=None, help="where relative image paths resolve (default: the manifest's folder)"
+    )
+    p.add_argument("--out", required=True, help="output folder (resumes a cache already there)")
+    p.add_argument("--resolution", type=int, nargs="+", default=[256], help="base resolution(s) to cache")
+    p.add_argument("--shard-size", type=int, default=CacheConfig.shard_size, help="samples per shard")
+    p.add_argument("--batch-size", type=int, default=CacheConfig.encode_batch_size, help="images / prompts per call")
+    p.add_argument("--num-threads", type=int, default=CacheConfig.num_threads, help="image decode threads")
+    p.add_argument("--min-side", type=int, default=ManifestConfig.min_side, help="skip images with a shorter side")
+    p.add_argument("--max-caption-chars", type=int, default=ManifestConfig.max_caption_chars)
+    p.add_argument("--store-dtype", choices=sorted(STORE_DTYPES), default=None, help="default: as encoded")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", default=None, help="encoder dtype (bf16, fp16, fp32); default bf16 on cuda, fp32 on cpu")
+    p.add_argument("--t5-max-length", type=int, default=512)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--ae", help="FLUX.1 autoencoder weights (ae.safetensors)")
+    p.add_argument("--t5", help="local T5 encoder snapshot folder (FLUX layout: text_encoder_2)")
+    p.add_argument("--t5-tokenizer", default=None, help="T5 tokenizer folder (default: --t5; FLUX: tokenizer_2)")
+    p.add_argument("--clip", help="local CLIP text model snapshot folder (FLUX layout: text_encoder)")
+    p.add_argument("--clip-tokenizer", default=None, help="CLIP tokenizer folder (default: --clip; FLUX: tokenizer)")
+    p.add_argument("--smoke", action="store_true", help="random-init tiny stand-in encoders (pipeline check only)")
+    return p
+
+
+def _real_encoders(args: argparse.Namespace, device: torch.device) -> tuple[ImageEncoder, TextEncoder, str]:
+    # Imported here: the real models need transformers and weights, the smoke path neither.
+    from selfe.autoencoder import load_autoencoder
+    from selfe.text_encoders import TextEncoders, resolve_dtype
+
+    dtype = resolve_dtype(args.dtype, device)
+    autoencoder = load_autoencoder(args.ae, device=device, dtype=dtype)
+    encoders = TextEncoders.from_snapshots(
+        args.t5,
+        args.clip,
+        t5_tokenizer_path=args.t5_tokenizer,
+        clip_tokenizer_path=args.clip_tokenizer,
+        t5_max_length=args.t5_max_length,
+        device=device,
+        dtype=dtype,
+    )
+    paths = ";".join(f"{k}={Path(v).resolve()}" for k, v in (("ae", args.ae), ("t5", args.t5), ("clip", args.clip)))
+    return autoencoder.encode, encoders.encode, f"{paths};t5_max_length={args.t5_max_length};dtype={dtype}"
+
+
+def cache_main(argv: Sequence[str] | None = None) -> int:
+    """Build (or resume) a cache; 0 when every shard is written, 1 otherwise."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    real = [args.ae, args.t5, args.clip]
+    if args.smoke == any(real) or (not args.smoke and not all(real)):
+        parser.error("give either --smoke or all of --ae, --t5 and --clip")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.smoke:
+        image_encoder: ImageEncoder = SmokeImageEncoder()
+        text_encoder: TextEncoder = SmokeTextEncoder()
+        tag = "smoke"
+    else:
+        image_encoder, text_encoder, tag = _real_encoders(args, device)
+    try:
+        config = CacheConfig(
+            resolutions=tuple(args.resolution),
+            shard_size=args.shard_size,
+            encode_batch_size=args.batch_size,
+            num_threads=args.num_threads,
+            store_dtype=args.store_dtype,
+            encoder_tag=tag,
+            checks=ManifestConfig(min_side=args.min_side, max_caption_chars=args.max_caption_chars),
+        )
+    except ValueError as err:
+        parser.error(str(err))
+    start = time.perf_counter()
+    index = build_cache(
+        args.manifest,
+        args.out,
+        image_encoder,
+        text_encoder,
+        config,
+        base_dir=args.base_dir,
+        device=device,
+        progress=not args.no_progress,
+    )
+    seconds = time.perf_counter() - start
+    counts = ", ".join(f"{k}={v}" for k, v in index["stats"].items() if v)
+    print(f"cache {args.out}: {len(index['shards'])}/{index['total_shards']} shards in {seconds:.1f} s; {counts}")
+    return 0 if index["complete"] else 1
