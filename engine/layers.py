@@ -119,7 +119,7 @@ def joint_attention(
     rotates them with cos, sin). Returns (B, L, H * Dh).
     """
     if applies_rope(backend):
-        return rope_attention(q, k, v, cos, sin, None, backend)
+        return rope_attention(q, k, v, cos, sin, key_mask, backend)
     return attention(q, k, v, key_mask, backend)
 
 

@@ -115,77 +115,90 @@ class SelfELoss:
         if cfg.caption_dropout > 0:
             dropped = torch.rand(B, generator=generator, device=device) < cfg.caption_dropout
             cond = condition_tree.where(dropped, null, cond)
-
-        # Times: t from the shifted logit-normal, s below it for the self-evaluated samples.
-        mu = cfg.time_shift.mu_for(batch.get("num_tokens"))
-        t = sample_t(B, mu, generator, device)
-        if cfg.self_eval:
-            s, self_mask = sample_s(t, tau_at(iteration, cfg.tau_warmup), cfg.s_split, cfg.self_eval_prob, generator)
-        else:
-            s, self_mask = t, torch.zeros(B, dtype=torch.bool, device=device)
+        t, s, self_mask = self._sample_times(B, batch.get("num_tokens"), iteration, generator, device)
 
         eps = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
         x_t = (1 - _bcast(t, x0)) * x0 + _bcast(t, x0) * eps
         v = net(x_t, t, s, cond)
-        x0_hat = clean_estimate(v, x_t, t)
 
         # delta = x_target - x0 is zero where s = t; the loss is taken in velocity form,
         # w(t) |x0_hat - x_target|^2 = |V - (eps - x0 - delta / t)|^2, which keeps precision at small t.
-        delta = torch.zeros_like(x0)
-        metrics: dict[str, Tensor] = {}
+        delta, lam = torch.zeros_like(x0), torch.zeros_like(t)
         loss_fake = x0.new_zeros(())
-        lam = torch.zeros_like(t)
         if cfg.self_eval:
-            if cfg.s_split == "half":
-                index: Tensor | slice = slice(0, self_eval_count(B))  # static: no host sync
-            else:
-                index = self_mask.nonzero().squeeze(1)
-            t_i, s_i = t[index], s[index]
-            x0_hat_i = x0_hat[index].detach()
+            # The self-evaluated samples: a static slice under the half split (no host sync).
+            index = slice(0, self_eval_count(B)) if cfg.s_split == "half" else self_mask.nonzero().squeeze(1)
+            rows = (torch.arange(B, device=device)[index],)
+            x0_hat_i = clean_estimate(v[index], x_t[index], t[index]).detach()
             noise_i = (
                 torch.randn(x0_hat_i.shape, generator=generator, device=device, dtype=x0.dtype)
                 if cfg.fresh_self_eval_noise
                 else eps[index]
             )
+            s_i = s[index]
             x_s_hat = (1 - _bcast(s_i, x0_hat_i)) * x0_hat_i + _bcast(s_i, x0_hat_i) * noise_i
-            cond_i, null_i = condition_tree.select(cond, index), condition_tree.select(null, index)
-            fake_i = condition_tree.select(batch["fake_cond"], index) if aux_on else None
-            with torch.no_grad():
-                g_c = clean_estimate(ema_net(x_s_hat, s_i, s_i, cond_i), x_s_hat, s_i)
-                g_u = clean_estimate(net(x_s_hat, s_i, s_i, null_i), x_s_hat, s_i)
-                direction = g_u - g_c
-                if aux_on:
-                    g_f = clean_estimate(net(x_s_hat, s_i, s_i, fake_i), x_s_hat, s_i)
-                    direction = cfg.aux_k * direction + (1 - cfg.aux_k) * (g_f - g_c)
-                x_self = x0_hat_i - direction
-            lam_i = self_eval_lambda(t_i.double(), s_i.double())  # t / (1 - t) loses digits near t = 1 in fp32
-            x0_i = x0[index]
+            conds_i = {
+                "cond": condition_tree.select(cond, index),
+                "null": condition_tree.select(null, index),
+                "fake": condition_tree.select(batch["fake_cond"], index) if aux_on else None,
+            }
+            x_self = self._self_evaluate(net, ema_net, x0_hat_i, x_s_hat, s_i, conds_i)
+            lam_i = self_eval_lambda(t[index].double(), s_i.double())  # t / (1 - t) loses digits near 1 in fp32
             lam_i = lam_i.to(torch.promote_types(x0.dtype, torch.float32))
+            x0_i = x0[index]
             target_i = energy_preserving_target(x0_i, x_self, lam_i, cfg.energy_preserving, cfg.kernel_backend)
-            delta = delta.index_put((torch.arange(B, device=device)[index],), target_i - x0_i)
-            lam = lam.index_put((torch.arange(B, device=device)[index],), lam_i.to(lam.dtype))
-
+            delta = delta.index_put(rows, target_i - x0_i)
+            lam = lam.index_put(rows, lam_i.to(lam.dtype))
             if aux_on:
                 # The fake branch learns the posterior mean of the model's own samples:
                 # w(s) |G(x_s_hat, s, s, c_fake) - x0_hat|^2 = |V_f - (eps' - x0_hat)|^2.
-                v_fake = net(x_s_hat, s_i, s_i, fake_i)
+                v_fake = net(x_s_hat, s_i, s_i, conds_i["fake"])
                 loss_fake = _mean_per_sample((v_fake - (noise_i - x0_hat_i)).square()).mean()
 
         v_target = eps - x0 - delta / _bcast(t, x0)
         per_sample = _mean_per_sample((v - v_target).square())
         loss = per_sample.mean() + (cfg.aux_weight * loss_fake if aux_on else 0.0)
-
-        data_mask = ~self_mask
-        metrics.update(
-            loss=loss.detach(),
-            loss_data=_masked_mean(per_sample.detach(), data_mask),
-            loss_self=_masked_mean(per_sample.detach(), self_mask),
-            lambda_mean=lam.mean(),
-            frac_self=(s < t).float().mean(),
-            loss_fake=loss_fake.detach(),  # zero while the auxiliary term is off
-            aux_on=torch.tensor(float(aux_on)),
-        )
+        metrics = {
+            "loss": loss.detach(),
+            "loss_data": _masked_mean(per_sample.detach(), ~self_mask),
+            "loss_self": _masked_mean(per_sample.detach(), self_mask),
+            "lambda_mean": lam.mean(),
+            "frac_self": (s < t).float().mean(),
+            "loss_fake": loss_fake.detach(),  # zero while the auxiliary term is off
+            "aux_on": torch.tensor(float(aux_on)),
+        }
         return loss, metrics
+
+    def _sample_times(
+        self, batch: int, num_tokens: int | None, iteration: int, generator: torch.Generator | None, device
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """t from the shifted logit-normal; s < t for the self-evaluated samples. Returns (t, s, self_mask)."""
+        cfg = self.config
+        t = sample_t(batch, cfg.time_shift.mu_for(num_tokens), generator, device)
+        if not cfg.self_eval:
+            return t, t, torch.zeros(batch, dtype=torch.bool, device=device)
+        s, self_mask = sample_s(t, tau_at(iteration, cfg.tau_warmup), cfg.s_split, cfg.self_eval_prob, generator)
+        return t, s, self_mask
+
+    @torch.no_grad()
+    def _self_evaluate(
+        self,
+        net: DualTimeNetwork,
+        ema_net: DualTimeNetwork,
+        x0_hat: Tensor,
+        x_s_hat: Tensor,
+        s: Tensor,
+        conds: dict[str, Any],
+    ) -> Tensor:
+        """x_self = x0_hat - D, D = g_u - g_c (EMA conditional, live unconditional), mixed with the fake
+        direction when the auxiliary term is on. No gradient reaches either network from here."""
+        g_c = clean_estimate(ema_net(x_s_hat, s, s, conds["cond"]), x_s_hat, s)
+        g_u = clean_estimate(net(x_s_hat, s, s, conds["null"]), x_s_hat, s)
+        direction = g_u - g_c
+        if conds["fake"] is not None:
+            g_f = clean_estimate(net(x_s_hat, s, s, conds["fake"]), x_s_hat, s)
+            direction = self.config.aux_k * direction + (1 - self.config.aux_k) * (g_f - g_c)
+        return x0_hat - direction
 
 
 def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:

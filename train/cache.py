@@ -19,10 +19,8 @@ index; a different one is an error). Shards listed in the index with their file 
 recorded size are kept; every other planned shard, including the one a kill interrupted (left as a
 *.tmp file, deleted on restart), is encoded again.
 
-Encoders are two protocols, so this module needs no real model:
-    image_encoder(images (B, 3, H, W) float in [-1, 1]) -> latents (B, C, H/8, W/8)
-    text_encoder(prompts: list[str]) -> dict(txt=(B, Lt, d), txt_mask=(B, Lt) bool, pooled=(B, d_pooled))
-The command line (`selfe cache`) is in selfe.train.cache_cli.
+The encoders (protocols, see selfe.train.cache_shards) and the per-shard encoding are in
+selfe.train.cache_shards; the command line (`selfe cache`) is in selfe.train.cache_cli.
 """
 
 from __future__ import annotations
@@ -31,9 +29,9 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -41,77 +39,24 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from selfe.train.data.buckets import BucketConfig
-from selfe.train.data.cached import FORMAT, INDEX_NAME, NULL_NAME, TEXT_KEYS, file_sha256
-from selfe.train.data.images import ImageReadError, load_for_bucket
-from selfe.train.data.manifest import UNDECODABLE_IMAGE, DataStats, ManifestConfig, scan_manifest
+from selfe.train.cache_shards import (
+    CacheConfig,
+    ImageEncoder,
+    TextEncoder,
+    cast_floats,
+    check_text,
+    encode_shard,
+    plan_shards,
+    trim_text,
+)
+from selfe.train.data.cached import FORMAT, INDEX_NAME, NULL_NAME, file_sha256
+from selfe.train.data.manifest import UNDECODABLE_IMAGE, DataStats, scan_manifest
 
 log = logging.getLogger(__name__)
 
-ImageEncoder = Callable[[torch.Tensor], torch.Tensor]
-TextEncoder = Callable[[list[str]], dict[str, torch.Tensor]]
-STORE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
-
-@dataclass
-class CacheConfig:
-    """resolutions: base resolutions to cache (each sample at each); shard_size: samples per shard;
-    encode_batch_size: images / prompts per encoder call; num_threads: image decode threads;
-    store_dtype: cast floating tensors to this before saving (None keeps the encoders' dtype);
-    encoder_tag: names the encoders in the fingerprint, so a resume with other encoders is refused."""
-
-    resolutions: tuple[int, ...] = (256,)
-    shard_size: int = 1024
-    encode_batch_size: int = 16
-    num_threads: int = 4
-    store_dtype: str | None = None
-    encoder_tag: str = ""
-    buckets: BucketConfig = field(default_factory=BucketConfig)
-    checks: ManifestConfig = field(default_factory=ManifestConfig)
-
-    def __post_init__(self) -> None:
-        self.resolutions = tuple(int(r) for r in self.resolutions)
-        if not self.resolutions or len(set(self.resolutions)) != len(self.resolutions):
-            raise ValueError(f"CacheConfig.resolutions must be non-empty and distinct, got {self.resolutions}")
-        for r in self.resolutions:
-            self.buckets.buckets(r)  # validates: positive multiple of the bucket multiple
-        for name in ("shard_size", "encode_batch_size", "num_threads"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "num_threads" else 1):
-                raise ValueError(f"CacheConfig.{name} must be a positive int, got {value!r}")
-        if self.store_dtype is not None and self.store_dtype not in STORE_DTYPES:
-            raise ValueError(
-                f"CacheConfig.store_dtype must be None or one of {list(STORE_DTYPES)}, got {self.store_dtype!r}"
-            )
-
-
-@dataclass(frozen=True)
-class ShardPlan:
-    id: int
-    resolution: int
-    aspect_class: int
-    height: int
-    width: int
-    indices: tuple[int, ...]  # planned samples; undecodable ones drop out when the shard is written
-    has_text: bool
-
-    @property
-    def file(self) -> str:
-        return f"shard-{self.id:06d}.safetensors"
-
-
-def plan_shards(aspect_classes: Sequence[int], config: CacheConfig) -> list[ShardPlan]:
-    """Shards in order: per resolution, per aspect class, samples in manifest order, shard_size each."""
-    shards: list[ShardPlan] = []
-    for r_i, resolution in enumerate(config.resolutions):
-        buckets = config.buckets.buckets(resolution)
-        for c in sorted(set(aspect_classes)):
-            members = [i for i, k in enumerate(aspect_classes) if k == c]
-            for start in range(0, len(members), config.shard_size):
-                chunk = tuple(members[start : start + config.shard_size])
-                h, w = buckets[c]
-                shards.append(ShardPlan(len(shards), resolution, c, h, w, chunk, has_text=r_i == 0))
-    return shards
+class CacheMismatchError(ValueError):
+    """The output folder holds a cache of another manifest, config or encoders."""
 
 
 def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
@@ -131,120 +76,11 @@ def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     return path.stat().st_size
 
 
-def _cast(tensors: dict[str, torch.Tensor], store_dtype: str | None) -> dict[str, torch.Tensor]:
-    if store_dtype is None:
-        return tensors
-    dtype = STORE_DTYPES[store_dtype]
-    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-
-
-def _trim_text(txt: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drop the trailing positions that are padding and exactly zero in every row (lossless)."""
-    used = mask.any(0) | (txt != 0).flatten(2).any(2).any(0)
-    nonzero = used.nonzero()
-    length = int(nonzero[-1]) + 1 if len(nonzero) else 1
-    return txt[:, :length].contiguous(), mask[:, :length].contiguous()
-
-
-def _check_text(out: Any, batch: int) -> dict[str, torch.Tensor]:
-    if not isinstance(out, dict) or not set(TEXT_KEYS) <= set(out):
-        raise TypeError("text_encoder must return dict(txt=(B, Lt, d), txt_mask=(B, Lt) bool, pooled=(B, d))")
-    txt, mask, pooled = out["txt"], out["txt_mask"], out["pooled"]
-    if (
-        txt.ndim != 3
-        or txt.shape[0] != batch
-        or mask.shape != txt.shape[:2]
-        or pooled.ndim != 2
-        or pooled.shape[0] != batch
-    ):
-        raise ValueError(
-            f"text_encoder shapes for {batch} prompts: txt {tuple(txt.shape)}, txt_mask {tuple(mask.shape)}, "
-            f"pooled {tuple(pooled.shape)}; expected (B, Lt, d), (B, Lt), (B, d)"
-        )
-    return {
-        "txt": txt.detach().cpu(),
-        "txt_mask": mask.detach().cpu().bool(),
-        "pooled": pooled.detach().cpu(),
-    }
-
-
-def _encode_shard(
-    plan: ShardPlan,
-    samples: Sequence[Any],
-    image_encoder: ImageEncoder,
-    text_encoder: TextEncoder,
-    config: CacheConfig,
-    device: torch.device,
-    pool: ThreadPoolExecutor | None,
-    stats: DataStats,
-    progress: tqdm,
-) -> tuple[dict[str, torch.Tensor], list[str], list[int], int]:
-    """Decode, encode and collect one shard: (tensors, captions, undecodable sample indices, text length
-    Lt before trimming, 0 for a shard without text)."""
-    load = lambda i: load_for_bucket(samples[i].path, plan.height, plan.width)
-
-    def safe_load(i: int) -> torch.Tensor | ImageReadError:
-        try:
-            return load(i)
-        except ImageReadError as err:
-            return err
-
-    # All decodes of the shard are queued at once, so decoding runs ahead of the encoder.
-    images = pool.map(safe_load, plan.indices) if pool is not None else map(safe_load, plan.indices)
-    kept: list[int] = []
-    bad: list[int] = []
-    parts: dict[str, list[torch.Tensor]] = {"latents": [], "txt": [], "txt_mask": [], "pooled": []}
-    pending: list[tuple[int, torch.Tensor]] = []
-
-    def flush() -> None:
-        if not pending:
-            return
-        batch = torch.stack([img for _, img in pending]).to(device)
-        latents = image_encoder(batch)
-        h, w = plan.height // 8, plan.width // 8
-        if latents.ndim != 4 or latents.shape[0] != len(pending) or tuple(latents.shape[2:]) != (h, w):
-            raise ValueError(
-                f"image_encoder returned {tuple(latents.shape)} for images {tuple(batch.shape)}; "
-                f"expected (B, C, {h}, {w})"
-            )
-        parts["latents"].append(latents.detach().cpu())
-        if plan.has_text:
-            text = _check_text(text_encoder([samples[i].caption for i, _ in pending]), len(pending))
-            for key in ("txt", "txt_mask", "pooled"):
-                parts[key].append(text[key])
-        kept.extend(i for i, _ in pending)
-        progress.update(len(pending))
-        pending.clear()
-
-    for index, image in zip(plan.indices, images):
-        if isinstance(image, ImageReadError):
-            bad.append(index)
-            stats.skip(UNDECODABLE_IMAGE, samples[index].line, str(image))
-            progress.update(1)
-            continue
-        pending.append((index, image))
-        if len(pending) == config.encode_batch_size:
-            flush()
-    flush()
-    if not kept:
-        return {}, [], bad, 0
-    text_length = 0
-    tensors = {"latents": torch.cat(parts["latents"]), "indices": torch.tensor(kept, dtype=torch.int64)}
-    if plan.has_text:
-        lengths = {t.shape[1] for t in parts["txt"]}
-        if len(lengths) != 1:
-            raise ValueError(f"text_encoder returned different lengths Lt {sorted(lengths)}; pad to a fixed length")
-        txt, mask = _trim_text(torch.cat(parts["txt"]), torch.cat(parts["txt_mask"]))
-        tensors.update(txt=txt, txt_mask=mask, pooled=torch.cat(parts["pooled"]))
-        text_length = lengths.pop()
-    return _cast(tensors, config.store_dtype), [samples[i].caption for i in kept], bad, text_length
-
-
 def _encode_null(text_encoder: TextEncoder, out: Path, config: CacheConfig) -> dict[str, Any]:
     """Encode "" once and store it (phi, the null condition of caption dropout); its index entry."""
-    text = _check_text(text_encoder([""]), 1)
-    txt, mask = _trim_text(text["txt"], text["txt_mask"])
-    tensors = _cast({"txt": txt, "txt_mask": mask, "pooled": text["pooled"]}, config.store_dtype)
+    text = check_text(text_encoder([""]), 1)
+    txt, mask = trim_text(text["txt"], text["txt_mask"])
+    tensors = cast_floats({"txt": txt, "txt_mask": mask, "pooled": text["pooled"]}, config.store_dtype)
     size = _save_atomic(tensors, out / NULL_NAME)
     return {"file": NULL_NAME, "bytes": size, "text_length": text["txt"].shape[1]}
 
@@ -289,7 +125,7 @@ def build_cache(
     if index_path.exists():
         previous = json.loads(index_path.read_text(encoding="utf-8"))
         if previous.get("fingerprint") != fingerprint:
-            raise ValueError(
+            raise CacheMismatchError(
                 f"{out} holds a cache built from another manifest or config ({index_path}); "
                 "use a new --out folder or delete the old cache"
             )
@@ -341,7 +177,7 @@ def build_cache(
                     continue
                 if max_new_shards is not None and written >= max_new_shards:
                     break
-                tensors, captions, bad, text_length = _encode_shard(
+                tensors, captions, bad, text_length = encode_shard(
                     plan, scanned.samples, image_encoder, text_encoder, config, device, pool, stats, bar
                 )
                 entry = {

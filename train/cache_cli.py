@@ -10,14 +10,16 @@ Run the same command again to resume after a kill: finished shards are kept.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from selfe.train.cache import STORE_DTYPES, CacheConfig, ImageEncoder, TextEncoder, build_cache
-from selfe.train.data.manifest import ManifestConfig
+from selfe.train.cache import CacheMismatchError, build_cache
+from selfe.train.cache_shards import STORE_DTYPES, CacheConfig, ImageEncoder, TextEncoder
+from selfe.train.data.manifest import EmptyManifestError, ManifestConfig
 from selfe.train.smoke_encoders import SmokeImageEncoder, SmokeTextEncoder
 
 
@@ -69,7 +71,7 @@ def _real_encoders(args: argparse.Namespace, device: torch.device) -> tuple[Imag
 
 
 def cache_main(argv: Sequence[str] | None = None) -> int:
-    """Build (or resume) a cache; 0 when every shard is written, 1 otherwise."""
+    """Build (or resume) a cache; 0 when every shard is written, 1 otherwise, 2 for bad arguments or input."""
     parser = build_parser()
     args = parser.parse_args(argv)
     real = [args.ae, args.t5, args.clip]
@@ -95,16 +97,20 @@ def cache_main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         parser.error(str(err))
     start = time.perf_counter()
-    index = build_cache(
-        args.manifest,
-        args.out,
-        image_encoder,
-        text_encoder,
-        config,
-        base_dir=args.base_dir,
-        device=device,
-        progress=not args.no_progress,
-    )
+    try:
+        index = build_cache(
+            args.manifest,
+            args.out,
+            image_encoder,
+            text_encoder,
+            config,
+            base_dir=args.base_dir,
+            device=device,
+            progress=not args.no_progress,
+        )
+    except (FileNotFoundError, EmptyManifestError, CacheMismatchError) as err:
+        print(f"selfe cache: error: {err}", file=sys.stderr)
+        return 2
     seconds = time.perf_counter() - start
     counts = ", ".join(f"{k}={v}" for k, v in index["stats"].items() if v)
     print(f"cache {args.out}: {len(index['shards'])}/{index['total_shards']} shards in {seconds:.1f} s; {counts}")

@@ -228,6 +228,8 @@ LOADING_MODULES = [
     "selfe.conditioning",
     "selfe.train.cache",
     "selfe.train.cache_cli",
+    "selfe.train.cache_shards",
+    "selfe.train.smoke_encoders",
     "selfe.train.data.cached",
     "selfe.train.data.images",
     "selfe.train.data.manifest",

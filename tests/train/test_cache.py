@@ -216,6 +216,22 @@ def test_cache_cli_smoke(tmp_path, capsys):
         cache_main([*argv, "--smoke", "--ae", "x"])
 
 
+def test_cache_cli_bad_input_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "bad.tsv").write_bytes(b"no_tab_line\nmissing.png\ta caption\n")
+    argv = ["cache", "--smoke", "--out", str(tmp_path / "c"), "--no-progress"]
+    assert selfe.cli.main([*argv, "--manifest", str(tmp_path / "bad.tsv")]) == 2
+    assert re.search(
+        r"error: manifest .*bad\.tsv has no usable row.*malformed_line=1.*missing_file=1", capsys.readouterr().err
+    )
+    assert selfe.cli.main([*argv, "--manifest", str(tmp_path / "nowhere.tsv")]) == 2
+    assert "nowhere.tsv does not exist" in capsys.readouterr().err
+    data = make_procedural_dataset(tmp_path / "d", 3, sizes=((64, 64),))
+    argv += ["--manifest", str(data.manifest), "--min-side", "32", "--resolution", "32"]
+    assert selfe.cli.main(argv) == 0
+    assert selfe.cli.main([*argv[:-1], "48"]) == 2  # another config in the same folder
+    assert "another manifest or config" in capsys.readouterr().err
+
+
 def test_cache_cli_real_path_wiring(tmp_path, monkeypatch):
     """--ae/--t5/--clip reach selfe.autoencoder and selfe.text_encoders (loaders stubbed: no weights here)."""
     autoencoder = pytest.importorskip("selfe.autoencoder")
@@ -378,3 +394,23 @@ def test_resume_after_sigkill(tmp_path):
     for entry in final["shards"]:
         if entry["file"]:
             assert (out / entry["file"]).read_bytes() == (tmp_path / "reference" / entry["file"]).read_bytes()
+
+
+def test_cache_config_validation_and_store_dtype(tmp_path):
+    for bad, match in [
+        ({"resolutions": ()}, "non-empty and distinct"),
+        ({"resolutions": (32, 32)}, "non-empty and distinct"),
+        ({"resolutions": (30,)}, "multiple of 16"),
+        ({"shard_size": 0}, "shard_size must be an int >= 1"),
+        ({"num_threads": -1}, "num_threads must be an int >= 0"),
+        ({"store_dtype": "int8"}, "store_dtype"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            CacheConfig(**bad)
+    data = make_procedural_dataset(tmp_path, 4, seed=3, sizes=((64, 64),))
+    config = CacheConfig(resolutions=(32,), store_dtype="bfloat16", num_threads=0, checks=CHECKS)
+    build_cache(data.manifest, tmp_path / "c", SmokeImageEncoder(), SmokeTextEncoder(), config, progress=False)
+    cache = CachedDataset(tmp_path / "c", batch_size=2)
+    batch = next(cache)
+    assert batch["latents"].dtype == batch["txt"].dtype == batch["pooled"].dtype == torch.bfloat16
+    assert batch["txt_mask"].dtype == torch.bool and cache.null_condition(1)["txt"].dtype == torch.bfloat16
