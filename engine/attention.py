@@ -18,12 +18,13 @@ oracle every other backend is tested against), "auto" (currently sdpa); rope-fus
 from __future__ import annotations
 
 import importlib
-import math
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from selfe.kernels import reference
 
 # fn(q, k, v, key_mask) -> (B, H, L, Dh); `attention` does the head merge.
 AttentionFn = Callable[[Tensor, Tensor, Tensor, "Tensor | None"], Tensor]
@@ -116,23 +117,12 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-def _math(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> Tensor:
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    scores = (q.to(acc) @ k.to(acc).transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
-    if key_mask is not None:
-        scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    return (probs @ v.to(acc)).to(q.dtype)
-
-
 register_attention_backend("sdpa", _sdpa)
-register_attention_backend("math", _math)
+register_attention_backend("math", reference.masked_softmax_attention)
 register_attention_backend("auto", _sdpa)
 
 
-def attention(
-    q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None, backend: str = "sdpa"
-) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None, backend: str = "sdpa") -> Tensor:
     """Softmax attention with scale 1/sqrt(Dh), heads merged.
 
     q, k, v: (B, H, L, Dh), RoPE already applied. key_mask: (B, L) bool, True = a key that may be
@@ -170,9 +160,7 @@ def rope_attention(
 
 def _check_qkv(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> None:
     if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(
-            f"attention expects q, k, v of one shape (B, H, L, Dh); got {q.shape}, {k.shape}, {v.shape}"
-        )
+        raise ValueError(f"attention expects q, k, v of one shape (B, H, L, Dh); got {q.shape}, {k.shape}, {v.shape}")
     if key_mask is not None and (key_mask.dtype != torch.bool or key_mask.shape != (q.shape[0], q.shape[2])):
         raise ValueError(
             f"attention key_mask must be bool of shape (B, L) = {(q.shape[0], q.shape[2])}, "

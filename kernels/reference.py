@@ -109,10 +109,19 @@ def rope_attention(
     (not NaN), as the Triton kernel does. Returns (B, H, L, Dh) in q.dtype.
     """
     acc = _accum_dtype(q.dtype)
+    return masked_softmax_attention(
+        apply_rope(q.to(acc), cos, sin), apply_rope(k.to(acc), cos, sin), v, key_mask, sm_scale
+    ).to(q.dtype)
+
+
+def masked_softmax_attention(
+    q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None, sm_scale: float | None = None
+) -> Tensor:
+    """`softmax(q k^T * scale, masked) v`, the attention oracle. q, k, v: (B, H, L, Dh); key_mask: (B, L) bool,
+    True = attend. Float32 (float64 for float64); a sample whose mask keeps no key gets zeros, not NaN."""
+    acc = _accum_dtype(q.dtype)
     scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
-    q_rot = apply_rope(q.to(acc), cos, sin)
-    k_rot = apply_rope(k.to(acc), cos, sin)
-    scores = (q_rot @ k_rot.transpose(-1, -2)) * scale
+    scores = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * scale
     if key_mask is not None:
         keep = key_mask[:, None, None, :]
         any_key = key_mask.any(dim=-1)[:, None, None, None]
