@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
+# Subcommands that own their argument parsers: name -> (module, function, one-line help).
+DELEGATED = {
+    "generate": ("selfe.generate", "generate_main", "sample images from a trained model at any step counts"),
+    "cache": ("selfe.train.cache", "cache_main", "precompute latents and text states into safetensors shards"),
+}
 
-def _toy2d(argv_parser: argparse._SubParsersAction) -> None:
+
+def _toy2d(subparsers: argparse._SubParsersAction) -> None:
     from selfe.train.toy2d import cli as toy2d_cli
 
-    p = argv_parser.add_parser(
+    p = subparsers.add_parser(
         "toy2d",
         help="prove the objective and sampler: flow matching vs Self-E on 2-D data",
         description="Train flow matching and Self-E on a conditional 2-D mixture with the same "
@@ -21,16 +28,14 @@ def _toy2d(argv_parser: argparse._SubParsersAction) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in DELEGATED:
+        module, function, _ = DELEGATED[argv[0]]
+        return getattr(importlib.import_module(module), function)(argv[1:])
     parser = argparse.ArgumentParser(prog="selfe", description="Self-E any-step text-to-image engine")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _toy2d(sub)
-    cache = sub.add_parser("cache", help="precompute latents and text states into safetensors shards", add_help=False)
-    cache.set_defaults(run=None)
-    if argv and argv[0] == "cache":
-        # `selfe cache` owns its own argument parser.
-        from selfe.train.cache import cache_main
-
-        return cache_main(argv[1:])
+    for name, (_, _, help_text) in DELEGATED.items():
+        sub.add_parser(name, help=help_text, add_help=False)
     args = parser.parse_args(argv)
     if getattr(args, "run", None) is None:
         parser.print_help()

@@ -79,6 +79,9 @@ class MMDiT(nn.Module):
         self._kernels_device: str | None = None
         self.init_weights()
         self._bind_kernels(self.img_in.weight.device)
+        # Weights swapped in by load_state_dict(assign=True) (meta -> real device) rebind here, not in the
+        # first forward, where the rebinding would cost a compiled step a recompile.
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._bind_kernels(module.img_in.weight.device))
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -137,9 +140,7 @@ class MMDiT(nn.Module):
         sinus = lambda u: timestep_embedding(u, c.time_embed_dim, c.time_factor, c.time_max_period).to(dtype)
         return self.time_in(sinus(t)) + self.gap_in(sinus(t - s)) + self.vector_in(pooled.to(dtype))
 
-    def forward(
-        self, x: Tensor, t: Tensor, s: Tensor, cond: Mapping[str, Any], validate: bool | None = None
-    ) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, s: Tensor, cond: Mapping[str, Any], validate: bool | None = None) -> Tensor:
         """Velocity V(x_t, t, s, c).
 
         x: (B, C, H, W) latents, H and W divisible by the patch size; t, s: (B,) in [0, 1], s <= t;
@@ -184,8 +185,7 @@ class MMDiT(nn.Module):
             raise ValueError(f"x has {channels} channels, the model expects in_channels={cfg.in_channels}")
         if height % cfg.patch_size or width % cfg.patch_size:
             raise ValueError(
-                f"x's height and width ({height}, {width}) must be divisible by the patch size "
-                f"{cfg.patch_size}"
+                f"x's height and width ({height}, {width}) must be divisible by the patch size {cfg.patch_size}"
             )
         for name, value in (("t", t), ("s", s)):
             if not isinstance(value, Tensor) or value.dim() != 1 or not value.is_floating_point():
@@ -233,17 +233,11 @@ class MMDiT(nn.Module):
                 )
             ).tolist()
         if flags[0]:
-            raise ValueError(
-                f"t must lie in [0, 1] (and be finite), got min {t.min().item()}, max {t.max().item()}"
-            )
+            raise ValueError(f"t must lie in [0, 1] (and be finite), got min {t.min().item()}, max {t.max().item()}")
         if flags[1]:
-            raise ValueError(
-                f"s must lie in [0, 1] (and be finite), got min {s.min().item()}, max {s.max().item()}"
-            )
+            raise ValueError(f"s must lie in [0, 1] (and be finite), got min {s.min().item()}, max {s.max().item()}")
         if flags[2]:
-            raise ValueError(
-                f"s must be <= t for every sample; max(s - t) = {(s.float() - t.float()).max().item()}"
-            )
+            raise ValueError(f"s must be <= t for every sample; max(s - t) = {(s.float() - t.float()).max().item()}")
 
 
 def _describe(value: Any) -> str:

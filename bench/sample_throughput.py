@@ -1,0 +1,277 @@
+"""Sampling throughput per step count: eager, compiled, and compiled + CUDA graph, in one run.
+
+For a preset with random weights, a resolution and some batch sizes: the denoiser's latency and
+images/s at each step count (default 1, 2, 4, 8, 50), its MFU per step from the analytical FLOPs
+(selfe.flops; with CFG one step is one forward of 2B samples), the text-encoder and autoencoder time
+apart, and the warm-up (compile / capture) time apart from the steady state. Prints a markdown table;
+--json writes every number.
+
+Text encoders: real local snapshots with --t5 / --clip, else random ones built in memory: T5-XXL- and
+CLIP-L-shaped for the 0.5b / 2b presets (the width the model expects), tiny ones for the tiny preset
+(tokenizers from tests/helpers_text, so nothing is downloaded).
+
+    python bench/sample_throughput.py --preset tiny --resolution 64 --batch 1 2 --steps 1 2        # CPU smoke
+    python bench/sample_throughput.py --preset 2b --resolution 512 --batch 1 16 --json bench/sample_2b.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # tests/helpers_text for the offline tokenizers
+
+from selfe.autoencoder import AUTOENCODER_PRESETS, AutoEncoder  # noqa: E402
+from selfe.config import mmdit_preset  # noqa: E402
+from selfe.flops import mmdit_forward_flops  # noqa: E402
+from selfe.graphs import FastPathConfig, FastSampler  # noqa: E402
+from selfe.model import MMDiT  # noqa: E402
+from selfe.sampler import SamplerConfig  # noqa: E402
+from selfe.text_encoders import CLIPTextEncoder, T5TextEncoder, TextEncoders  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+VARIANTS = ("eager", "compiled", "compiled+graph")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="2b")
+    parser.add_argument("--resolution", type=int, default=512, help="image side in pixels (square)")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8, 50])
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--guidance", type=float, default=5.0, help="CFG omega; --no-cfg for one forward per step")
+    parser.add_argument("--no-cfg", action="store_true")
+    parser.add_argument("--sampler", choices=("ddim", "euler"), default="ddim")
+    parser.add_argument("--txt-tokens", type=int, default=None, help="T5 padded length (default 512; tiny: 64)")
+    parser.add_argument(
+        "--autoencoder",
+        choices=sorted(AUTOENCODER_PRESETS),
+        default=None,
+        help="default: tiny for the tiny preset, else flux1",
+    )
+    parser.add_argument("--t5", type=Path, default=None, help="local T5 snapshot (default: random weights)")
+    parser.add_argument("--clip", type=Path, default=None, help="local CLIP text snapshot (default: random)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--attention-backend", default="sdpa")
+    parser.add_argument("--kernel-backend", default="auto")
+    parser.add_argument("--compile-backend", default="inductor", help="aot_eager skips inductor's C++ build on CPU")
+    parser.add_argument("--compile-mode", default=None, help="e.g. max-autotune-no-cudagraphs")
+    parser.add_argument("--iters", type=int, default=5, help="timed repeats per point (median reported)")
+    parser.add_argument("--peak-flops", type=float, default=989e12, help="device peak FLOP/s (H100 SXM bf16 dense)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--markdown", type=Path, default=None, help="also write the table here")
+    return parser.parse_args(argv)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device, iters: int) -> tuple[float, object]:
+    """Median wall seconds of `iters` calls (device synchronised), and the last result."""
+    times, out = [], None
+    for _ in range(iters):
+        _sync(device)
+        start = time.perf_counter()
+        out = fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out
+
+
+def random_text_encoders(txt_dim: int, vec_dim: int, txt_tokens: int, device, dtype, real_shape: bool):
+    """T5 and CLIP with random weights at the widths the model expects; real depths when real_shape."""
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from tests.helpers_text import DEFAULT_WORDS, _clip_tokenizer, _t5_tokenizer
+
+    t5_tok, clip_tok = _t5_tokenizer(DEFAULT_WORDS), _clip_tokenizer()
+    layers, heads = (24, 64) if real_shape else (2, 4)  # T5-XXL: 24 layers, 64 heads of 64, d_ff 10240
+    t5_config = T5Config(
+        vocab_size=len(t5_tok),
+        d_model=txt_dim,
+        d_kv=txt_dim // heads,
+        d_ff=(10240 if real_shape else 2 * txt_dim),
+        num_layers=layers,
+        num_heads=heads,
+        feed_forward_proj="gated-gelu",
+        dropout_rate=0.0,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    clip_layers, clip_heads = (12, 12) if real_shape else (2, 4)  # CLIP ViT-L/14 text: 12 layers, 12 heads
+    clip_config = CLIPTextConfig(
+        vocab_size=len(clip_tok),
+        hidden_size=vec_dim,
+        intermediate_size=4 * vec_dim,
+        num_hidden_layers=clip_layers,
+        num_attention_heads=clip_heads,
+        max_position_embeddings=77,
+        bos_token_id=clip_tok.bos_token_id,
+        eos_token_id=clip_tok.eos_token_id,
+        pad_token_id=clip_tok.pad_token_id,
+    )
+    with torch.device(device):
+        t5 = T5EncoderModel(t5_config).to(dtype).eval().requires_grad_(False)
+        clip = CLIPTextModel(clip_config).to(dtype).eval().requires_grad_(False)
+    return TextEncoders(T5TextEncoder(t5, t5_tok, max_length=txt_tokens), CLIPTextEncoder(clip, clip_tok))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    config = mmdit_preset(args.preset, attention_backend=args.attention_backend, kernel_backend=args.kernel_backend)
+    tiny = args.preset == "tiny"
+    ae_config = AUTOENCODER_PRESETS[args.autoencoder or ("tiny" if tiny else "flux1")]()
+    txt_tokens = args.txt_tokens or (64 if tiny else 512)
+    f = ae_config.downsample_factor
+    if args.resolution % (f * config.patch_size):
+        raise SystemExit(f"--resolution must be a multiple of {f * config.patch_size}, got {args.resolution}")
+    latent = args.resolution // f
+    img_tokens = (latent // config.patch_size) ** 2
+    variants = [v for v in args.variants if v != "compiled+graph" or device.type == "cuda"]
+    skipped = sorted(set(args.variants) - set(variants))
+    guidance = None if args.no_cfg else args.guidance
+
+    torch.manual_seed(args.seed)
+    with torch.device(device):
+        model = MMDiT(config).to(dtype)
+        autoencoder = AutoEncoder(ae_config).to(dtype).eval()
+    with torch.no_grad():  # adaLN-Zero zeros the gates at init; random everywhere makes the timing honest
+        for param in model.parameters():
+            param.normal_(0, 0.02)
+    model.eval().requires_grad_(False)
+    if args.t5 is not None and args.clip is not None:
+        text = TextEncoders.from_snapshots(args.t5, args.clip, t5_max_length=txt_tokens, device=device, dtype=dtype)
+    else:
+        text = random_text_encoders(config.txt_dim, config.vec_dim, txt_tokens, device, dtype, real_shape=not tiny)
+
+    rows, stages = [], []
+    for batch in args.batch:
+        prompts = ["a photo of a cat on the table"] * batch
+        # Text encoder and autoencoder: once to warm, then timed.
+        text.encode(prompts)
+        enc_s, cond = timed(lambda p=prompts: text.encode(p), device, args.iters)
+        null = text.null_condition(batch, cond["txt"].shape[1]) if guidance is not None else None
+        noise = torch.randn(batch, config.in_channels, latent, latent, device=device)
+        with torch.no_grad():
+            autoencoder.decode(noise.to(dtype))
+            dec_s, _ = timed(lambda z=noise: autoencoder.decode(z.to(dtype)), device, args.iters)
+        stages.append({"batch": batch, "text_encoder_ms": enc_s * 1e3, "decode_ms": dec_s * 1e3})
+
+        flops_step = mmdit_forward_flops(config, batch * (2 if guidance is not None else 1), img_tokens, txt_tokens)
+        for variant in variants:
+            fast = FastSampler(
+                model,
+                FastPathConfig(
+                    compile=variant != "eager",
+                    cuda_graph="on" if variant == "compiled+graph" else "off",
+                    compile_backend=args.compile_backend,
+                    compile_mode=args.compile_mode,
+                ),
+            )
+            if variant != "eager":
+                torch._dynamo.reset()  # each variant's warm-up pays its own compile
+            warm_s = fast.warmup(noise, cond, null, args.sampler, args.kernel_backend)
+            for steps in args.steps:
+                sampler = SamplerConfig(
+                    steps=steps, method=args.sampler, guidance=guidance, kernel_backend=args.kernel_backend
+                )
+                gen = torch.Generator(device=device).manual_seed(args.seed)
+                run = lambda f=fast, c=sampler, g=gen: f.sample(noise, cond, null, c, img_tokens, g)  # noqa: B023
+                run()  # the first call of a step count builds its grid tables; not a compile
+                seconds, _ = timed(run, device, args.iters)
+                per_step = seconds / steps
+                rows.append(
+                    {
+                        "batch": batch,
+                        "variant": variant,
+                        "steps": steps,
+                        "latency_ms": seconds * 1e3,
+                        "step_ms": per_step * 1e3,
+                        "images_per_s": batch / seconds,
+                        "e2e_images_per_s": batch / (seconds + enc_s + dec_s),
+                        "tflops_per_s": flops_step / per_step / 1e12,
+                        "mfu": flops_step / per_step / args.peak_flops,
+                        "warmup_s": warm_s,
+                    }
+                )
+                print(_row_md(rows[-1]), flush=True)
+
+    result = {
+        "preset": args.preset,
+        "params": config.num_parameters(),
+        "resolution": args.resolution,
+        "img_tokens": img_tokens,
+        "txt_tokens": txt_tokens,
+        "guidance": guidance,
+        "sampler": args.sampler,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": str(dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+        "attention_backend": args.attention_backend,
+        "kernel_backend": args.kernel_backend,
+        "compile_backend": args.compile_backend,
+        "compile_mode": args.compile_mode,
+        "iters": args.iters,
+        "peak_flops": args.peak_flops,
+        "skipped_variants": skipped,
+        "text_encoders": "snapshots" if args.t5 else ("random, real shapes" if not tiny else "random, tiny"),
+        "stages": stages,
+        "rows": rows,
+    }
+    table = markdown(result)
+    print(table)
+    if args.markdown:
+        args.markdown.write_text(table + "\n")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+HEADER = "| batch | variant | steps | latency ms | ms/step | images/s | MFU | warm-up s |"
+
+
+def _row_md(r: dict) -> str:
+    return (
+        f"| {r['batch']} | {r['variant']} | {r['steps']} | {r['latency_ms']:.2f} | {r['step_ms']:.2f} | "
+        f"{r['images_per_s']:.2f} | {100 * r['mfu']:.1f}% | {r['warmup_s']:.1f} |"
+    )
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"{result['preset']} ({result['params'] / 1e6:.1f}M params), {result['resolution']}², "
+        f"{result['img_tokens']} image + {result['txt_tokens']} text tokens, {result['dtype']}, "
+        f"CFG {result['guidance']}, {result['sampler']}, {result['device']}, torch {result['torch']}. "
+        "Denoiser only; MFU over peak "
+        f"{result['peak_flops'] / 1e12:.0f} TFLOP/s; warm-up = compile (+ capture), paid once per shape.",
+        "",
+        HEADER,
+        "|---|---|---|---|---|---|---|---|",
+        *(_row_md(r) for r in result["rows"]),
+        "",
+        "| batch | text encoder ms | autoencoder decode ms |",
+        "|---|---|---|",
+        *(f"| {s['batch']} | {s['text_encoder_ms']:.2f} | {s['decode_ms']:.2f} |" for s in result["stages"]),
+    ]
+    if result["skipped_variants"]:
+        lines += ["", f"Skipped (needs CUDA): {', '.join(result['skipped_variants'])}."]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

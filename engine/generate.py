@@ -1,0 +1,147 @@
+"""`selfe generate`: images for some prompts at several step counts from one model, and a grid of them.
+
+    selfe generate --model DIR --prompt "a photo of a cat" "a red dog" --steps 1 2 4 8 --seed 0 --out grid.png
+
+Writes every image as OUT_STEM_p{prompt index}_{steps}steps.png beside the grid, and the grid itself
+(rows: prompts, columns: step counts, left to right as given). All prompts of one step count run as
+one batch, with the same seed at every step count, so a row shows one noise draw sampled at each
+budget. DIR is a pipeline directory (see `selfe.pipeline`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+NO_MODEL_HELP = """selfe generate: error: no model given; pass --model DIR.
+DIR is a pipeline directory holding:
+  model.safetensors + config.json   a trained Self-E MMDiT, as the trainer exports it: `selfe train 2b
+                                    data.cache_dir=... run_dir=runs/2b` writes RUN_DIR/export/ at the end
+                                    (`selfe train smoke` makes a tiny one), or copy a released export
+  ae.safetensors                    the FLUX.1 autoencoder (ae.safetensors of FLUX.1-schnell), or pass --ae
+  text_encoder/, text_encoder_2/    local T5-XXL encoder and CLIP ViT-L/14 text snapshots, or pass --t5 / --clip
+Nothing is downloaded: every path must be local."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="selfe generate",
+        description="Generate images at several step counts with one Self-E model and write a grid "
+        "(rows: prompts, columns: step counts).",
+    )
+    parser.add_argument("--model", type=Path, default=None, help="pipeline directory (model.safetensors + config.json)")
+    parser.add_argument("--prompt", nargs="+", default=None, help="one or more prompts")
+    parser.add_argument("--steps", nargs="+", type=int, default=[1, 2, 4, 8], help="step counts (default 1 2 4 8)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--guidance", type=float, default=None, help="CFG omega (default: the model's, 5.0)")
+    parser.add_argument("--no-guidance", action="store_true", help="sample without CFG (one forward per step)")
+    parser.add_argument("--sampler", choices=("ddim", "euler"), default=None)
+    parser.add_argument("--s-policy", default=None, help="next | current | midpoint | fixed")
+    parser.add_argument("--height", type=int, default=512)
+    parser.add_argument("--width", type=int, default=512)
+    parser.add_argument("--out", type=Path, default=Path("selfe_grid.png"), help="grid image path")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: bf16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--ae", type=Path, default=None, help="autoencoder .safetensors (default: DIR/ae.safetensors)")
+    parser.add_argument("--t5", type=Path, default=None, help="T5 snapshot folder")
+    parser.add_argument("--clip", type=Path, default=None, help="CLIP text snapshot folder")
+    parser.add_argument("--eager", action="store_true", help="plain eager sampling (no torch.compile, no CUDA graph)")
+    parser.add_argument(
+        "--compile",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="torch.compile the step: auto = on CUDA only (default), on, off",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def generate_main(argv: list[str] | None = None) -> int:
+    """Entry point of `selfe generate`; returns the exit code (0 ok, 2 bad arguments, 1 load failure)."""
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.model is None:
+        print(NO_MODEL_HELP, file=sys.stderr)
+        return 2
+    if not args.prompt:
+        print("selfe generate: error: pass at least one --prompt", file=sys.stderr)
+        return 2
+    if any(s < 1 for s in args.steps):
+        print(f"selfe generate: error: --steps must all be >= 1, got {args.steps}", file=sys.stderr)
+        return 2
+
+    import torch
+    from tqdm import tqdm
+
+    from selfe.graphs import FastPathConfig
+    from selfe.pipeline import SelfEPipeline
+
+    compile_step = {"auto": "auto", "on": True, "off": False}[args.compile]
+    fast_path = FastPathConfig(compile=False if args.eager else compile_step)
+    try:
+        pipe = SelfEPipeline.from_pretrained(
+            args.model,
+            torch_dtype=args.dtype,
+            device=args.device,
+            autoencoder_path=args.ae,
+            t5_path=args.t5,
+            clip_path=args.clip,
+            fast_path=fast_path,
+        )
+    except (FileNotFoundError, OSError, ValueError, TypeError) as err:
+        print(f"selfe generate: error: could not load the pipeline from {str(args.model)!r}: {err}", file=sys.stderr)
+        return 1
+
+    guidance = None if args.no_guidance else (args.guidance if args.guidance is not None else ...)
+    call_kwargs = dict(
+        height=args.height, width=args.width, sampler=args.sampler, s_policy=args.s_policy, fast=not args.eager
+    )
+    if guidance is not ...:
+        call_kwargs["guidance"] = guidance
+    columns = []
+    bar = tqdm(total=sum(args.steps), unit="step", disable=args.no_progress, file=sys.stderr)
+    try:
+        for steps in args.steps:
+            bar.set_description(f"{steps} step{'s' if steps > 1 else ''}")
+            generator = torch.Generator(device=pipe.device).manual_seed(args.seed)
+            out = pipe(
+                args.prompt,
+                steps=steps,
+                generator=generator,
+                progress=lambda _k: bar.update(1),
+                **call_kwargs,
+            )
+            columns.append(out.images)
+    except (ValueError, TypeError) as err:
+        bar.close()
+        print(f"selfe generate: error: {err}", file=sys.stderr)
+        return 2
+    bar.close()
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for steps, images in zip(args.steps, columns):
+        for i, image in enumerate(images):
+            path = args.out.with_name(f"{args.out.stem}_p{i:02d}_{steps}steps.png")
+            image.save(path)
+            paths.append(path)
+    image_grid(columns).save(args.out)
+    print(f"wrote {len(paths)} images and the grid {args.out} (rows: prompts, columns: steps {args.steps})")
+    return 0
+
+
+def image_grid(columns: list[list]):
+    """PIL images as columns[c][r] -> one image, column c left to right, row r top to bottom."""
+    from PIL import Image
+
+    width, height = columns[0][0].size
+    rows = len(columns[0])
+    grid = Image.new("RGB", (width * len(columns), height * rows))
+    for c, column in enumerate(columns):
+        for r, image in enumerate(column):
+            grid.paste(image, (c * width, r * height))
+    return grid
+
+
+if __name__ == "__main__":
+    raise SystemExit(generate_main())

@@ -1,0 +1,524 @@
+"""The library API: `SelfEPipeline`, text to images at any step count, in the conventions diffusers users know.
+
+    pipe = SelfEPipeline.from_pretrained("exports/selfe-2b", torch_dtype=torch.bfloat16, device="cuda")
+    images = pipe("a photo of a cat", steps=2, guidance=5.0, seed=0).images   # list of PIL images
+
+Pipeline directory layout (what `from_pretrained` reads; the trainer's export writes the first two):
+
+    DIR/model.safetensors   the MMDiT state dict (names as `MMDiT.state_dict()`)
+    DIR/config.json         {"model": MMDiTConfig.to_dict(),               required
+                             "sampler": {SamplerConfig fields},           optional: the call defaults
+                             "autoencoder": {AutoEncoderConfig fields},   optional: default FLUX.1
+                             "text": {"t5_max_length", "clip_max_length", "t5_attention_mask"}}  optional
+                            A bare MMDiTConfig dict (no "model" key) is accepted too.
+    DIR/ae.safetensors      the FLUX.1 autoencoder (or pass `autoencoder_path=`)
+    DIR/text_encoder        T5 encoder snapshot (or pass `t5_path=`)
+    DIR/text_encoder_2      CLIP text snapshot (or pass `clip_path=`)
+
+The two text folders are told apart by their config.json `model_type`, so the FLUX / diffusers layout
+(text_encoder = CLIP, text_encoder_2 = T5) loads as well; tokenizer files are read from the encoder's
+folder, else from the sibling `tokenizer` / `tokenizer_2` folder. Everything is local: no hub access.
+
+A call validates every argument before any device work (errors name the argument), encodes the prompts
+once (the null prompt "" is cached by the text encoders), samples with the fast path of
+`selfe.graphs` (one compiled, CUDA-graph-captured step for every step count) or eagerly, and decodes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from selfe.autoencoder import AutoEncoder, AutoEncoderConfig, load_autoencoder
+from selfe.config import MMDiTConfig
+from selfe.graphs import FastPathConfig, FastSampler
+from selfe.model import MMDiT
+from selfe.sampler import METHODS, S_POLICIES, SamplerConfig, sample
+from selfe.text_encoders import TextEncoders, resolve_device, resolve_dtype
+from selfe.weights import load_safetensors_into
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+AE_FILE = "ae.safetensors"
+TEXT_DIRS = ("text_encoder", "text_encoder_2")
+OUTPUT_TYPES = ("pil", "pt", "np", "latent")
+TEXT_KEYS = ("t5_max_length", "clip_max_length", "t5_attention_mask")
+MAX_SIZE = 4096  # pixels per side accepted by default; RoPE has no hard limit, memory has
+
+
+@dataclass
+class SelfEPipelineOutput:
+    """images: list of PIL images ("pil"), a (B, 3, H, W) tensor in [0, 1] ("pt"), a (B, H, W, 3) float
+    array ("np"), or the (B, C, h, w) latents ("latent"). latents: the sampled latents, always.
+    timings: seconds per stage (text_encoder, warmup, denoise, decode)."""
+
+    images: Any
+    latents: Tensor
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class SelfEPipeline:
+    """Text encoders + dual-time MMDiT + autoencoder, sampled at any step count."""
+
+    def __init__(
+        self,
+        model: MMDiT,
+        autoencoder: AutoEncoder,
+        text_encoders: Any,
+        *,
+        sampler_defaults: SamplerConfig | None = None,
+        fast_path: FastPathConfig | None = None,
+        max_size: int = MAX_SIZE,
+    ):
+        """text_encoders: a TextEncoders or anything with encode(prompts) and null_condition(batch, length).
+        fast_path: None runs the compiled / graphed step with default settings; pass
+        FastPathConfig(compile=False, cuda_graph="off") for a plain eager step."""
+        if not isinstance(model, MMDiT):
+            raise TypeError(f"model must be an MMDiT, got {type(model).__name__}")
+        if not isinstance(autoencoder, AutoEncoder):
+            raise TypeError(f"autoencoder must be an AutoEncoder, got {type(autoencoder).__name__}")
+        for method in ("encode", "null_condition"):
+            if not callable(getattr(text_encoders, method, None)):
+                raise TypeError(f"text_encoders must have {method}(), got {type(text_encoders).__name__}")
+        if autoencoder.config.z_channels != model.config.in_channels:
+            raise ValueError(
+                f"the autoencoder has {autoencoder.config.z_channels} latent channels, the model expects "
+                f"in_channels={model.config.in_channels}"
+            )
+        _check_text_widths(text_encoders, model.config)
+        self.model = model.eval().requires_grad_(False)
+        self.autoencoder = autoencoder.eval().requires_grad_(False)
+        self.text_encoders = text_encoders
+        self.sampler_defaults = sampler_defaults or SamplerConfig()
+        self.fast = FastSampler(self.model, fast_path)
+        self.max_size = max_size
+
+    @classmethod
+    def from_components(
+        cls,
+        model: MMDiT,
+        autoencoder: AutoEncoder,
+        text_encoders: Any,
+        **kwargs: Any,
+    ) -> SelfEPipeline:
+        """A pipeline around modules already in memory (e.g. the trainer's EMA model)."""
+        return cls(model, autoencoder, text_encoders, **kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        torch_dtype: torch.dtype | str | None = None,
+        device: torch.device | str | None = None,
+        autoencoder_path: str | Path | None = None,
+        t5_path: str | Path | None = None,
+        clip_path: str | Path | None = None,
+        text_encoder_dtype: torch.dtype | str | None = None,
+        fast_path: FastPathConfig | None = None,
+        max_size: int = MAX_SIZE,
+    ) -> SelfEPipeline:
+        """Load a pipeline directory (layout in the module docstring) from local files only.
+
+        torch_dtype: of the MMDiT and the autoencoder (default bf16 on CUDA, fp32 on CPU);
+        text_encoder_dtype: of T5 and CLIP (default: torch_dtype).
+        """
+        root = Path(path).expanduser()
+        if not root.is_dir():
+            raise FileNotFoundError(
+                f"pipeline directory {str(root)!r} does not exist; expected {MODEL_FILE} + {CONFIG_FILE} "
+                "(as the trainer exports them) and the autoencoder and text encoders"
+            )
+        device = resolve_device(device)
+        dtype = resolve_dtype(torch_dtype, device)
+        meta = read_pipeline_config(root)
+
+        with torch.device("meta"):
+            model = MMDiT(meta["model"])
+        load_safetensors_into(model, _required_file(root / MODEL_FILE, "model weights"), device=device, dtype=dtype)
+
+        ae_file = Path(autoencoder_path) if autoencoder_path is not None else root / AE_FILE
+        autoencoder = load_autoencoder(
+            _required_file(ae_file, "autoencoder weights (pass autoencoder_path=)"),
+            meta["autoencoder"],
+            device=device,
+            dtype=dtype,
+        )
+        t5_dir, t5_tok, clip_dir, clip_tok = _text_encoder_dirs(root, t5_path, clip_path)
+        text = meta["text"]
+        text_encoders = TextEncoders.from_snapshots(
+            t5_dir,
+            clip_dir,
+            t5_tokenizer_path=t5_tok,
+            clip_tokenizer_path=clip_tok,
+            device=device,
+            dtype=text_encoder_dtype or dtype,
+            **text,
+        )
+        return cls(
+            model,
+            autoencoder,
+            text_encoders,
+            sampler_defaults=meta["sampler"],
+            fast_path=fast_path,
+            max_size=max_size,
+        )
+
+    # ------------------------------------------------------------------------------------------
+    # Properties
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.img_in.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.img_in.weight.dtype
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: autoencoder downsampling x patch size (16 for FLUX)."""
+        return self.autoencoder.downsample_factor * self.model.config.patch_size
+
+    # ------------------------------------------------------------------------------------------
+    # Stages
+
+    def encode_prompts(self, prompts: list[str], guided: bool) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
+        """cond {"txt": (B, Lt, d), "txt_mask": (B, Lt), "pooled": (B, d_clip)} and the null condition
+        (the cached encoding of "", same Lt) or None without guidance."""
+        cond = self.text_encoders.encode(prompts)
+        null = self.text_encoders.null_condition(len(prompts), cond["txt"].shape[1]) if guided else None
+        to_model = lambda c: {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in c.items()}
+        return to_model(cond), (None if null is None else to_model(null))
+
+    def warmup(
+        self, batch: int, height: int = 512, width: int = 512, guidance: bool = True, sampler: str = "ddim"
+    ) -> float:
+        """Compile (and on CUDA capture) the step for `batch` images of height x width; returns seconds.
+
+        batch counts images, not prompts x images. The first call of a new shape does this by itself.
+        """
+        _check_int("batch", batch, 1)
+        self._check_size(height, width)
+        _check_choice("sampler", sampler, METHODS)
+        cond, null = self.encode_prompts([""] * batch, guided=guidance)
+        x = torch.zeros(batch, *self._latent_shape(height, width), device=self.device)
+        return self.fast.warmup(x, cond, null, sampler, self.sampler_defaults.kernel_backend)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """(B, C, h, w) latents -> (B, 3, H, W) float32 images in [0, 1]."""
+        images = self.autoencoder.decode(latents.to(next(self.autoencoder.parameters()).dtype))
+        return ((images.float() + 1) / 2).clamp(0, 1)
+
+    # ------------------------------------------------------------------------------------------
+    # The call
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        steps: int | None = None,
+        guidance: float | None = ...,  # type: ignore[assignment]
+        height: int = 512,
+        width: int = 512,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        sampler: str | None = None,
+        s_policy: str | None = None,
+        s_fixed: float | None = None,
+        eta: float | None = None,
+        output_type: str = "pil",
+        num_images_per_prompt: int = 1,
+        fast: bool = True,
+        progress: Callable[[int], None] | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = ...,  # type: ignore[assignment]
+    ) -> SelfEPipelineOutput:
+        """Generate images for one prompt or a list.
+
+        steps (alias num_inference_steps): any count >= 1, default from the pipeline's config (2).
+        guidance (alias guidance_scale): omega of energy-preserving CFG (default 5.0); None: no CFG.
+        seed or generator: the noise source (both: error). sampler: "ddim" (eta-DDIM) or "euler".
+        s_policy / s_fixed / eta: see SamplerConfig. fast: the compiled / graphed step (False: the
+        plain eager sampler loop, for reference). progress: called with the step index after each step.
+        """
+        prompts = _check_prompt(prompt)
+        config = self._sampler_config(
+            steps, num_inference_steps, guidance, guidance_scale, sampler, s_policy, s_fixed, eta
+        )
+        self._check_size(height, width)
+        _check_choice("output_type", output_type, OUTPUT_TYPES)
+        _check_int("num_images_per_prompt", num_images_per_prompt, 1)
+        generator = self._generator(seed, generator)
+        if not isinstance(fast, bool):
+            raise TypeError(f"fast must be a bool, got {fast!r}")
+
+        timings: dict[str, float] = {}
+        clock = _Clock(self.device, timings)
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        batch, guided = len(prompts), config.guidance is not None
+        with clock("text_encoder"):
+            cond, null = self.encode_prompts(prompts, guided)
+        latent_shape = self._latent_shape(height, width)
+        noise = torch.randn((batch, *latent_shape), generator=generator, device=generator.device)
+        noise = noise.to(self.device)
+        patch = self.model.config.patch_size
+        num_tokens = (latent_shape[1] // patch) * (latent_shape[2] // patch)
+        if fast:
+            if not self.fast.is_warm(noise, cond, guided, config.method, config.kernel_backend):
+                with clock("warmup"):
+                    self.fast.warmup(noise, cond, null, config.method, config.kernel_backend)
+            with clock("denoise"):
+                latents = self.fast.sample(noise, cond, null, config, num_tokens, _on(generator, noise), progress)
+        else:
+            with clock("denoise"):
+                latents = sample(self.model, noise, cond, null, config, num_tokens, _on(generator, noise))
+            if progress is not None:
+                for k in range(config.steps):
+                    progress(k)
+        if output_type == "latent":
+            return SelfEPipelineOutput(images=latents, latents=latents, timings=timings)
+        with clock("decode"):
+            images = self.decode(latents)
+        return SelfEPipelineOutput(images=_convert(images, output_type), latents=latents, timings=timings)
+
+    # ------------------------------------------------------------------------------------------
+    # Validation
+
+    def _sampler_config(
+        self,
+        steps: int | None,
+        num_inference_steps: int | None,
+        guidance: Any,
+        guidance_scale: Any,
+        sampler: str | None,
+        s_policy: str | None,
+        s_fixed: float | None,
+        eta: float | None,
+    ) -> SamplerConfig:
+        defaults = self.sampler_defaults
+        steps = _alias("steps", steps, None, "num_inference_steps", num_inference_steps)
+        steps = defaults.steps if steps is None else steps
+        _check_int("steps", steps, 1)
+        guidance = _alias("guidance", guidance, ..., "guidance_scale", guidance_scale)
+        guidance = defaults.guidance if guidance is ... else guidance
+        if guidance is not None:
+            if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
+                raise ValueError(f"guidance must be a finite number or None (no CFG), got {guidance!r}")
+        method = defaults.method if sampler is None else sampler
+        _check_choice("sampler", method, METHODS)
+        policy = defaults.s_policy if s_policy is None else s_policy
+        _check_choice("s_policy", policy, S_POLICIES)
+        s_fixed = defaults.s_fixed if s_fixed is None else s_fixed
+        if not isinstance(s_fixed, (int, float)) or not 0.0 <= s_fixed <= 1.0:
+            raise ValueError(f"s_fixed must be a number in [0, 1], got {s_fixed!r}")
+        eta = defaults.eta if eta is None else eta
+        if not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
+            raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
+        return SamplerConfig(
+            steps=steps,
+            method=method,
+            eta=float(eta),
+            guidance=None if guidance is None else float(guidance),
+            s_policy=policy,
+            s_fixed=float(s_fixed),
+            time_shift=defaults.time_shift,
+            kernel_backend=defaults.kernel_backend,
+        )
+
+    def _check_size(self, height: Any, width: Any) -> None:
+        m = self.size_multiple
+        for name, value in (("height", height), ("width", width)):
+            _check_int(name, value, m)
+            if value % m or value > self.max_size:
+                raise ValueError(
+                    f"{name} must be a multiple of {m} (autoencoder {self.autoencoder.downsample_factor}x "
+                    f"down, {self.model.config.patch_size}x{self.model.config.patch_size} patches) "
+                    f"between {m} and {self.max_size}, got {value}"
+                )
+
+    def _latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        f = self.autoencoder.downsample_factor
+        return (self.model.config.in_channels, height // f, width // f)
+
+    def _generator(self, seed: Any, generator: Any) -> torch.Generator:
+        if seed is not None and generator is not None:
+            raise ValueError("pass seed or generator, not both")
+        if generator is not None:
+            if not isinstance(generator, torch.Generator):
+                raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+            return generator
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        _check_int("seed", seed, 0)
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading a pipeline directory
+
+
+def read_pipeline_config(root: Path) -> dict[str, Any]:
+    """config.json -> {"model": MMDiTConfig, "sampler": SamplerConfig, "autoencoder": AutoEncoderConfig,
+    "text": dict of TextEncoders.from_snapshots keywords}; unknown keys are errors."""
+    path = _required_file(root / CONFIG_FILE, "pipeline config")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    if "model" not in data and "hidden_size" in data:
+        data = {"model": data}  # a bare MMDiTConfig dict
+    known = ("model", "sampler", "autoencoder", "text")
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(f"{path}: unknown top-level keys {unknown}; known: {list(known)}")
+    if "model" not in data:
+        raise ValueError(f"{path} lacks the 'model' entry (the MMDiTConfig dict)")
+    sampler = dict(data.get("sampler") or {})
+    sampler_fields = {f.name for f in fields(SamplerConfig)}
+    if set(sampler) - sampler_fields:
+        raise ValueError(f"{path}: unknown sampler keys {sorted(set(sampler) - sampler_fields)}")
+    text = dict(data.get("text") or {})
+    if set(text) - set(TEXT_KEYS):
+        raise ValueError(f"{path}: unknown text keys {sorted(set(text) - set(TEXT_KEYS))}; known: {TEXT_KEYS}")
+    ae = data.get("autoencoder")
+    return {
+        "model": MMDiTConfig.from_dict(data["model"]),
+        "sampler": SamplerConfig(**sampler),
+        "autoencoder": AutoEncoderConfig(**ae) if ae else None,
+        "text": text,
+    }
+
+
+def _required_file(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {str(path)!r}")
+    return path
+
+
+def _model_type(folder: Path) -> str:
+    try:
+        return str(json.loads((folder / "config.json").read_text()).get("model_type", ""))
+    except (OSError, json.JSONDecodeError):
+        return ""
+
+
+def _tokenizer_dir(encoder_dir: Path) -> Path | None:
+    """The encoder folder if it holds tokenizer files, else the diffusers sibling tokenizer[_2]."""
+    if any((encoder_dir / name).is_file() for name in ("tokenizer.json", "spiece.model", "vocab.json")):
+        return None
+    sibling = encoder_dir.parent / encoder_dir.name.replace("text_encoder", "tokenizer")
+    return sibling if sibling.is_dir() else None
+
+
+def _text_encoder_dirs(
+    root: Path, t5_path: str | Path | None, clip_path: str | Path | None
+) -> tuple[Path, Path | None, Path, Path | None]:
+    """(t5 dir, t5 tokenizer dir or None, clip dir, clip tokenizer dir or None)."""
+    found: dict[str, Path] = {}
+    for name in TEXT_DIRS:
+        folder = root / name
+        if folder.is_dir():
+            kind = _model_type(folder)
+            if kind.startswith("t5") or kind == "umt5":
+                found.setdefault("t5", folder)
+            elif kind.startswith("clip"):
+                found.setdefault("clip", folder)
+    t5 = Path(t5_path) if t5_path is not None else found.get("t5")
+    clip = Path(clip_path) if clip_path is not None else found.get("clip")
+    for what, folder, arg in (("T5", t5, "t5_path"), ("CLIP", clip, "clip_path")):
+        if folder is None:
+            raise FileNotFoundError(
+                f"no {what} text encoder in {str(root)!r}: expected a snapshot folder {TEXT_DIRS[0]}/ or "
+                f"{TEXT_DIRS[1]}/ whose config.json has a {what.lower()} model_type, or pass {arg}="
+            )
+    return t5, _tokenizer_dir(t5), clip, _tokenizer_dir(clip)
+
+
+# ----------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def _check_text_widths(text_encoders: Any, config: MMDiTConfig) -> None:
+    t5, clip = getattr(text_encoders, "t5", None), getattr(text_encoders, "clip", None)
+    if t5 is not None and t5.width != config.txt_dim:
+        raise ValueError(f"the T5 encoder's width is {t5.width}, the model expects txt_dim={config.txt_dim}")
+    if clip is not None and clip.width != config.vec_dim:
+        raise ValueError(f"the CLIP encoder's width is {clip.width}, the model expects vec_dim={config.vec_dim}")
+
+
+def _check_prompt(prompt: Any) -> list[str]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if not isinstance(prompt, (list, tuple)) or not prompt:
+        raise TypeError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+    for i, p in enumerate(prompt):
+        if not isinstance(p, str):
+            raise TypeError(f"prompt[{i}] must be a string, got {type(p).__name__}")
+    return list(prompt)
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def _alias(name: str, value: Any, unset: Any, alias: str, alias_value: Any) -> Any:
+    if alias_value is unset:
+        return value
+    if value is not unset and value != alias_value:
+        raise ValueError(f"{name}={value!r} and its alias {alias}={alias_value!r} disagree; pass one")
+    return alias_value
+
+
+def _on(generator: torch.Generator, like: Tensor) -> torch.Generator | None:
+    """The generator for per-step noise: it must live on the latents' device."""
+    if generator.device.type == like.device.type:
+        return generator
+    # A CPU generator with CUDA latents: derive a device generator deterministically from it.
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+    return torch.Generator(device=like.device).manual_seed(seed)
+
+
+def _convert(images: Tensor, output_type: str) -> Any:
+    """(B, 3, H, W) in [0, 1] -> the requested output type."""
+    if output_type == "pt":
+        return images
+    array = images.permute(0, 2, 3, 1).cpu()
+    if output_type == "np":
+        return array.numpy()
+    from PIL import Image
+
+    pixels = (array * 255).round().to(torch.uint8).numpy()
+    return [Image.fromarray(p) for p in pixels]
+
+
+class _Clock:
+    """`with clock("stage"):` adds the stage's wall time (device synchronised) to timings."""
+
+    def __init__(self, device: torch.device, timings: dict[str, float]):
+        self.device, self.timings = device, timings
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start

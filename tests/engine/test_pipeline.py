@@ -1,0 +1,320 @@
+"""SelfEPipeline end to end on a tiny pipeline directory in the real formats, offline.
+
+The directory holds a tiny random MMDiT (model.safetensors + config.json as the trainer exports it), a
+tiny FLUX-architecture autoencoder (ae.safetensors) and tiny T5 / CLIP snapshots. The fast path is
+compiled with the aot_eager backend: dynamo traces, guards and recompiles exactly as with inductor, but
+a C++ build of the step (about 80 s on 2 cores) stays out of CI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from selfe.autoencoder import AutoEncoder
+from selfe.autoencoder import tiny as tiny_autoencoder
+from selfe.config import tiny as tiny_mmdit
+from selfe.generate import generate_main
+from selfe.graphs import FastPathConfig, FastSampler, _GraphedStep
+from selfe.model import MMDiT
+from selfe.pipeline import SelfEPipeline, SelfEPipelineOutput
+from tests.helpers_text import forbid_network_and_unpickling, make_tiny_clip_snapshot, make_tiny_t5_snapshot
+
+SIZE = 32  # pixels; the tiny autoencoder downsamples 2x and patches are 2x2, so 16 x 16 latents, 64 tokens
+FAST = FastPathConfig(compile=True, compile_backend="aot_eager")
+PROMPTS = ["a photo of a cat", "a red dog on the table"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def no_network():
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        forbid_network_and_unpickling(monkeypatch)
+        yield
+
+
+def write_tiny_pipeline(root: Path, seed: int = 0) -> Path:
+    """A pipeline directory with random weights: the layout `SelfEPipeline.from_pretrained` documents."""
+    root.mkdir(parents=True, exist_ok=True)
+    config, ae_config = tiny_mmdit(), tiny_autoencoder()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = MMDiT(config)
+        with torch.no_grad():  # init zeros the output layers; random everywhere so images depend on everything
+            for p in model.parameters():
+                p.normal_(0.0, 0.05)
+        autoencoder = AutoEncoder(ae_config)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, root / "model.safetensors")
+    save_file({k: v.contiguous() for k, v in autoencoder.state_dict().items()}, root / "ae.safetensors")
+    ae_dict = dataclasses.asdict(ae_config)
+    ae_dict["ch_mult"] = list(ae_dict["ch_mult"])
+    meta = {
+        "model": config.to_dict(),
+        "sampler": {"steps": 2, "guidance": 5.0, "kernel_backend": "torch"},
+        "autoencoder": ae_dict,
+        "text": {"t5_max_length": 16, "clip_max_length": 16},
+    }
+    (root / "config.json").write_text(json.dumps(meta))
+    make_tiny_t5_snapshot(root / "text_encoder", d_model=config.txt_dim)
+    make_tiny_clip_snapshot(root / "text_encoder_2", hidden_size=config.vec_dim)
+    return root
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_pipeline(tmp_path_factory.mktemp("pipeline") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def pipe(pipeline_dir: Path) -> SelfEPipeline:
+    return SelfEPipeline.from_pretrained(pipeline_dir, fast_path=FAST)
+
+
+def run(pipe: SelfEPipeline, **kwargs) -> SelfEPipelineOutput:
+    kwargs = {"height": SIZE, "width": SIZE, "output_type": "pt", **kwargs}
+    return pipe(kwargs.pop("prompt", PROMPTS), **kwargs)
+
+
+def test_from_pretrained_generates_at_any_step_count(pipe: SelfEPipeline) -> None:
+    assert pipe.size_multiple == 4 and pipe.dtype == torch.float32
+    results = {}
+    for steps in (1, 2, 4):
+        out = run(pipe, steps=steps, seed=0, fast=False)
+        assert out.images.shape == (2, 3, SIZE, SIZE) and out.latents.shape == (2, 16, SIZE // 2, SIZE // 2)
+        assert torch.isfinite(out.images).all() and 0 <= out.images.min() and out.images.max() <= 1
+        assert {"text_encoder", "denoise", "decode"} <= set(out.timings)
+        results[steps] = out.images
+    assert not torch.allclose(results[1], results[2]) and not torch.allclose(results[2], results[4])
+    # Prompts matter, seeds matter, and a seed reproduces.
+    assert not torch.allclose(results[2][0], results[2][1])
+    again = run(pipe, steps=2, seed=0, fast=False).images
+    torch.testing.assert_close(again, results[2], rtol=0, atol=0)
+    assert not torch.allclose(run(pipe, steps=2, seed=1, fast=False).images, results[2])
+
+
+def test_output_types_and_aliases(pipe: SelfEPipeline) -> None:
+    pil = pipe("a cat", num_inference_steps=1, guidance_scale=3.0, height=SIZE, width=SIZE, seed=3, fast=False)
+    assert len(pil.images) == 1 and pil.images[0].size == (SIZE, SIZE) and pil.images[0].mode == "RGB"
+    pt = run(pipe, prompt="a cat", steps=1, guidance=3.0, seed=3, fast=False)
+    expected = (pt.images[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    np.testing.assert_array_equal(np.asarray(pil.images[0]), expected)
+    arr = run(pipe, prompt="a cat", steps=1, seed=3, output_type="np", fast=False).images
+    assert isinstance(arr, np.ndarray) and arr.shape == (1, SIZE, SIZE, 3)
+    latent = run(pipe, prompt="a cat", steps=1, seed=3, output_type="latent", fast=False)
+    assert latent.images is latent.latents and "decode" not in latent.timings
+    many = run(pipe, prompt=["a cat"], steps=1, num_images_per_prompt=3, seed=3, fast=False)
+    assert many.images.shape[0] == 3 and not torch.allclose(many.images[0], many.images[1])
+    unguided = run(pipe, prompt="a cat", steps=1, guidance=None, seed=3, fast=False)
+    assert not torch.allclose(unguided.images, pt.images)
+
+
+def test_fast_path_matches_eager_and_never_recompiles(pipeline_dir: Path) -> None:
+    torch._dynamo.reset()
+    pipe = SelfEPipeline.from_pretrained(pipeline_dir, fast_path=FAST)  # fresh: the first forward is compiled
+    seconds = pipe.warmup(batch=2, height=SIZE, width=SIZE)
+    assert seconds > 0
+    cases = [
+        dict(steps=2, seed=0),
+        dict(steps=1, seed=1, guidance=2.0),
+        dict(steps=4, seed=2, guidance=7.5, s_policy="midpoint"),
+        dict(steps=3, seed=3, eta=0.5, s_policy="fixed", s_fixed=0.3),
+    ]
+    # A new t, s, omega, eta, noise or step count is tensor data: any recompile raises here.
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for case in cases:
+            fast = run(pipe, fast=True, **case)
+            assert "warmup" not in fast.timings
+            eager = run(pipe, fast=False, **case)
+            torch.testing.assert_close(fast.latents, eager.latents, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(fast.images, eager.images, rtol=1e-4, atol=1e-5)
+    assert pipe.fast.num_graphs == 0  # no CUDA on this machine: compiled step only
+
+
+def test_fast_path_compiles_once_per_shape(pipe: SelfEPipeline) -> None:
+    torch._dynamo.reset()
+    first = run(pipe, prompt=["a cat"], steps=1, seed=0, sampler="euler", fast=True)
+    assert "warmup" in first.timings  # the first call of a shape warms up by itself
+    second = run(pipe, prompt=["a dog"], steps=3, seed=1, sampler="euler", guidance=1.5, fast=True)
+    assert "warmup" not in second.timings
+    eager = run(pipe, prompt=["a dog"], steps=3, seed=1, sampler="euler", guidance=1.5, fast=False)
+    torch.testing.assert_close(second.images, eager.images, rtol=1e-4, atol=1e-5)
+
+
+def test_eager_step_of_the_fast_path_matches(pipeline_dir: Path) -> None:
+    plain = SelfEPipeline.from_pretrained(pipeline_dir, fast_path=FastPathConfig(compile=False))
+    a = run(plain, steps=2, seed=5, fast=True)
+    b = run(plain, steps=2, seed=5, fast=False)
+    torch.testing.assert_close(a.images, b.images, rtol=0, atol=0)
+
+
+class _ReplayOnCPU(_GraphedStep):
+    """The CUDA-graph bookkeeping without CUDA: capture runs the step once on the static inputs, replay
+    runs it again on whatever they hold now and writes the static output, as a graph replay would."""
+
+    @staticmethod
+    def new_pool():
+        return object()
+
+    def _capture(self, pool, warmup_iters):
+        return self.step(**self.static)
+
+    def replay(self):
+        self.out.copy_(self.step(**self.static))
+
+
+def test_graph_replay_bookkeeping(pipeline_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Static inputs are refreshed correctly between steps and calls (condition once per call, x / t / s /
+    noise every step), one graph per shape serves every step count, and results are copies."""
+    plain = SelfEPipeline.from_pretrained(pipeline_dir, fast_path=FastPathConfig(compile=False))
+    monkeypatch.setattr(FastSampler, "graph_class", _ReplayOnCPU)
+    monkeypatch.setattr(FastSampler, "uses_cuda_graph", lambda self, device: True)
+    plain.warmup(batch=2, height=SIZE, width=SIZE)
+    assert plain.fast.num_graphs == 1
+    outputs = []
+    for case in (dict(steps=3, seed=0), dict(steps=1, seed=1, guidance=2.0), dict(steps=2, seed=2)):
+        replayed = run(plain, fast=True, **case)
+        outputs.append(replayed.latents)
+        eager = run(plain, fast=False, **case)
+        torch.testing.assert_close(replayed.images, eager.images, rtol=1e-5, atol=1e-6)
+    other_prompts = run(plain, prompt=["a blue dog", "the fake image"], steps=2, seed=2, fast=True)
+    eager = run(plain, prompt=["a blue dog", "the fake image"], steps=2, seed=2, fast=False)
+    torch.testing.assert_close(other_prompts.images, eager.images, rtol=1e-5, atol=1e-6)
+    run(plain, prompt=["a cat"], steps=2, seed=0, fast=True, guidance=None)  # new shape: its own graph
+    assert plain.fast.num_graphs == 2  # batch 2 guided, batch 1 unguided
+    assert not torch.allclose(outputs[0], outputs[2])  # earlier results were copies, not the static output
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(prompt=3), "prompt"),
+        (dict(prompt=[]), "prompt"),
+        (dict(prompt=["ok", None]), r"prompt\[1\]"),
+        (dict(steps=0), "steps"),
+        (dict(steps=1.5), "steps"),
+        (dict(num_inference_steps=-1), "steps"),
+        (dict(steps=2, num_inference_steps=3), "num_inference_steps"),
+        (dict(guidance=float("nan")), "guidance"),
+        (dict(guidance_scale=float("inf")), "guidance"),
+        (dict(guidance="5"), "guidance"),
+        (dict(height=30), "height"),
+        (dict(width=0), "width"),
+        (dict(width=SIZE * 1000), "width"),
+        (dict(sampler="heun"), "sampler"),
+        (dict(s_policy="random"), "s_policy"),
+        (dict(eta=2.0), "eta"),
+        (dict(s_fixed=-0.1), "s_fixed"),
+        (dict(output_type="jpeg"), "output_type"),
+        (dict(num_images_per_prompt=0), "num_images_per_prompt"),
+        (dict(seed=-1), "seed"),
+        (dict(seed=1, generator=torch.Generator()), "seed or generator"),
+        (dict(generator=7), "generator"),
+        (dict(fast="yes"), "fast"),
+    ],
+)
+def test_inputs_are_checked_before_any_work(
+    pipe: SelfEPipeline, monkeypatch: pytest.MonkeyPatch, kwargs: dict, match: str
+) -> None:
+    def no_work(*args, **kw):
+        raise AssertionError("text encoding started before the arguments were checked")
+
+    monkeypatch.setattr(pipe.text_encoders, "encode", no_work)
+    with pytest.raises((ValueError, TypeError), match=match):
+        run(pipe, **kwargs)
+
+
+def test_pipeline_directory_errors(pipeline_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="pipeline directory"):
+        SelfEPipeline.from_pretrained(tmp_path / "nothing")
+    broken = tmp_path / "broken"
+    shutil.copytree(pipeline_dir, broken)
+    (broken / "ae.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="autoencoder"):
+        SelfEPipeline.from_pretrained(broken)
+    meta = json.loads((pipeline_dir / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**meta, "extra": 1}))
+    with pytest.raises(ValueError, match="extra"):
+        SelfEPipeline.from_pretrained(broken, autoencoder_path=pipeline_dir / "ae.safetensors")
+    (broken / "config.json").write_text(json.dumps({**meta, "model": {**meta["model"], "txt_dim": 48}}))
+    with pytest.raises(ValueError, match="txt_in"):  # weights of another shape: the key check names it
+        SelfEPipeline.from_pretrained(broken, autoencoder_path=pipeline_dir / "ae.safetensors")
+    shutil.rmtree(broken / "text_encoder")
+    (broken / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(FileNotFoundError, match="T5"):
+        SelfEPipeline.from_pretrained(broken, autoencoder_path=pipeline_dir / "ae.safetensors")
+
+
+def test_flux_layout_and_bare_model_config(pipeline_dir: Path, tmp_path: Path, pipe: SelfEPipeline) -> None:
+    """diffusers/FLUX order (text_encoder = CLIP, text_encoder_2 = T5) and a config.json that is just the
+    MMDiTConfig dict load too; sampler defaults then come from SamplerConfig."""
+    other = tmp_path / "flux_layout"
+    other.mkdir()
+    for name in ("model.safetensors", "ae.safetensors"):
+        (other / name).symlink_to(pipeline_dir / name)
+    (other / "text_encoder").symlink_to(pipeline_dir / "text_encoder_2")
+    (other / "text_encoder_2").symlink_to(pipeline_dir / "text_encoder")
+    meta = json.loads((pipeline_dir / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**meta, "sampler": {"kernel_backend": "torch"}}))
+    loaded = SelfEPipeline.from_pretrained(other)
+    assert loaded.text_encoders.t5.width == 32 and loaded.text_encoders.clip.width == 16
+    expected = run(pipe, steps=1, seed=0, fast=False).images
+    torch.testing.assert_close(run(loaded, steps=1, seed=0, fast=False).images, expected)
+    (other / "config.json").write_text(json.dumps(meta["model"]))
+    with pytest.raises(FileNotFoundError, match="autoencoder"):  # no autoencoder config: FLUX.1 assumed
+        SelfEPipeline.from_pretrained(other, autoencoder_path=other / "missing.safetensors")
+
+
+def test_from_components(pipe: SelfEPipeline) -> None:
+    same = SelfEPipeline.from_components(pipe.model, pipe.autoencoder, pipe.text_encoders)
+    torch.testing.assert_close(
+        run(same, steps=1, seed=4, fast=False).images, run(pipe, steps=1, seed=4, fast=False).images
+    )
+    with pytest.raises(TypeError, match="model"):
+        SelfEPipeline.from_components(pipe.autoencoder, pipe.autoencoder, pipe.text_encoders)
+
+
+def test_generate_cli_writes_images_and_grid(pipeline_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "grid.png"
+    argv = ["--model", str(pipeline_dir), "--prompt", *PROMPTS, "--steps", "1", "2", "--seed", "0"]
+    argv += ["--height", str(SIZE), "--width", str(SIZE), "--out", str(out), "--eager"]
+    assert generate_main(argv) == 0
+    from PIL import Image
+
+    grid = Image.open(out)
+    assert grid.size == (2 * SIZE, 2 * SIZE)  # columns: step counts; rows: prompts
+    singles = sorted(p.name for p in tmp_path.glob("grid_p*.png"))
+    assert singles == ["grid_p00_1steps.png", "grid_p00_2steps.png", "grid_p01_1steps.png", "grid_p01_2steps.png"]
+    cell = np.asarray(grid)[SIZE:, SIZE:]  # prompt 1 at 2 steps
+    np.testing.assert_array_equal(cell, np.asarray(Image.open(tmp_path / "grid_p01_2steps.png")))
+    assert "steps" in capsys.readouterr().err  # the progress bar
+
+
+def test_generate_cli_without_model_says_how_to_get_one(capsys) -> None:
+    assert generate_main(["--prompt", "a cat"]) == 2
+    err = capsys.readouterr().err
+    assert "--model" in err and "model.safetensors" in err and "export" in err
+    assert generate_main(["--model", "/nonexistent/selfe", "--prompt", "a cat"]) == 1
+    assert "pipeline directory" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_cuda_graph_matches_eager_on_gpu(tmp_path: Path) -> None:
+    """The real thing: inductor-compiled step captured in a CUDA graph, replayed for 1, 2, 4 and 8 steps."""
+    root = write_tiny_pipeline(tmp_path / "tiny")
+    pipe = SelfEPipeline.from_pretrained(
+        root, torch_dtype=torch.float32, device="cuda", fast_path=FastPathConfig(compile=True, cuda_graph="on")
+    )
+    pipe.warmup(batch=2, height=SIZE, width=SIZE)
+    assert pipe.fast.num_graphs == 1
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for steps in (1, 2, 4, 8):
+            graphed = run(pipe, steps=steps, seed=steps, fast=True)
+            eager = run(pipe, steps=steps, seed=steps, fast=False)
+            torch.testing.assert_close(graphed.images, eager.images, rtol=1e-3, atol=1e-3)
+    assert pipe.fast.num_graphs == 1
