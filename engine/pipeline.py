@@ -26,32 +26,34 @@ once (the null prompt "" is cached by the text encoders), samples with the fast 
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from selfe.autoencoder import AutoEncoder, AutoEncoderConfig, load_autoencoder
+from selfe.autoencoder import AutoEncoder, load_autoencoder
 from selfe.config import MMDiTConfig
 from selfe.graphs import FastPathConfig, FastSampler
 from selfe.model import MMDiT
+from selfe.pipeline_files import (
+    AE_FILE,
+    CONFIG_FILE,
+    MODEL_FILE,
+    read_pipeline_config,
+    required_file,
+    text_encoder_dirs,
+)
 from selfe.sampler import METHODS, S_POLICIES, SamplerConfig, sample
 from selfe.text_encoders import TextEncoders, resolve_device, resolve_dtype
 from selfe.weights import load_safetensors_into
 
-MODEL_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-AE_FILE = "ae.safetensors"
-TEXT_DIRS = ("text_encoder", "text_encoder_2")
 OUTPUT_TYPES = ("pil", "pt", "np", "latent")
-TEXT_KEYS = ("t5_max_length", "clip_max_length", "t5_attention_mask")
 MAX_SIZE = 4096  # pixels per side accepted by default; RoPE has no hard limit, memory has
 
 
@@ -144,16 +146,16 @@ class SelfEPipeline:
 
         with torch.device("meta"):
             model = MMDiT(meta["model"])
-        load_safetensors_into(model, _required_file(root / MODEL_FILE, "model weights"), device=device, dtype=dtype)
+        load_safetensors_into(model, required_file(root / MODEL_FILE, "model weights"), device=device, dtype=dtype)
 
         ae_file = Path(autoencoder_path) if autoencoder_path is not None else root / AE_FILE
         autoencoder = load_autoencoder(
-            _required_file(ae_file, "autoencoder weights (pass autoencoder_path=)"),
+            required_file(ae_file, "autoencoder weights (pass autoencoder_path=)"),
             meta["autoencoder"],
             device=device,
             dtype=dtype,
         )
-        t5_dir, t5_tok, clip_dir, clip_tok = _text_encoder_dirs(root, t5_path, clip_path)
+        t5_dir, t5_tok, clip_dir, clip_tok = text_encoder_dirs(root, t5_path, clip_path)
         text = meta["text"]
         text_encoders = TextEncoders.from_snapshots(
             t5_dir,
@@ -361,89 +363,6 @@ class SelfEPipeline:
             seed = int(torch.randint(0, 2**62, (1,)).item())
         _check_int("seed", seed, 0)
         return torch.Generator(device=self.device).manual_seed(seed)
-
-
-# ----------------------------------------------------------------------------------------------
-# Reading a pipeline directory
-
-
-def read_pipeline_config(root: Path) -> dict[str, Any]:
-    """config.json -> {"model": MMDiTConfig, "sampler": SamplerConfig, "autoencoder": AutoEncoderConfig,
-    "text": dict of TextEncoders.from_snapshots keywords}; unknown keys are errors."""
-    path = _required_file(root / CONFIG_FILE, "pipeline config")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    if "model" not in data and "hidden_size" in data:
-        data = {"model": data}  # a bare MMDiTConfig dict
-    known = ("model", "sampler", "autoencoder", "text")
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise ValueError(f"{path}: unknown top-level keys {unknown}; known: {list(known)}")
-    if "model" not in data:
-        raise ValueError(f"{path} lacks the 'model' entry (the MMDiTConfig dict)")
-    sampler = dict(data.get("sampler") or {})
-    sampler_fields = {f.name for f in fields(SamplerConfig)}
-    if set(sampler) - sampler_fields:
-        raise ValueError(f"{path}: unknown sampler keys {sorted(set(sampler) - sampler_fields)}")
-    text = dict(data.get("text") or {})
-    if set(text) - set(TEXT_KEYS):
-        raise ValueError(f"{path}: unknown text keys {sorted(set(text) - set(TEXT_KEYS))}; known: {TEXT_KEYS}")
-    ae = data.get("autoencoder")
-    return {
-        "model": MMDiTConfig.from_dict(data["model"]),
-        "sampler": SamplerConfig(**sampler),
-        "autoencoder": AutoEncoderConfig(**ae) if ae else None,
-        "text": text,
-    }
-
-
-def _required_file(path: Path, what: str) -> Path:
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {str(path)!r}")
-    return path
-
-
-def _model_type(folder: Path) -> str:
-    try:
-        return str(json.loads((folder / "config.json").read_text()).get("model_type", ""))
-    except (OSError, json.JSONDecodeError):
-        return ""
-
-
-def _tokenizer_dir(encoder_dir: Path) -> Path | None:
-    """The encoder folder if it holds tokenizer files, else the diffusers sibling tokenizer[_2]."""
-    if any((encoder_dir / name).is_file() for name in ("tokenizer.json", "spiece.model", "vocab.json")):
-        return None
-    sibling = encoder_dir.parent / encoder_dir.name.replace("text_encoder", "tokenizer")
-    return sibling if sibling.is_dir() else None
-
-
-def _text_encoder_dirs(
-    root: Path, t5_path: str | Path | None, clip_path: str | Path | None
-) -> tuple[Path, Path | None, Path, Path | None]:
-    """(t5 dir, t5 tokenizer dir or None, clip dir, clip tokenizer dir or None)."""
-    found: dict[str, Path] = {}
-    for name in TEXT_DIRS:
-        folder = root / name
-        if folder.is_dir():
-            kind = _model_type(folder)
-            if kind.startswith("t5") or kind == "umt5":
-                found.setdefault("t5", folder)
-            elif kind.startswith("clip"):
-                found.setdefault("clip", folder)
-    t5 = Path(t5_path) if t5_path is not None else found.get("t5")
-    clip = Path(clip_path) if clip_path is not None else found.get("clip")
-    for what, folder, arg in (("T5", t5, "t5_path"), ("CLIP", clip, "clip_path")):
-        if folder is None:
-            raise FileNotFoundError(
-                f"no {what} text encoder in {str(root)!r}: expected a snapshot folder {TEXT_DIRS[0]}/ or "
-                f"{TEXT_DIRS[1]}/ whose config.json has a {what.lower()} model_type, or pass {arg}="
-            )
-    return t5, _tokenizer_dir(t5), clip, _tokenizer_dir(clip)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,100 @@
+"""Reading a pipeline directory: config.json, the weight files and the two text-encoder snapshots.
+
+The layout is documented in selfe.pipeline; everything is local, nothing touches a hub.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from selfe.autoencoder import AutoEncoderConfig
+from selfe.config import MMDiTConfig
+from selfe.sampler import SamplerConfig
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+AE_FILE = "ae.safetensors"
+TEXT_DIRS = ("text_encoder", "text_encoder_2")
+TEXT_KEYS = ("t5_max_length", "clip_max_length", "t5_attention_mask")
+
+
+def read_pipeline_config(root: Path) -> dict[str, Any]:
+    """config.json -> {"model": MMDiTConfig, "sampler": SamplerConfig, "autoencoder": AutoEncoderConfig,
+    "text": dict of TextEncoders.from_snapshots keywords}; unknown keys are errors."""
+    path = required_file(root / CONFIG_FILE, "pipeline config")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    if "model" not in data and "hidden_size" in data:
+        data = {"model": data}  # a bare MMDiTConfig dict
+    known = ("model", "sampler", "autoencoder", "text")
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(f"{path}: unknown top-level keys {unknown}; known: {list(known)}")
+    if "model" not in data:
+        raise ValueError(f"{path} lacks the 'model' entry (the MMDiTConfig dict)")
+    sampler = dict(data.get("sampler") or {})
+    sampler_fields = {f.name for f in fields(SamplerConfig)}
+    if set(sampler) - sampler_fields:
+        raise ValueError(f"{path}: unknown sampler keys {sorted(set(sampler) - sampler_fields)}")
+    text = dict(data.get("text") or {})
+    if set(text) - set(TEXT_KEYS):
+        raise ValueError(f"{path}: unknown text keys {sorted(set(text) - set(TEXT_KEYS))}; known: {TEXT_KEYS}")
+    ae = data.get("autoencoder")
+    return {
+        "model": MMDiTConfig.from_dict(data["model"]),
+        "sampler": SamplerConfig(**sampler),
+        "autoencoder": AutoEncoderConfig(**ae) if ae else None,
+        "text": text,
+    }
+
+
+def required_file(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {str(path)!r}")
+    return path
+
+
+def _model_type(folder: Path) -> str:
+    try:
+        return str(json.loads((folder / "config.json").read_text()).get("model_type", ""))
+    except (OSError, json.JSONDecodeError):
+        return ""
+
+
+def _tokenizer_dir(encoder_dir: Path) -> Path | None:
+    """The encoder folder if it holds tokenizer files, else the diffusers sibling tokenizer[_2]."""
+    if any((encoder_dir / name).is_file() for name in ("tokenizer.json", "spiece.model", "vocab.json")):
+        return None
+    sibling = encoder_dir.parent / encoder_dir.name.replace("text_encoder", "tokenizer")
+    return sibling if sibling.is_dir() else None
+
+
+def text_encoder_dirs(
+    root: Path, t5_path: str | Path | None, clip_path: str | Path | None
+) -> tuple[Path, Path | None, Path, Path | None]:
+    """(t5 dir, t5 tokenizer dir or None, clip dir, clip tokenizer dir or None)."""
+    found: dict[str, Path] = {}
+    for name in TEXT_DIRS:
+        folder = root / name
+        if folder.is_dir():
+            kind = _model_type(folder)
+            if kind.startswith("t5") or kind == "umt5":
+                found.setdefault("t5", folder)
+            elif kind.startswith("clip"):
+                found.setdefault("clip", folder)
+    t5 = Path(t5_path) if t5_path is not None else found.get("t5")
+    clip = Path(clip_path) if clip_path is not None else found.get("clip")
+    for what, folder, arg in (("T5", t5, "t5_path"), ("CLIP", clip, "clip_path")):
+        if folder is None:
+            raise FileNotFoundError(
+                f"no {what} text encoder in {str(root)!r}: expected a snapshot folder {TEXT_DIRS[0]}/ or "
+                f"{TEXT_DIRS[1]}/ whose config.json has a {what.lower()} model_type, or pass {arg}="
+            )
+    return t5, _tokenizer_dir(t5), clip, _tokenizer_dir(clip)
