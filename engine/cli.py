@@ -8,6 +8,7 @@ import sys
 
 # Subcommands that own their argument parsers: name -> (module, function, one-line help).
 DELEGATED = {
+    "train": ("selfe.train.cli", "train_main", "train a Self-E model (FSDP2; under torchrun or plain python)"),
     "generate": ("selfe.generate", "generate_main", "sample images from a trained model at any step counts"),
     "cache": ("selfe.train.cache", "cache_main", "precompute latents and text states into safetensors shards"),
 }

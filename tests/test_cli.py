@@ -17,7 +17,7 @@ def test_console_script_is_installed_and_lists_subcommands():
     exe = str(beside_python) if beside_python.exists() else shutil.which("selfe")
     assert exe, "the `selfe` console script is not on PATH (pip install -e . installs it)"
     out = subprocess.run([exe, "--help"], capture_output=True, text=True, check=True).stdout
-    assert "toy2d" in out and "cache" in out and "generate" in out
+    assert all(name in out for name in ("toy2d", "train", "generate", "cache"))
 
 
 def test_no_subcommand_prints_help_and_fails(capsys):

@@ -1,0 +1,157 @@
+"""Training-step throughput and MFU of the Self-E trainer on synthetic cached latents.
+
+Trains a preset (default 2b) at a resolution (default 512^2: 1024 image tokens + 512 text tokens) on
+random tensors of the cached shapes through the real trainer (FSDP2, sharded EMA, the full objective
+with its self-evaluation passes on the s < t half), one run per variant:
+    eager     no compile, no activation checkpointing
+    compile   torch.compile per block
+    ac        activation checkpointing per block (eager)
+    compile+ac
+MFU counts every pass (main fwd+bwd, the two no-grad self-eval forwards, and with --aux the fake
+no-grad forward and fwd+bwd), activation-checkpointing recomputation excluded, over --peak-flops.
+tau is 1 from the start (tau_warmup=0) so the self-eval passes run at full size.
+
+    python bench/train_mfu.py --preset 2b --resolution 512 --batch 8 --steps 20 --json bench/train_mfu.json
+    python bench/train_mfu.py --preset tiny --resolution 64 --steps 3           # CPU smoke
+Under torchrun every rank trains; rank 0 prints. Images/s and tokens/s are for the whole job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+VARIANTS = {
+    "eager": ("parallel.compile=false", "parallel.activation_checkpointing=false"),
+    "compile": ("parallel.compile=true", "parallel.activation_checkpointing=false"),
+    "ac": ("parallel.compile=false", "parallel.activation_checkpointing=true"),
+    "compile+ac": ("parallel.compile=true", "parallel.activation_checkpointing=true"),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="2b", help="MMDiT preset: tiny, 0.5b, 2b")
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=None, help="per-rank micro-batch (default 8 on CUDA, 2 on CPU)")
+    parser.add_argument("--txt-tokens", type=int, default=None, help="default 512 (T5), 16 for tiny")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3 on CUDA, 1 on CPU)")
+    parser.add_argument("--variants", default="eager,compile,ac", help=f"comma list of {list(VARIANTS)}")
+    parser.add_argument("--aux", action="store_true", help="auxiliary fake-score term on (2 more passes)")
+    parser.add_argument("--peak-flops", type=float, default=989e12, help="per device (H100 bf16 dense)")
+    parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
+    parser.add_argument("--attention-backend", default=None)
+    parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("overrides", nargs="*", help="extra trainer key=value overrides")
+    return parser.parse_args(argv)
+
+
+def run_variant(args: argparse.Namespace, variant: str, run_dir: Path) -> dict:
+    from selfe.train.config import apply_overrides, preset
+    from selfe.train.trainer import Trainer
+
+    cuda = torch.cuda.is_available()
+    batch = args.batch or (8 if cuda else 2)
+    txt = args.txt_tokens or (16 if args.preset == "tiny" else 512)
+    warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
+    model_preset = {"tiny": "smoke", "0.5b": "0.5b", "2b": "2b"}[args.preset]
+    overrides = [
+        f"run_dir={run_dir}",
+        f"steps={warmup + args.steps}",
+        "data.source=synthetic",
+        "data.cache_dir=none",
+        f"data.batch_size={batch}",
+        f"data.resolution={args.resolution}",
+        f"data.text_length={txt}",
+        "objective.tau_warmup=0",
+        f"objective.aux_start={0 if args.aux else 'none'}",
+        "optim.warmup_steps=1",
+        "checkpoint.resume=false",
+        "metrics.tensorboard=false",
+        f"metrics.log_every={10**9}",
+        f"metrics.peak_flops={args.peak_flops}",
+        f"parallel.precision={args.precision}",
+        "device=auto",
+        *VARIANTS[variant],
+        *([f"model.attention_backend={args.attention_backend}"] if args.attention_backend else []),
+        *args.overrides,
+    ]
+    config = apply_overrides(preset(model_preset), overrides)
+    trainer = Trainer(config)
+    try:
+        records = [trainer.train_step() for _ in range(warmup + args.steps)][warmup:]
+        rank, world = trainer.dist.rank, trainer.dist.world_size
+        mem = torch.cuda.max_memory_reserved() / 1024**3 if cuda else None
+    finally:
+        trainer.close()
+        del trainer
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+    step_time = statistics.median(r["step_time"] for r in records)
+    first = records[0]
+    return {
+        "variant": variant,
+        "rank": rank,
+        "world_size": world,
+        "batch_per_rank": batch,
+        "image_tokens": (args.resolution // 16) ** 2,
+        "text_tokens": txt,
+        "step_time_s": step_time,
+        "images_per_s": first["images_per_s"] * first["step_time"] / step_time,
+        "tokens_per_s": first["tokens_per_s"] * first["step_time"] / step_time,
+        "tflops_per_device": first["tflops_per_step"] / world / step_time,
+        "mfu": first["tflops_per_step"] * 1e12 / world / step_time / args.peak_flops,
+        "tflops_per_step": first["tflops_per_step"],
+        "max_reserved_gib": mem,
+        "loss_finite": all(r["loss"] == r["loss"] for r in records),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        print(f"unknown variants {unknown}; known: {list(VARIANTS)}", file=sys.stderr)
+        return 2
+    if "RANK" in os.environ and not dist.is_initialized():
+        # under torchrun: one process group for all variants (each Trainer joins it, none destroys it)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="selfe-train-mfu-") as tmp:
+        for variant in variants:
+            result = run_variant(args, variant, Path(tmp) / variant)
+            results.append(result)
+            if result["rank"] == 0:
+                mem = f"{result['max_reserved_gib']:.1f} GiB" if result["max_reserved_gib"] is not None else "-"
+                print(
+                    f"{variant:11s} step {result['step_time_s'] * 1e3:8.1f} ms | {result['images_per_s']:8.2f} img/s | "
+                    f"{result['tokens_per_s']:10.0f} tok/s | {result['tflops_per_device']:7.2f} TFLOP/s | "
+                    f"MFU {100 * result['mfu']:5.1f}% | mem {mem}",
+                    flush=True,
+                )
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if args.json and results and results[0]["rank"] == 0:
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        payload = {"device": device, "torch": torch.__version__, "args": vars(args), "results": results}
+        Path(args.json).write_text(json.dumps(payload, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""The trainer in one process (world size 1, gloo, FSDP2): config, schedule, FLOP accounting, exact
+resume, non-finite steps, export, and the smoke config's loss falling."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from selfe.config import mmdit_preset
+from selfe.flops import mmdit_forward_flops
+from selfe.model import MMDiT
+from selfe.train.config import OptimConfig, apply_overrides, config_from_dict, load_config, preset
+from selfe.train.lr import lr_at
+from selfe.train.metrics import step_flops
+from selfe.train.trainer import NonFiniteLossError, Trainer
+from tests.helpers_data import make_procedural_dataset
+
+from tests.train.helpers_trainer import read_metrics, tiny_config
+
+
+def _run(config, hook=None):
+    trainer = Trainer(config)
+    try:
+        if hook is not None:
+            hook(trainer)
+        return trainer.train()
+    finally:
+        trainer.close()
+
+
+def test_presets_round_trip_and_overrides_are_checked(tmp_path):
+    for name in ("smoke", "0.5b", "2b"):
+        config = preset(name)
+        assert config_from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    config = apply_overrides(preset("smoke"), ["optim.lr=1e-4", "objective.aux_start=none", "optim.betas=0.8,0.9"])
+    assert config.optim.lr == 1e-4 and config.objective.aux_start is None and config.optim.betas == (0.8, 0.9)
+    for bad, message in [
+        ("optim.lrr=1", "no field 'lrr'"),
+        ("optim.lr=fast", "cannot parse"),
+        ("parallel.compile=maybe", "bool"),
+        ("optim=1", "is a section"),
+        ("data.source=web", "data.source"),
+        ("steps", "key=value"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            apply_overrides(preset("smoke"), [bad])
+
+
+def test_lr_warmup_then_linear_decay():
+    cfg = OptimConfig(lr=1.0, final_lr=0.1, warmup_steps=4)
+    assert [lr_at(s, cfg, 14) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_at(9, cfg, 14) == pytest.approx(0.55)
+    assert lr_at(14, cfg, 14) == pytest.approx(0.1) and lr_at(100, cfg, 14) == pytest.approx(0.1)
+
+
+def test_step_flops_count_every_pass():
+    model = mmdit_preset("tiny")
+    f = lambda n: mmdit_forward_flops(model, n, 64, 8)  # noqa: E731
+    off = step_flops(model, 8, 64, 8, 4, aux_on=False)
+    assert off["total"] == 3 * f(8) + 2 * f(4)
+    on = step_flops(model, 8, 64, 8, 4, aux_on=True)
+    assert on["total"] == 3 * f(8) + 2 * f(4) + f(4) + 3 * f(4)
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    n = 4
+    full = _run(tiny_config(tmp_path / "full", 2 * n))
+    first = _run(tiny_config(tmp_path / "split", n))
+    assert (tmp_path / "split" / "checkpoints" / f"step_{n:09d}").is_dir()
+    second = _run(tiny_config(tmp_path / "split", 2 * n))
+    assert second.step == 2 * n and len(second.losses) == n  # it resumed, it did not start over
+    torch.testing.assert_close(torch.tensor(first.losses + second.losses), torch.tensor(full.losses), rtol=0, atol=1e-6)
+    a = load_file(tmp_path / "full" / "export" / "model.safetensors")
+    b = load_file(tmp_path / "split" / "export" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+    saved = load_config(tmp_path / "split" / "checkpoints" / f"step_{2 * n:09d}" / "config.json")
+    assert saved == tiny_config(tmp_path / "split", 2 * n)
+
+
+def test_nan_batch_is_skipped_and_counted(tmp_path):
+    config = tiny_config(tmp_path / "nan", 4, "fault.inject_nan_steps=2")
+    snapshots = {}
+
+    def hook(trainer):
+        original = trainer.train_step
+
+        def step():
+            if trainer.step in (2, 3):
+                snapshots[trainer.step] = [p.detach().full_tensor().clone() for p in trainer.model.parameters()]
+            return original()
+
+        trainer.train_step = step
+
+    def check_sharding(trainer):
+        hook(trainer)
+        from torch.distributed.tensor import DTensor
+
+        # the EMA copy is sharded like the live model: DTensor shards on the same mesh and placements
+        for live, ema in zip(trainer.model.parameters(), trainer.ema.model.parameters(), strict=True):
+            assert isinstance(live, DTensor) and isinstance(ema, DTensor)
+            assert live.placements == ema.placements and live.device_mesh == ema.device_mesh
+            assert not ema.requires_grad
+
+    result = _run(config, check_sharding)
+    records = read_metrics(tmp_path / "nan")
+    for key in (
+        "loss", "loss_data", "loss_self", "loss_fake", "lambda_mean", "grad_norm", "lr", "step_time",
+        "images_per_s", "tokens_per_s", "tflops_per_device", "mfu", "skipped_total",
+    ):  # fmt: skip
+        assert all(key in r for r in records), key
+    assert records[-1]["mfu"] > 0 and records[-1]["lambda_mean"] > 0
+    assert result.skipped == 1 and [r["skipped"] for r in records] == [False, False, True, False]
+    assert records[-1]["skipped_total"] == 1
+    for before, after in zip(snapshots[2], snapshots[3]):  # the poisoned step changed no weight
+        assert torch.equal(before, after)
+    assert all(torch.isfinite(p).all() for p in snapshots[3])
+
+
+def test_nonfinite_streak_aborts_with_a_clear_message(tmp_path):
+    config = tiny_config(tmp_path / "streak", 6, "fault.inject_nan_steps=1,2,3", "fault.max_nonfinite_streak=3")
+    with pytest.raises(NonFiniteLossError, match="3 consecutive steps"):
+        _run(config)
+
+
+def test_export_loads_into_the_model_and_pipeline_config(tmp_path):
+    from selfe.pipeline import read_pipeline_config
+
+    config = tiny_config(tmp_path / "exp", 2)
+    _run(config)
+    out = tmp_path / "exp" / "export"
+    assert read_pipeline_config(out)["model"] == config.model
+    model = MMDiT(config.model)
+    model.load_state_dict(load_file(out / "model.safetensors"), strict=True)
+
+
+def test_smoke_config_trains_and_its_loss_falls(tmp_path):
+    config = apply_overrides(
+        preset("smoke"),
+        [f"run_dir={tmp_path / 'smoke'}", "steps=60", "checkpoint.every=0", "metrics.tensorboard=false"],
+    )
+    result = _run(config)
+    losses = torch.tensor(result.losses)
+    assert torch.isfinite(losses).all() and result.skipped == 0
+    assert losses[-15:].mean() < 0.7 * losses[:5].mean(), losses.tolist()
+
+
+def test_images_encoded_on_the_fly_or_read_from_a_cache(tmp_path):
+    """No cache: the manifest's images are decoded and encoded by the random-init smoke encoders. With a
+    cache: latents and text states are read from it, and the fake prompt of the auxiliary term (switched
+    on at step 1) is encoded online."""
+    from selfe.train.cache import build_cache
+    from selfe.train.cache_shards import CacheConfig
+    from selfe.train.smoke_encoders import SmokeImageEncoder, SmokeTextEncoder
+
+    data = make_procedural_dataset(tmp_path / "data", 24, sizes=((64, 64), (96, 64)))
+    online = tiny_config(
+        tmp_path / "online", 3, "data.source=images", f"data.manifest={data.manifest}", "data.encoders=smoke"
+    )
+    result = _run(online)
+    assert result.step == 3 and result.skipped == 0 and all(math.isfinite(x) for x in result.losses)
+
+    model = online.model
+    build_cache(
+        data.manifest,
+        tmp_path / "cache",
+        SmokeImageEncoder(model.in_channels),
+        SmokeTextEncoder(model.txt_dim, model.vec_dim, online.data.text_length),
+        CacheConfig(resolutions=(64,), shard_size=8, num_threads=0),
+        progress=False,
+    )
+    cached = tiny_config(
+        tmp_path / "cached", 3, "data.source=cache", f"data.cache_dir={tmp_path / 'cache'}",
+        "data.resolution=64", "data.encoders=smoke", "objective.aux_start=1",
+    )  # fmt: skip
+    result = _run(cached)
+    records = read_metrics(tmp_path / "cached")
+    assert [r["aux_on"] for r in records] == [False, True, True]
+    assert all(math.isfinite(r["loss_fake"]) for r in records) and records[-1]["loss_fake"] > 0
+    assert records[-1]["tflops_per_step"] > records[0]["tflops_per_step"]  # the fake passes are counted
+    with pytest.raises(ValueError, match="data.manifest"):
+        apply_overrides(preset("smoke"), ["data.source=images"])
+
+
+def test_cli_rejects_a_bad_config(capsys):
+    from selfe.train.cli import train_main
+
+    assert train_main(["smoke", "optim.lr=fast"]) == 2
+    assert "cannot parse" in capsys.readouterr().err
+    assert train_main(["smoke", "--print-config", "steps=7"]) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == 7
+
+
+def test_activation_checkpointing_changes_nothing_but_memory(tmp_path):
+    plain = _run(tiny_config(tmp_path / "plain", 3))
+    ac = _run(tiny_config(tmp_path / "ac", 3, "parallel.activation_checkpointing=true"))
+    torch.testing.assert_close(torch.tensor(ac.losses), torch.tensor(plain.losses), rtol=0, atol=1e-6)
+    a = load_file(tmp_path / "plain" / "export" / "model.safetensors")
+    b = load_file(tmp_path / "ac" / "export" / "model.safetensors")
+    assert a.keys() == b.keys()  # the wrapper leaves the state-dict names alone
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6)

@@ -1,0 +1,139 @@
+"""Checkpoints on torch.distributed.checkpoint (DCP), written atomically and kept to the last K.
+
+Layout of `run_dir/checkpoints`:
+    step_000001000/          a complete checkpoint (the rename is the commit)
+        .metadata, __*.distcp    DCP: model, EMA, optimizer, LR scheduler, step, counters (sharded tensors)
+        rank00000.pt             per rank: RNG states and the data-loader position
+        config.json              the resolved training config
+        meta.json                step, world size (written last, before the rename)
+    step_000002000.tmp/      a write in progress, or one a kill interrupted: never read, removed on start
+
+A kill at any moment leaves every earlier complete checkpoint intact, since nothing is written into a
+final directory: all writes go to the .tmp directory, renamed (atomically on POSIX) when every rank is
+done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+STEP_DIR = re.compile(r"^step_(\d{9})$")
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states (torch CPU, CUDA, Python, NumPy)."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Checkpointer:
+    """Saves and finds checkpoints under `root`; every rank calls `save` / `load` (they are collective)."""
+
+    def __init__(self, root: str | os.PathLike, keep: int, rank: int = 0, world_size: int = 1):
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self.root, self.keep, self.rank, self.world_size = Path(root), keep, rank, world_size
+
+    def complete(self) -> list[tuple[int, Path]]:
+        """(step, path) of every complete checkpoint, oldest first."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for path in self.root.iterdir():
+            match = STEP_DIR.match(path.name)
+            if match and (path / "meta.json").is_file() and (path / ".metadata").is_file():
+                found.append((int(match.group(1)), path))
+        return sorted(found)
+
+    def latest(self) -> Path | None:
+        done = self.complete()
+        return done[-1][1] if done else None
+
+    def clean_partial(self) -> None:
+        """Remove the .tmp directories of interrupted writes (rank 0; call before any save)."""
+        if self.rank == 0 and self.root.is_dir():
+            for path in self.root.glob("step_*.tmp"):
+                shutil.rmtree(path, ignore_errors=True)
+        _barrier()
+
+    def save(
+        self,
+        step: int,
+        state: dict[str, Any],
+        rank_state: dict[str, Any],
+        config: dict[str, Any],
+        before_commit=None,
+    ) -> Path:
+        """Write checkpoint `step`. state: DCP state dict (same keys on every rank); rank_state: this
+        rank's plain objects. `before_commit` (tests) runs after the data is written, before the rename."""
+        final = self.root / f"step_{step:09d}"
+        tmp = self.root / f"step_{step:09d}.tmp"
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        _barrier()
+        dcp.save(state, checkpoint_id=str(tmp))
+        torch.save(rank_state, tmp / f"rank{self.rank:05d}.pt")
+        _barrier()
+        if before_commit is not None:
+            before_commit()
+        if self.rank == 0:
+            (tmp / "config.json").write_text(json.dumps(config, indent=1))
+            with open(tmp / "meta.json", "w") as f:
+                json.dump({"step": step, "world_size": self.world_size}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            if final.exists():  # the same step saved again (e.g. a signal right at a checkpoint step)
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_dir(self.root)
+            for _, old in self.complete()[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        _barrier()
+        return final
+
+    def load(self, path: str | os.PathLike, state: dict[str, Any]) -> dict[str, Any]:
+        """Load `path` into `state` in place (DCP); returns this rank's plain objects."""
+        path = Path(path)
+        meta = json.loads((path / "meta.json").read_text())
+        if meta["world_size"] != self.world_size:
+            raise ValueError(
+                f"checkpoint {path} was written by {meta['world_size']} ranks, this run has {self.world_size}; "
+                "the data order and RNG streams are per rank, so resume needs the same world size"
+            )
+        dcp.load(state, checkpoint_id=str(path))
+        return torch.load(path / f"rank{self.rank:05d}.pt", weights_only=False)

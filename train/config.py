@@ -1,0 +1,390 @@
+"""The trainer's configuration: one dataclass tree, presets as functions, checked `key=value` overrides.
+
+    config = preset("smoke")
+    config = apply_overrides(config, ["optim.lr=1e-4", "model.hidden_size=128", "objective.aux_start=none"])
+    save_config(config, run_dir / "config.json"); load_config(run_dir / "config.json") == config
+
+Every section validates itself in `__post_init__`; an override re-validates the section it touches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from selfe.config import MMDiTConfig, mmdit_preset
+from selfe.objective import ObjectiveConfig
+from selfe.schedule import TimeShift
+
+DATA_SOURCES = ("procedural", "synthetic", "cache", "images")
+ENCODERS = ("smoke", "flux")
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+@dataclass
+class DataSection:
+    """Where batches come from.
+
+    procedural: bundled learnable data made in memory (latents a fixed function of a short caption
+        encoded by the smoke text encoder); for the CPU smoke run and the tests.
+    synthetic: random tensors of the right shapes (benchmarks only; nothing to learn).
+    cache: a `selfe cache` folder (latents + T5/CLIP states), read with CachedDataset.
+    images: a TSV manifest; batches from `cache_dir` when it holds a cache, else decoded and encoded on
+        the fly with `encoders`: "flux" (the FLUX.1 autoencoder, T5, CLIP from ae_path/t5_path/clip_path)
+        or "smoke" (SMOKE ONLY: random-init stand-ins, a pipeline check without weights).
+    With a cache and the auxiliary term on, the fake prompt is encoded online by `encoders`.
+    batch_size is per rank and per micro-batch; the global batch is batch_size * world * grad_accum.
+    """
+
+    source: str = "procedural"
+    cache_dir: str | None = None
+    batch_size: int = 8
+    resolution: int = 64  # pixels; latents are resolution / 8 with 16 channels (procedural/synthetic)
+    num_samples: int = 256  # procedural data set size
+    text_length: int = 16  # tokens of the procedural/synthetic text states
+    seed: int = 0
+    manifest: str | None = None
+    base_dir: str | None = None
+    encoders: str = "flux"
+    ae_path: str | None = None
+    t5_path: str | None = None
+    clip_path: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.encoders not in ENCODERS:
+            raise ValueError(f"data.encoders must be one of {ENCODERS}, got {self.encoders!r}")
+        if self.source == "images" and not self.manifest:
+            raise ValueError("data.source='images' needs data.manifest (a TSV of image path and caption)")
+        if self.source not in DATA_SOURCES:
+            raise ValueError(f"data.source must be one of {DATA_SOURCES}, got {self.source!r}")
+        if self.source == "cache" and not self.cache_dir:
+            raise ValueError("data.source='cache' needs data.cache_dir (a `selfe cache` folder)")
+        for name in ("batch_size", "num_samples", "text_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+        if self.resolution < 16 or self.resolution % 16:
+            raise ValueError(f"data.resolution must be a multiple of 16 (>= 16), got {self.resolution}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up then linear decay to `final_lr` at `decay_steps` (default: the run's end)."""
+
+    lr: float = 3e-4
+    final_lr: float = 1e-5
+    warmup_steps: int = 1000
+    decay_steps: int | None = None
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.0  # [ours]
+    grad_clip: float | None = 1.0  # [ours]; None: no clipping (the norm is still measured)
+    grad_accum: int = 1
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        if not self.lr > 0 or self.final_lr < 0:
+            raise ValueError(f"optim.lr must be > 0 and final_lr >= 0, got {self.lr}, {self.final_lr}")
+        if self.warmup_steps < 0 or (self.decay_steps is not None and self.decay_steps < 1):
+            raise ValueError("optim.warmup_steps must be >= 0 and optim.decay_steps >= 1 (or None)")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas must be two values in [0, 1), got {self.betas}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"optim.grad_clip must be > 0 or None, got {self.grad_clip}")
+        if self.grad_accum < 1:
+            raise ValueError(f"optim.grad_accum must be >= 1, got {self.grad_accum}")
+
+
+@dataclass
+class EMAConfig:
+    decay: float = 0.9999
+    warmup: bool = True  # decay_k = min(decay, (1 + k) / (10 + k)), see selfe.train.ema
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.decay < 1.0:
+            raise ValueError(f"ema.decay must lie in [0, 1), got {self.decay}")
+
+
+@dataclass
+class ParallelConfig:
+    """The parallelize passes, in torchtitan's order: activation checkpointing -> compile -> FSDP2."""
+
+    activation_checkpointing: bool = False  # per block
+    compile: bool = False  # torch.compile per block
+    compile_fullgraph: bool = True  # a graph break in a block is an error (False: allowed, slower)
+    precision: str = "auto"  # auto: bf16 params / fp32 reduce on CUDA, fp32 on CPU
+    reshard_after_forward: bool = True
+    backend: str | None = None  # process-group backend; None: nccl on CUDA, gloo on CPU
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"parallel.precision must be one of {PRECISIONS}, got {self.precision!r}")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 1000  # steps between checkpoints (one is also written at the end); 0: only at the end
+    keep: int = 3  # complete checkpoints kept (oldest removed first)
+    resume: bool = True  # continue from the newest complete checkpoint in run_dir/checkpoints
+    export_at_end: bool = True  # EMA weights -> run_dir/export (model.safetensors + config.json)
+
+    def __post_init__(self) -> None:
+        if self.every < 0 or self.keep < 1:
+            raise ValueError(f"checkpoint.every must be >= 0 and keep >= 1, got {self.every}, {self.keep}")
+
+
+@dataclass
+class MetricsConfig:
+    log_every: int = 10  # progress line period (JSONL gets every step)
+    peak_flops: float = 989e12  # per device: H100 SXM bf16 dense
+    tensorboard: bool = True  # only if tensorboard is installed
+    nvtx: bool = True
+
+    def __post_init__(self) -> None:
+        if self.log_every < 1 or not self.peak_flops > 0:
+            raise ValueError("metrics.log_every must be >= 1 and metrics.peak_flops > 0")
+
+
+@dataclass
+class FaultConfig:
+    max_nonfinite_streak: int = 10  # abort after this many consecutive skipped (non-finite) steps
+    inject_nan_steps: tuple[int, ...] = ()  # testing: poison the batch of these steps with NaN
+    kill_in_checkpoint_step: int | None = None  # testing: SIGKILL inside this step's checkpoint write
+
+    def __post_init__(self) -> None:
+        self.inject_nan_steps = tuple(self.inject_nan_steps)
+        if self.max_nonfinite_streak < 1:
+            raise ValueError(f"fault.max_nonfinite_streak must be >= 1, got {self.max_nonfinite_streak}")
+
+
+@dataclass
+class TrainConfig:
+    """The whole run. `steps` counts optimizer steps (iterations, the objective's clock)."""
+
+    name: str = "custom"
+    run_dir: str = "runs/selfe"
+    steps: int = 1000
+    seed: int = 0
+    device: str = "auto"  # auto: cuda when available
+    model: MMDiTConfig = field(default_factory=lambda: mmdit_preset("tiny"))
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        if self.objective.self_eval and self.objective.s_split == "half" and self.data.batch_size < 2:
+            raise ValueError("objective.s_split='half' needs data.batch_size >= 2")
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_jsonable(dataclasses.asdict(self))
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets
+
+
+def smoke() -> TrainConfig:
+    """CPU smoke run: tiny model, bundled procedural data at 64^2, fp32; about a minute on 2 cores."""
+    return TrainConfig(
+        name="smoke",
+        run_dir="runs/smoke",
+        steps=150,
+        device="cpu",
+        model=mmdit_preset("tiny"),
+        objective=ObjectiveConfig(tau_warmup=100, aux_start=None, time_shift=TimeShift(mu=0.5)),
+        data=DataSection(source="procedural", batch_size=8, resolution=32, num_samples=64, text_length=8),
+        optim=OptimConfig(lr=2e-3, final_lr=1e-4, warmup_steps=10),
+        ema=EMAConfig(decay=0.99),
+        checkpoint=CheckpointConfig(every=50, keep=2),
+        metrics=MetricsConfig(log_every=10),
+    )
+
+
+def paper_0_5b() -> TrainConfig:
+    """The paper's ablation recipe (SELFE.md §4, §6): 0.5B at 256^2, batch 1024, 300k iterations, tau
+    warm-up over all of them, Adam(0.9, 0.95), 1k warm-up, 3e-4 -> 1e-5, EMA 0.9999, no aux term.
+    Per-rank batch 32 assumes 32 GPUs; set data.batch_size / optim.grad_accum for yours."""
+    return TrainConfig(
+        name="0.5b",
+        run_dir="runs/selfe-0.5b",
+        steps=300_000,
+        model=mmdit_preset("0.5b"),
+        objective=ObjectiveConfig(tau_warmup=300_000, aux_start=None),
+        data=DataSection(source="cache", cache_dir="cache/train", batch_size=32, resolution=256),
+        optim=OptimConfig(lr=3e-4, final_lr=1e-5, warmup_steps=1000),
+        ema=EMAConfig(decay=0.9999),
+        parallel=ParallelConfig(compile=True),
+        checkpoint=CheckpointConfig(every=5000, keep=3),
+    )
+
+
+def paper_2b() -> TrainConfig:
+    """The paper's 2B recipe: 710k iterations, tau warm-up 300k, the auxiliary term from 550k, batch 1024
+    near 256^2 (the 512^2 mix of the last stage comes from the cache's resolution schedule)."""
+    return TrainConfig(
+        name="2b",
+        run_dir="runs/selfe-2b",
+        steps=710_000,
+        model=mmdit_preset("2b"),
+        objective=ObjectiveConfig(tau_warmup=300_000, aux_start=550_000),
+        data=DataSection(source="cache", cache_dir="cache/train", batch_size=16, resolution=256),
+        optim=OptimConfig(lr=3e-4, final_lr=1e-5, warmup_steps=1000),
+        ema=EMAConfig(decay=0.9999),
+        parallel=ParallelConfig(compile=True, activation_checkpointing=True),
+        checkpoint=CheckpointConfig(every=2000, keep=3),
+    )
+
+
+PRESETS: dict[str, Callable[[], TrainConfig]] = {"smoke": smoke, "0.5b": paper_0_5b, "2b": paper_2b}
+
+
+def preset(name: str) -> TrainConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown training preset {name!r}; known: {sorted(PRESETS)}")
+    return PRESETS[name]()
+
+
+def resolve(config: str, overrides: Sequence[str] = ()) -> TrainConfig:
+    """A preset name or a saved config.json path, then `key=value` overrides."""
+    base = load_config(config) if config.endswith(".json") or os.path.isfile(config) else preset(config)
+    return apply_overrides(base, overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# Overrides and (de)serialisation
+
+
+def apply_overrides(config: TrainConfig, overrides: Sequence[str]) -> TrainConfig:
+    """`section.key=value` strings applied in order; values parsed by the field's type; unknown keys
+    and unparsable values are errors. Returns a new, validated config."""
+    data = config.to_dict()
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value")
+        key, raw = item.split("=", 1)
+        path = key.strip().split(".")
+        target_type, node = _field_type(TrainConfig, path, key), data
+        for part in path[:-1]:
+            node = node[part]
+        node[path[-1]] = _parse(raw.strip(), target_type, key)
+    return config_from_dict(data)
+
+
+def config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    """Inverse of `TrainConfig.to_dict()`; unknown keys are errors at every level."""
+    return _build(TrainConfig, data, "")
+
+
+def save_config(config: TrainConfig, path: str | os.PathLike) -> None:
+    """The resolved config as JSON, written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(config.to_dict(), indent=1))
+    os.replace(tmp, path)
+
+
+def load_config(path: str | os.PathLike) -> TrainConfig:
+    return config_from_dict(json.loads(Path(path).read_text()))
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _dataclass_of(tp: Any) -> type | None:
+    return tp if isinstance(tp, type) and dataclasses.is_dataclass(tp) else None
+
+
+def _field_type(cls: type, path: list[str], key: str) -> Any:
+    tp: Any = cls
+    for i, part in enumerate(path):
+        dc = _dataclass_of(tp)
+        if dc is None:
+            raise ValueError(f"unknown config key {key!r}: {'.'.join(path[:i])} is not a section")
+        hints = _hints(dc)
+        if part not in hints or part not in {f.name for f in dataclasses.fields(dc)}:
+            raise ValueError(f"unknown config key {key!r}: {dc.__name__} has no field {part!r}; known: {sorted(hints)}")
+        tp = hints[part]
+    if _dataclass_of(tp) is not None:
+        raise ValueError(f"config key {key!r} is a section; set one of its fields ({key}.FIELD=...)")
+    return tp
+
+
+def _parse(raw: str, tp: Any, key: str) -> Any:
+    """A command-line string as type `tp` (bool, int, float, str, X | None, tuple[...])."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if raw.lower() in ("none", "null") and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _parse(raw, arg, key)
+            except ValueError as err:
+                errors.append(str(err))
+        raise ValueError(f"config key {key!r}: cannot parse {raw!r} as {tp}: {errors}")
+    if origin is tuple:
+        items = [p for p in raw.strip("()[]").split(",") if p.strip()]
+        if args and args[-1] is Ellipsis:
+            return tuple(_parse(p.strip(), args[0], key) for p in items)
+        if len(items) != len(args):
+            raise ValueError(f"config key {key!r} needs {len(args)} comma-separated values, got {raw!r}")
+        return tuple(_parse(p.strip(), a, key) for p, a in zip(items, args))
+    if tp is bool:
+        if raw.lower() in ("true", "1", "yes", "on"):
+            return True
+        if raw.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(f"config key {key!r} is a bool; got {raw!r} (use true/false)")
+    if tp in (int, float):
+        try:
+            return tp(float(raw)) if tp is int and "e" in raw.lower() and float(raw).is_integer() else tp(raw)
+        except ValueError:
+            raise ValueError(f"config key {key!r} is {tp.__name__}; cannot parse {raw!r}") from None
+    if tp is str:
+        return raw
+    raise ValueError(f"config key {key!r} has type {tp}, which overrides do not support")
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ValueError(f"config section {where or 'root'} must be an object, got {type(data).__name__}")
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown config keys in {where or 'root'} ({cls.__name__}): {unknown}")
+    kwargs = {}
+    for name, value in data.items():
+        sub = _dataclass_of(hints[name])
+        if sub is not None and isinstance(value, dict):
+            kwargs[name] = _build(sub, value, f"{where}.{name}".lstrip("."))
+        elif typing.get_origin(hints[name]) is tuple and isinstance(value, list):
+            kwargs[name] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _to_jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_jsonable(v) for v in value]
+    return value

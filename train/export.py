@@ -1,0 +1,41 @@
+"""Export of the EMA weights for sampling: DIR/model.safetensors + DIR/config.json (what
+selfe.pipeline.SelfEPipeline.from_pretrained reads) + DIR/train_config.json, written atomically.
+
+Every rank calls `export_ema` (gathering the sharded weights is collective); rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from selfe.train.config import TrainConfig
+
+
+def export_ema(ema_model: nn.Module, config: TrainConfig, out_dir: str | os.PathLike, rank: int = 0) -> Path:
+    """Gather the (sharded) EMA network's full weights and write them, fp32, as a pipeline directory."""
+    full = get_model_state_dict(ema_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    out = Path(out_dir)
+    if rank != 0:
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensors = {k: v.detach().to(torch.float32).contiguous() for k, v in full.items()}
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps({"model": config.model.to_dict()}, indent=1))
+    (tmp / "train_config.json").write_text(json.dumps(config.to_dict(), indent=1))
+    old = out.with_name(out.name + ".old")
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(out, old)
+    os.rename(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out

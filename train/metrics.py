@@ -1,0 +1,180 @@
+"""Per-step training metrics: model FLOPs of every pass, MFU, throughput, memory; JSONL, TensorBoard
+(when installed), a progress line, and NVTX ranges (no-ops without CUDA).
+
+FLOPs per micro-batch of B samples, B_self of them self-evaluated (SELFE.md §7), F(n) = one forward
+of n samples from selfe.flops:
+    3 F(B)              main forward + backward
+    2 F(B_self)         the EMA-conditional and live-unconditional self-evaluation forwards (no grad)
+    F(B_self) + 3 F(B_self)   with the auxiliary term on: the fake no-grad forward and the fake
+                              forward + backward
+Activation-checkpointing recomputation is not counted (MFU counts model FLOPs, not hardware FLOPs).
+Text tokens enter the FLOPs (they are computed, padding included); tokens/s counts the image tokens of
+the main pass (global batch x image tokens per sample / step time); images/s the global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from selfe.config import MMDiTConfig
+from selfe.flops import mmdit_forward_flops
+from selfe.schedule import self_eval_count
+
+
+def self_eval_samples(batch: int, split: str, self_eval: bool, frac_self: float | None = None) -> int:
+    """Samples that get the extra no-grad passes: batch // 2 under the half split, else the measured count."""
+    if not self_eval:
+        return 0
+    if split == "half":
+        return self_eval_count(batch)
+    return round((frac_self if frac_self is not None else 0.5) * batch)
+
+
+def step_flops(
+    config: MMDiTConfig,
+    batch: int,
+    img_tokens: int,
+    txt_tokens: int,
+    self_samples: int,
+    aux_on: bool,
+) -> dict[str, int]:
+    """Model FLOPs of one micro-batch by pass (see the module docstring) and their total."""
+
+    def fwd(n: int) -> int:
+        return mmdit_forward_flops(config, n, img_tokens, txt_tokens) if n else 0
+
+    parts = {
+        "main_fwd_bwd": 3 * fwd(batch),
+        "self_eval_fwd": 2 * fwd(self_samples),
+        "fake_fwd": fwd(self_samples) if aux_on else 0,
+        "fake_fwd_bwd": 3 * fwd(self_samples) if aux_on else 0,
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+@contextlib.contextmanager
+def nvtx_range(name: str, enabled: bool = True):
+    """An NVTX range on CUDA (shows in Nsight Systems); nothing at all otherwise."""
+    if enabled and torch.cuda.is_available():
+        torch.cuda.nvtx.range_push(name)
+        try:
+            yield
+        finally:
+            torch.cuda.nvtx.range_pop()
+    else:
+        yield
+
+
+def memory_stats(device: torch.device) -> dict[str, float]:
+    """Peak reserved/allocated GiB, allocation retries and OOMs since the last reset (CUDA only)."""
+    if device.type != "cuda":
+        return {}
+    stats = torch.cuda.memory_stats(device)
+    gib = 1024**3
+    return {
+        "mem_max_reserved_gib": stats.get("reserved_bytes.all.peak", 0) / gib,
+        "mem_max_allocated_gib": stats.get("allocated_bytes.all.peak", 0) / gib,
+        "mem_alloc_retries": stats.get("num_alloc_retries", 0),
+        "mem_ooms": stats.get("num_ooms", 0),
+    }
+
+
+def format_eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class MetricsLogger:
+    """Rank 0 writes one JSON object per step to `run_dir/metrics.jsonl` (flushed at once, so a watcher
+    sees progress), mirrors scalars to TensorBoard when it is installed, and prints a progress line."""
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        total_steps: int,
+        log_every: int,
+        peak_flops: float,
+        world_size: int,
+        enabled: bool = True,
+        tensorboard: bool = True,
+    ):
+        self.total_steps, self.log_every, self.world_size = total_steps, log_every, world_size
+        self.peak_flops, self.enabled = peak_flops, enabled
+        self._file = None
+        self._tb = None
+        self._last_print: tuple[int, float] | None = None  # (step, time) of the last progress line
+        if not enabled:
+            return
+        path = Path(run_dir) / "metrics.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(path, "a", encoding="utf-8")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is optional
+                SummaryWriter = None
+            if SummaryWriter is not None:
+                self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def throughput(self, step_time: float, images: int, tokens: int, flops: float) -> dict[str, float]:
+        """Rates of one step over the whole job (images, tokens and flops summed over ranks)."""
+        step_time = max(step_time, 1e-9)
+        tflops_per_device = flops / step_time / self.world_size / 1e12
+        return {
+            "images_per_s": images / step_time,
+            "tokens_per_s": tokens / step_time,
+            "tflops_per_device": tflops_per_device,
+            "mfu": tflops_per_device * 1e12 / self.peak_flops,
+        }
+
+    def log(self, step: int, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if self._last_print is None:
+            self._last_print = (step - 1, now - record.get("step_time", 0.0))
+        record = {"step": step, **{k: _plain(v) for k, v in record.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self._tb.add_scalar(key, value, step)
+        if step % self.log_every == 0 or step == self.total_steps:
+            # the rate over the steps since the last line: start-up and compilation fall out of it
+            rate = (step - self._last_print[0]) / max(now - self._last_print[1], 1e-9)
+            self._last_print = (step, now)
+            eta = (self.total_steps - step) / rate if rate > 0 else float("inf")
+            print(
+                f"step {step}/{self.total_steps} | loss {record.get('loss', float('nan')):.4f} | "
+                f"{rate:.2f} it/s | {record.get('images_per_s', 0):.1f} img/s | "
+                f"MFU {100 * record.get('mfu', 0):.1f}% | lr {record.get('lr', 0):.2e} | ETA {format_eta(eta)}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.item()
+    return value

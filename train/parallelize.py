@@ -1,0 +1,73 @@
+"""Parallelising the MMDiT for training, torchtitan's way and in its order:
+activation checkpointing per block -> torch.compile per block -> FSDP2 per block, then the root.
+
+Nothing is hand-rolled: `checkpoint_wrapper` recomputes a block in backward, `torch.compile` compiles
+each block (blocks of one class share code, so the graph is compiled once per block type and reused),
+`fully_shard` shards every block and the root over the data-parallel mesh. World size 1 works too.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from selfe.train.config import ParallelConfig
+
+
+def param_dtype_for(config: ParallelConfig, device: torch.device) -> torch.dtype:
+    """bf16 parameters for compute on CUDA under precision 'auto'/'bf16'; fp32 on CPU or when asked."""
+    if config.precision == "fp32" or (config.precision == "auto" and device.type != "cuda"):
+        return torch.float32
+    return torch.bfloat16
+
+
+def blocks_of(model: nn.Module) -> list[tuple[nn.ModuleList, int]]:
+    """(container, index) of every transformer block, double-stream first."""
+    return [(blocks, i) for blocks in (model.double_blocks, model.single_blocks) for i in range(len(blocks))]
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Wrap every block so that its activations are recomputed in backward (full, per block)."""
+    for blocks, i in blocks_of(model):
+        blocks[i] = checkpoint_wrapper(blocks[i], preserve_rng_state=False)
+
+
+def apply_compile(model: nn.Module, fullgraph: bool = True) -> None:
+    """torch.compile each block in place (Module.compile keeps names and state-dict keys unchanged)."""
+    for blocks, i in blocks_of(model):
+        blocks[i].compile(fullgraph=fullgraph)
+
+
+def apply_fsdp(
+    model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype, reshard_after_forward: bool = True
+) -> None:
+    """FSDP2 on every block, then the root (embedders, final layer). Gradients are reduced in fp32."""
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for blocks, i in blocks_of(model):
+        fully_shard(blocks[i], mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    # The root's parameters are used again at once by the next forward: keep them gathered.
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+
+
+def parallelize(model: nn.Module, config: ParallelConfig, mesh: DeviceMesh, *, trainable: bool = True) -> nn.Module:
+    """Apply the passes in order; `trainable=False` (the EMA copy) skips activation checkpointing."""
+    device = torch.device(mesh.device_type)
+    if trainable and config.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if config.compile:
+        apply_compile(model, config.compile_fullgraph)
+    apply_fsdp(model, mesh, param_dtype_for(config, device), config.reshard_after_forward)
+    return model
+
+
+def reshard_all(model: nn.Module) -> None:
+    """Free every gathered parameter so `parameters()` are the sharded DTensors again (an FSDP module
+    kept gathered after forward exposes plain tensors; the EMA lerp needs the shards on both sides)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()

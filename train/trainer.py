@@ -1,0 +1,340 @@
+"""The Self-E training loop: FSDP2 model + sharded EMA, the self-evaluating objective, DCP checkpoints,
+exact resume, fault handling and MFU accounting.
+
+One optimizer step (an "iteration", the objective's clock):
+    for each of grad_accum micro-batches: SelfELoss(live, EMA, batch) forward, backward; the self-eval
+    passes run without grad on the s < t half (selfe.objective). Gradients are reduce-scattered after
+    every micro-batch, as torchtitan does: they accumulate in the fp32 shards, not in unsharded bf16.
+    one all-reduce of the step's scalars (losses, non-finite flag, stop request) -> every rank agrees
+    clip (the global grad norm); a non-finite loss or norm skips optimizer.step and the EMA update
+    optimizer.step, EMA lerp in place (shard by shard), LR schedule step
+The randomness of micro-batch `slot = micro * world + rank` at iteration k comes from a generator seeded
+with (seed, k, slot), so 1 rank with grad_accum 2 computes exactly what 2 ranks with grad_accum 1 do,
+and a resumed run draws what an uninterrupted one would.
+
+Caption dropout: the objective's (`objective.caption_dropout`, on the encoded conditions); the data
+sources hand over undropped captions, so it happens exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+
+from selfe.model import MMDiT
+from selfe.objective import SelfELoss
+from selfe.schedule import tau_at
+from selfe.train.checkpoint import Checkpointer, rng_state, set_rng_state
+from selfe.train.config import TrainConfig, save_config
+from selfe.train.ema import EMA
+from selfe.train.lr import build_optimizer, build_scheduler
+from selfe.train.metrics import MetricsLogger, memory_stats, nvtx_range, self_eval_samples, step_flops
+from selfe.train.parallelize import parallelize, reshard_all
+from selfe.train.sources import build_source
+
+log = logging.getLogger(__name__)
+
+SCALARS = ("loss", "loss_data", "loss_self", "loss_fake", "lambda_mean", "frac_self")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    owns_group: bool  # this trainer created the process group and destroys it
+
+
+@dataclass
+class TrainResult:
+    step: int  # optimizer steps done (including skipped ones)
+    skipped: int  # steps skipped for a non-finite loss or gradient
+    stopped_by_signal: bool
+    losses: list[float] = field(default_factory=list)  # global loss of every step this call ran
+    checkpoint: Path | None = None  # the last checkpoint written
+
+
+def init_distributed(config: TrainConfig) -> DistInfo:
+    """Join torchrun's process group (env RANK/WORLD_SIZE) or make a world of one; pick the device."""
+    use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' but CUDA is not available")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    backend = config.parallel.backend or ("nccl" if use_cuda else "gloo")
+    owns = False
+    if not dist.is_initialized():
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        owns = True
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, owns)
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def _labelled(net, live: bool, enabled: bool):
+    """The network as the objective calls it, inside an NVTX range named by the pass it serves."""
+
+    def call(x, t, s, cond):
+        name = "forward" if torch.is_grad_enabled() else ("self_eval/live" if live else "self_eval/ema")
+        with nvtx_range(name, enabled):
+            return net(x, t, s, cond)
+
+    return call
+
+
+class Trainer:
+    """Builds everything from a TrainConfig; `train()` runs to `config.steps` (resuming if asked)."""
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.dist = init_distributed(config)
+        rank, world, device = self.dist.rank, self.dist.world_size, self.dist.device
+        self.run_dir = Path(config.run_dir)
+        if rank == 0:
+            save_config(config, self.run_dir / "config.json")
+
+        torch.manual_seed(config.seed)  # the same initial weights on every rank
+        with torch.device(device):
+            model = MMDiT(config.model)
+        model.validate_inputs = False  # t, s come from the objective; the checks would sync every pass
+        self.ema = EMA(model, config.ema.decay, config.ema.warmup)  # copied before sharding: sharded alike
+        mesh = init_device_mesh(device.type, (world,))
+        self.model = parallelize(model, config.parallel, mesh)
+        parallelize(self.ema.model, config.parallel, mesh, trainable=False)
+        self.optimizer = build_optimizer(self.model.parameters(), config.optim)
+        self.scheduler = build_scheduler(self.optimizer, config.optim, config.steps)
+        self.loss_fn = SelfELoss(config.objective)
+        self.source = build_source(config.data, config.model, rank, world, config.optim.grad_accum, device)
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", config.checkpoint.keep, rank, world)
+        self.metrics = MetricsLogger(
+            self.run_dir,
+            config.steps,
+            config.metrics.log_every,
+            config.metrics.peak_flops,
+            world,
+            enabled=rank == 0,
+            tensorboard=config.metrics.tensorboard,
+        )
+        self.step = 0
+        self.skipped = 0
+        self.streak = 0
+        self._stop = False
+        self.before_commit = None  # a hook inside the checkpoint write, after the data, before the rename
+        if config.fault.kill_in_checkpoint_step is not None:
+            self.before_commit = self._kill_in_checkpoint
+        self.checkpointer.clean_partial()
+        self._resumed_step = -1
+        if config.checkpoint.resume:
+            latest = self.checkpointer.latest()
+            if latest is not None:
+                self.load(latest)
+                self._resumed_step = self.step
+
+    # ------------------------------------------------------------------------------------------
+    # Checkpoint state
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "model": get_model_state_dict(self.model),
+            "ema": get_model_state_dict(self.ema.model),
+            "optim": get_optimizer_state_dict(self.model, self.optimizer),
+            "train": {
+                "step": self.step,
+                "skipped": self.skipped,
+                "streak": self.streak,
+                "ema_updates": self.ema.num_updates,
+                "scheduler": self.scheduler.state_dict(),
+            },
+        }
+
+    def save(self) -> Path:
+        with nvtx_range("checkpoint", self.config.metrics.nvtx):
+            rank_state = {"rng": rng_state(), "data": self.source.state_dict()}
+            return self.checkpointer.save(
+                self.step, self._state(), rank_state, self.config.to_dict(), self.before_commit
+            )
+
+    def _kill_in_checkpoint(self) -> None:
+        if self.step == self.config.fault.kill_in_checkpoint_step:
+            os.kill(os.getpid(), signal.SIGKILL)  # testing: a kill -9 in the middle of a write
+
+    def load(self, path: str | os.PathLike) -> None:
+        state = self._state()
+        rank_state = self.checkpointer.load(path, state)
+        set_model_state_dict(self.model, state["model"])
+        set_model_state_dict(self.ema.model, state["ema"])
+        set_optimizer_state_dict(self.model, self.optimizer, state["optim"])
+        train = state["train"]
+        self.step, self.skipped, self.streak = int(train["step"]), int(train["skipped"]), int(train["streak"])
+        self.ema.num_updates = int(train["ema_updates"])
+        self.scheduler.load_state_dict(train["scheduler"])
+        set_rng_state(rank_state["rng"])
+        self.source.load_state_dict(rank_state["data"])
+        if self.dist.rank == 0:
+            log.info("resumed from %s at step %d", path, self.step)
+
+    # ------------------------------------------------------------------------------------------
+    # One step
+
+    def _generator(self, iteration: int, slot: int) -> torch.Generator:
+        seed = (self.config.seed * 1_000_003 + iteration) * 4099 + slot
+        return torch.Generator(self.dist.device).manual_seed(seed % (2**63))
+
+    def train_step(self) -> dict[str, Any]:
+        """Run iteration `self.step`; returns its metrics record (global over ranks)."""
+        cfg, device = self.config, self.dist.device
+        iteration, world, accum = self.step, self.dist.world_size, cfg.optim.grad_accum
+        nvtx = cfg.metrics.nvtx
+        aux_on = cfg.objective.aux_on(iteration)
+        start = time.perf_counter()
+        micro_batches = self.source.next_step(want_fake=aux_on)
+        if iteration in cfg.fault.inject_nan_steps:
+            micro_batches[0] = {**micro_batches[0], "x0": micro_batches[0]["x0"] * float("nan")}
+        net = _labelled(self.model, True, nvtx)
+        ema_net = _labelled(self.ema.model, False, nvtx)
+        sums = torch.zeros(len(SCALARS), dtype=torch.float64, device=device)
+        flops = 0
+        for micro, batch in enumerate(micro_batches):
+            batch = _to_device(batch, device)
+            generator = self._generator(iteration, micro * world + self.dist.rank)
+            loss, parts = self.loss_fn(net, ema_net, batch, iteration, generator)
+            with nvtx_range("backward", nvtx):
+                (loss / accum).backward()
+            sums += torch.stack([parts[k].detach().double().to(device) for k in SCALARS])
+            b, _, h, w = batch["x0"].shape
+            p = cfg.model.patch_size
+            img_tokens, txt_tokens = (h // p) * (w // p), batch["cond"]["txt"].shape[1]
+            # the half split needs no host sync; the Bernoulli one counts the drawn samples
+            frac = float(parts["frac_self"]) if cfg.objective.s_split != "half" else None
+            n_self = self_eval_samples(b, cfg.objective.s_split, cfg.objective.self_eval, frac)
+            flops += step_flops(cfg.model, b, img_tokens, txt_tokens, n_self, aux_on)["total"]
+
+        with nvtx_range("optimizer", nvtx):
+            max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+            if hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
+            # One collective for every scalar of the step: losses, stop request (any rank's signal).
+            packed = torch.cat([sums, torch.tensor([float(self._stop)], dtype=torch.float64, device=device)])
+            dist.all_reduce(packed)
+            values = (packed[: len(SCALARS)] / (world * accum)).tolist()
+            stop_requested = packed[-1].item() > 0
+            grad_norm_value = float(grad_norm)
+            finite = math.isfinite(values[0]) and math.isfinite(grad_norm_value)
+            lr = self.scheduler.get_last_lr()[0]
+            if finite:
+                self.optimizer.step()
+                reshard_all(self.ema.model)
+                reshard_all(self.model)
+                self.ema.update(self.model)
+                self.streak = 0
+            else:
+                self.skipped += 1
+                self.streak += 1
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        step_time = time.perf_counter() - start
+        self.step += 1
+        self._stop = self._stop or stop_requested
+
+        global_batch = cfg.data.batch_size * world * accum
+        record: dict[str, Any] = dict(zip(SCALARS, values))
+        record.update(
+            grad_norm=grad_norm_value,
+            lr=lr,
+            tau=tau_at(iteration, cfg.objective.tau_warmup),
+            aux_on=aux_on,
+            skipped=not finite,
+            skipped_total=self.skipped,
+            step_time=step_time,
+            **self.metrics.throughput(step_time, global_batch, global_batch * img_tokens, flops * world),
+            tflops_per_step=flops * world / 1e12,
+            **memory_stats(device),
+        )
+        return record
+
+    # ------------------------------------------------------------------------------------------
+    # The loop
+
+    def _on_signal(self, signum, frame) -> None:
+        self._stop = True
+        if self.dist.rank == 0:
+            log.warning("signal %d: finishing the step, then checkpoint and exit", signum)
+
+    def train(self) -> TrainResult:
+        cfg = self.config
+        result = TrainResult(step=self.step, skipped=self.skipped, stopped_by_signal=False)
+        previous = {}
+        if threading.current_thread() is threading.main_thread():  # Python delivers signals there only
+            previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        saved_at = self._resumed_step  # a run resumed at its last step has nothing new to save
+        try:
+            while self.step < cfg.steps:
+                record = self.train_step()
+                result.losses.append(record["loss"])
+                self.metrics.log(self.step, record)
+                if self.streak >= cfg.fault.max_nonfinite_streak:
+                    raise NonFiniteLossError(
+                        f"{self.streak} consecutive steps had a non-finite loss or gradient (last at step "
+                        f"{self.step}, loss {record['loss']}, grad norm {record['grad_norm']}); aborting. "
+                        "Lower optim.lr, check the data, or raise fault.max_nonfinite_streak."
+                    )
+                if self._stop:
+                    result.checkpoint, saved_at = self.save(), self.step
+                    result.stopped_by_signal = True
+                    break
+                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+                    result.checkpoint, saved_at = self.save(), self.step
+            if not result.stopped_by_signal:
+                if saved_at != self.step:
+                    result.checkpoint = self.save()
+                if cfg.checkpoint.export_at_end:
+                    from selfe.train.export import export_ema
+
+                    export_ema(self.ema.model, cfg, self.run_dir / "export", self.dist.rank)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self.metrics.close()
+        result.step, result.skipped = self.step, self.skipped
+        return result
+
+    def close(self) -> None:
+        """Destroy the process group if this trainer made it."""
+        if self.dist.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
