@@ -18,7 +18,6 @@ from selfe.train.lr import lr_at
 from selfe.train.metrics import step_flops
 from selfe.train.trainer import NonFiniteLossError, Trainer
 from tests.helpers_data import make_procedural_dataset
-
 from tests.train.helpers_trainer import read_metrics, tiny_config
 
 

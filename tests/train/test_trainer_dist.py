@@ -12,7 +12,6 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from selfe.train.checkpoint import Checkpointer
-
 from tests.train.helpers_trainer import REPO, child_env, read_metrics, run_train, tiny_overrides, train_command
 
 pytestmark = pytest.mark.dist
