@@ -32,8 +32,17 @@ STEP_DIR = re.compile(r"^step_(\d{9})$")
 
 
 def rng_state() -> dict[str, Any]:
-    """This process's RNG states (torch CPU, CUDA, Python, NumPy)."""
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """This process's RNG states (torch CPU, CUDA, Python, NumPy), as tensors and plain Python values only,
+    so the file loads with `torch.load(weights_only=True)`: nothing in a checkpoint is unpickled."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = {
+        "name": name,
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached),
+    }
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_state}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -42,7 +51,9 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["name"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -136,4 +147,4 @@ class Checkpointer:
                 "the data order and RNG streams are per rank, so resume needs the same world size"
             )
         dcp.load(state, checkpoint_id=str(path))
-        return torch.load(path / f"rank{self.rank:05d}.pt", weights_only=False)
+        return torch.load(path / f"rank{self.rank:05d}.pt", weights_only=True)

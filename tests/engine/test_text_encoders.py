@@ -270,6 +270,6 @@ def test_guard_refuses_network_and_unpickling(tmp_path: Path) -> None:
     with pytest.raises(AssertionError, match="network"):
         socket.create_connection(("127.0.0.1", 9))
     with pytest.raises(AssertionError, match="torch.load"):
-        torch.load(tmp_path / "x.pt")
+        torch.load(tmp_path / "x.pt", weights_only=True)
     with pytest.raises(AssertionError, match="unpickling"):
         pickle.loads(b"")

@@ -39,7 +39,7 @@ def test_two_ranks_equal_one_rank_with_accumulation(tmp_path):
     for name in ("one", "two"):
         out = tmp_path / f"{name}.pt"
         dcp_to_torch_save(tmp_path / name / "checkpoints" / f"step_{4:09d}", out)
-        live[name] = torch.load(out, weights_only=False)["model"]
+        live[name] = torch.load(out, weights_only=True)["model"]
     assert live["one"].keys() == live["two"].keys() and len(live["one"]) == len(wa)
     for key in live["one"]:
         torch.testing.assert_close(live["two"][key], live["one"][key], rtol=1e-5, atol=1e-6)
