@@ -118,6 +118,7 @@ class ParallelConfig:
     activation_checkpointing: bool = False  # per block
     compile: bool = False  # torch.compile per block
     compile_fullgraph: bool = True  # a graph break in a block is an error (False: allowed, slower)
+    compile_backend: str = "inductor"  # torch.compile backend ("aot_eager" traces without code generation)
     precision: str = "auto"  # auto: bf16 params / fp32 reduce on CUDA, fp32 on CPU
     reshard_after_forward: bool = True
     backend: str | None = None  # process-group backend; None: nccl on CUDA, gloo on CPU

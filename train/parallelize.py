@@ -35,10 +35,10 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         blocks[i] = checkpoint_wrapper(blocks[i], preserve_rng_state=False)
 
 
-def apply_compile(model: nn.Module, fullgraph: bool = True) -> None:
+def apply_compile(model: nn.Module, fullgraph: bool = True, backend: str = "inductor") -> None:
     """torch.compile each block in place (Module.compile keeps names and state-dict keys unchanged)."""
     for blocks, i in blocks_of(model):
-        blocks[i].compile(fullgraph=fullgraph)
+        blocks[i].compile(fullgraph=fullgraph, backend=backend)
 
 
 def apply_fsdp(
@@ -58,7 +58,7 @@ def parallelize(model: nn.Module, config: ParallelConfig, mesh: DeviceMesh, *, t
     if trainable and config.activation_checkpointing:
         apply_activation_checkpointing(model)
     if config.compile:
-        apply_compile(model, config.compile_fullgraph)
+        apply_compile(model, config.compile_fullgraph, config.compile_backend)
     apply_fsdp(model, mesh, param_dtype_for(config, device), config.reshard_after_forward)
     return model
 

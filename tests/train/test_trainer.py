@@ -194,6 +194,15 @@ def test_cli_rejects_a_bad_config(capsys):
     assert json.loads(capsys.readouterr().out)["steps"] == 7
 
 
+def test_compiled_blocks_train_like_eager_ones(tmp_path):
+    # aot_eager: the same dynamo trace, guards and autograd graph as inductor, without its C++ build on CPU.
+    plain = _run(tiny_config(tmp_path / "plain", 3))
+    compiled = _run(
+        tiny_config(tmp_path / "compiled", 3, "parallel.compile=true", "parallel.compile_backend=aot_eager")
+    )
+    torch.testing.assert_close(torch.tensor(compiled.losses), torch.tensor(plain.losses), rtol=0, atol=1e-5)
+
+
 def test_activation_checkpointing_changes_nothing_but_memory(tmp_path):
     plain = _run(tiny_config(tmp_path / "plain", 3))
     ac = _run(tiny_config(tmp_path / "ac", 3, "parallel.activation_checkpointing=true"))
