@@ -165,6 +165,7 @@ class CacheSource:
             seed=data.seed,
             rank=rank,
             world_size=world_size,
+            schedule=data.resolution_schedule(),
             batches_per_step=grad_accum,
         )
         self.accum, self.patch = grad_accum, model.patch_size

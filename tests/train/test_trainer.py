@@ -185,6 +185,33 @@ def test_images_encoded_on_the_fly_or_read_from_a_cache(tmp_path):
         apply_overrides(preset("smoke"), ["data.source=images"])
 
 
+def test_progressive_schedule_switches_the_cached_resolution(tmp_path):
+    """The paper's schedule through the cache: low resolution first, then (here with probability 1) high."""
+    from selfe.train.cache import build_cache
+    from selfe.train.cache_shards import CacheConfig
+    from selfe.train.smoke_encoders import SmokeImageEncoder, SmokeTextEncoder
+
+    data = make_procedural_dataset(tmp_path / "data", 16, sizes=((64, 64),))
+    base = tiny_config(tmp_path / "unused", 1)
+    build_cache(
+        data.manifest,
+        tmp_path / "cache",
+        SmokeImageEncoder(base.model.in_channels),
+        SmokeTextEncoder(base.model.txt_dim, base.model.vec_dim, base.data.text_length),
+        CacheConfig(resolutions=(32, 64), shard_size=8, num_threads=0),
+        progress=False,
+    )
+    config = tiny_config(
+        tmp_path / "run", 4, "data.source=cache", f"data.cache_dir={tmp_path / 'cache'}", "data.resolution=32",
+        "data.high_resolution=64", "data.high_from=2", "data.high_fraction=1.0",
+    )  # fmt: skip
+    _run(config)
+    flops = [r["tflops_per_step"] for r in read_metrics(tmp_path / "run")]
+    assert flops[0] == flops[1] < flops[2] == flops[3]  # 4x the image tokens from step 2 on
+    mix = preset("2b").data.resolution_schedule()
+    assert mix.mix_at(499_999) == {256: 1.0} and mix.mix_at(500_000) == {256: 0.5, 512: 0.5}
+
+
 def test_cli_rejects_a_bad_config(capsys):
     from selfe.train.cli import train_main
 
