@@ -12,6 +12,12 @@ CLIP-L-shaped for the 0.5b / 2b presets (the width the model expects), tiny ones
 
     python bench/sample_throughput.py --preset tiny --resolution 64 --batch 1 2 --steps 1 2        # CPU smoke
     python bench/sample_throughput.py --preset 2b --resolution 512 --batch 1 16 --json bench/sample_2b.json
+    python bench/sample_throughput.py --preset tiny --resolution 64 --batch 1 --steps 1 2 --fp8 torchao
+
+--fp8 torchao|te also samples with an FP8 copy of the same model (its large linears converted for
+inference, selfe.fp8), every variant and step count, and reports it against the high-precision model
+of the same run: images/s ratio per point, and the relative error of one denoiser forward on the same
+inputs (bench/fp8.py `relative_error`).
 """
 
 from __future__ import annotations
@@ -21,16 +27,20 @@ import json
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tests/helpers_text for the offline tokenizers
 
+from bench.fp8 import relative_error  # noqa: E402
 from selfe.autoencoder import AUTOENCODER_PRESETS, AutoEncoder  # noqa: E402
 from selfe.config import mmdit_preset  # noqa: E402
 from selfe.flops import mmdit_forward_flops  # noqa: E402
+from selfe.fp8 import FP8Config, converted_modules, fp8_autocast_context, fp8_copy  # noqa: E402
 from selfe.graphs import FastPathConfig, FastSampler  # noqa: E402
 from selfe.model import MMDiT  # noqa: E402
 from selfe.sampler import SamplerConfig  # noqa: E402
@@ -67,6 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile-mode", default=None, help="e.g. max-autotune-no-cudagraphs")
     parser.add_argument("--iters", type=int, default=5, help="timed repeats per point (median reported)")
     parser.add_argument("--peak-flops", type=float, default=989e12, help="device peak FLOP/s (H100 SXM bf16 dense)")
+    parser.add_argument("--fp8", choices=("none", "torchao", "te"), default="none", help="also sample in FP8, compared")
+    parser.add_argument("--fp8-scaling", choices=("tensorwise", "rowwise"), default="tensorwise", help="torchao only")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--markdown", type=Path, default=None, help="also write the table here")
@@ -158,6 +170,11 @@ def main(argv: list[str] | None = None) -> dict:
         text = TextEncoders.from_snapshots(args.t5, args.clip, t5_max_length=txt_tokens, device=device, dtype=dtype)
     else:
         text = random_text_encoders(config.txt_dim, config.vec_dim, txt_tokens, device, dtype, real_shape=not tiny)
+    fp8_config = FP8Config(recipe=args.fp8, scaling=args.fp8_scaling, fsdp_float8_all_gather=False)
+    nets: dict[str, nn.Module] = {"none": model}
+    if fp8_config.enabled:
+        nets[args.fp8] = fp8_copy(model, fp8_config, training=False)  # same weights, large linears in FP8
+    fp8_errors = []
 
     rows, stages = [], []
     for batch in args.batch:
@@ -172,33 +189,43 @@ def main(argv: list[str] | None = None) -> dict:
             dec_s, _ = timed(lambda z=noise: autoencoder.decode(z.to(dtype)), device, args.iters)
         stages.append({"batch": batch, "text_encoder_ms": enc_s * 1e3, "decode_ms": dec_s * 1e3})
 
+        if fp8_config.enabled:
+            fp8_errors.append({"batch": batch, "relative_error": denoiser_error(nets, fp8_config, noise, cond)})
+
         flops_step = mmdit_forward_flops(config, batch * (2 if guidance is not None else 1), img_tokens, txt_tokens)
         for variant in variants:
-            fast = FastSampler(
-                model,
-                FastPathConfig(
-                    compile=variant != "eager",
-                    cuda_graph="on" if variant == "compiled+graph" else "off",
-                    compile_backend=args.compile_backend,
-                    compile_mode=args.compile_mode,
-                ),
-            )
-            if variant != "eager":
-                torch._dynamo.reset()  # each variant's warm-up pays its own compile
-            warm_s = fast.warmup(noise, cond, null, args.sampler, args.kernel_backend)
-            for steps in args.steps:
-                sampler = SamplerConfig(
-                    steps=steps, method=args.sampler, guidance=guidance, kernel_backend=args.kernel_backend
+            for fp8, net in nets.items():
+                fast = FastSampler(
+                    net,
+                    FastPathConfig(
+                        compile=variant != "eager",
+                        cuda_graph="on" if variant == "compiled+graph" else "off",
+                        compile_backend=args.compile_backend,
+                        compile_mode=args.compile_mode,
+                    ),
                 )
-                gen = torch.Generator(device=device).manual_seed(args.seed)
-                run = lambda f=fast, c=sampler, g=gen: f.sample(noise, cond, null, c, img_tokens, g)  # noqa: B023
-                run()  # the first call of a step count builds its grid tables; not a compile
-                seconds, _ = timed(run, device, args.iters)
-                per_step = seconds / steps
-                rows.append(
-                    {
+                if variant != "eager":
+                    torch._dynamo.reset()  # each variant's warm-up pays its own compile
+                on = fp8 != "none"
+                with fp8_autocast_context(fp8_config) if on else nullcontext():
+                    warm_s = fast.warmup(noise, cond, null, args.sampler, args.kernel_backend)
+                for steps in args.steps:
+                    sampler = SamplerConfig(
+                        steps=steps, method=args.sampler, guidance=guidance, kernel_backend=args.kernel_backend
+                    )
+                    gen = torch.Generator(device=device).manual_seed(args.seed)
+
+                    def run(f=fast, c=sampler, g=gen, on=on):
+                        with fp8_autocast_context(fp8_config) if on else nullcontext():
+                            return f.sample(noise, cond, null, c, img_tokens, g)  # noqa: B023
+
+                    run()  # the first call of a step count builds its grid tables; not a compile
+                    seconds, _ = timed(run, device, args.iters)
+                    per_step = seconds / steps
+                    row = {
                         "batch": batch,
                         "variant": variant,
+                        "fp8": fp8,
                         "steps": steps,
                         "latency_ms": seconds * 1e3,
                         "step_ms": per_step * 1e3,
@@ -208,8 +235,12 @@ def main(argv: list[str] | None = None) -> dict:
                         "mfu": flops_step / per_step / args.peak_flops,
                         "warmup_s": warm_s,
                     }
-                )
-                print(_row_md(rows[-1]), flush=True)
+                    if on:  # against the high-precision row of the same point
+                        point = (batch, variant, steps, "none")
+                        base = next(r for r in rows if (r["batch"], r["variant"], r["steps"], r["fp8"]) == point)
+                        row["speedup_vs_high_precision"] = row["images_per_s"] / base["images_per_s"]
+                    rows.append(row)
+                    print(_row_md(rows[-1]), flush=True)
 
     result = {
         "preset": args.preset,
@@ -233,6 +264,12 @@ def main(argv: list[str] | None = None) -> dict:
         "stages": stages,
         "rows": rows,
     }
+    if fp8_config.enabled:
+        result["fp8"] = {
+            **fp8_config.to_dict(),
+            "converted_linears": len(converted_modules(nets[args.fp8])),
+            "denoiser_relative_error": fp8_errors,
+        }
     table = markdown(result)
     print(table)
     if args.markdown:
@@ -245,11 +282,32 @@ def main(argv: list[str] | None = None) -> dict:
 HEADER = "| batch | variant | steps | latency ms | ms/step | images/s | MFU | warm-up s |"
 
 
+@torch.no_grad()
+def denoiser_error(nets: dict[str, nn.Module], config: FP8Config, x: torch.Tensor, cond: dict) -> float:
+    """Relative error of the FP8 model's denoiser output against the high-precision one: same weights,
+    same inputs (x, one t and s per sample, the prompt's condition)."""
+    b = x.shape[0]
+    g = torch.Generator().manual_seed(0)
+    t = (torch.rand(b, generator=g) * 0.8 + 0.1).to(x.device)
+    s = t * torch.rand(b, generator=g).to(x.device)
+    dtype = next(nets["none"].parameters()).dtype
+    reference = nets["none"](x.to(dtype), t, s, cond)
+    with fp8_autocast_context(config):
+        out = nets[config.recipe](x.to(dtype), t, s, cond)
+    return relative_error(out, reference)
+
+
 def _row_md(r: dict) -> str:
     return (
-        f"| {r['batch']} | {r['variant']} | {r['steps']} | {r['latency_ms']:.2f} | {r['step_ms']:.2f} | "
+        f"| {r['batch']} | {_label(r)} | {r['steps']} | {r['latency_ms']:.2f} | {r['step_ms']:.2f} | "
         f"{r['images_per_s']:.2f} | {100 * r['mfu']:.1f}% | {r['warmup_s']:.1f} |"
     )
+
+
+def _label(r: dict) -> str:
+    if r.get("fp8", "none") == "none":
+        return r["variant"]
+    return f"{r['variant']} fp8={r['fp8']} (x{r['speedup_vs_high_precision']:.2f})"
 
 
 def markdown(result: dict) -> str:
@@ -268,6 +326,14 @@ def markdown(result: dict) -> str:
         "|---|---|---|",
         *(f"| {s['batch']} | {s['text_encoder_ms']:.2f} | {s['decode_ms']:.2f} |" for s in result["stages"]),
     ]
+    if "fp8" in result:
+        fp8 = result["fp8"]
+        errors = ", ".join(f"batch {e['batch']}: {e['relative_error']:.3e}" for e in fp8["denoiser_relative_error"])
+        lines += [
+            "",
+            f"FP8 {fp8['recipe']}/{fp8['scaling']}: {fp8['converted_linears']} linears converted; (xN) = images/s "
+            f"against the high-precision row of the same point; denoiser output relative error {errors}.",
+        ]
     if result["skipped_variants"]:
         lines += ["", f"Skipped (needs CUDA): {', '.join(result['skipped_variants'])}."]
     return "\n".join(lines)

@@ -10,15 +10,21 @@ with its self-evaluation passes on the s < t half), one run per variant:
 MFU counts every pass (main fwd+bwd, the two no-grad self-eval forwards, and with --aux the fake
 no-grad forward and fwd+bwd), activation-checkpointing recomputation excluded, over --peak-flops.
 tau is 1 from the start (tau_warmup=0) so the self-eval passes run at full size.
+With --fp8 torchao|te every variant also runs with the live network's large linears in FP8
+(`fp8.recipe=...`), reported against the high-precision run of the same variant (throughput ratio),
+plus the relative error of one FP8 training-converted denoiser forward against the high-precision
+one on the same inputs and weights (bench/fp8.py `compare_fp8`).
 
     python bench/train_mfu.py --preset 2b --resolution 512 --batch 8 --steps 20 --json bench/train_mfu.json
     python bench/train_mfu.py --preset tiny --resolution 64 --steps 3           # CPU smoke
+    python bench/train_mfu.py --preset tiny --resolution 64 --steps 3 --fp8 torchao
 Under torchrun every rank trains; rank 0 prints. Images/s and tokens/s are for the whole job.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -51,12 +57,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--peak-flops", type=float, default=989e12, help="per device (H100 bf16 dense)")
     parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
     parser.add_argument("--attention-backend", default=None)
+    parser.add_argument("--fp8", default="none", choices=("none", "torchao", "te"), help="also run FP8, compared")
+    parser.add_argument("--fp8-scaling", default="tensorwise", choices=("tensorwise", "rowwise"), help="torchao only")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("overrides", nargs="*", help="extra trainer key=value overrides")
     return parser.parse_args(argv)
 
 
-def run_variant(args: argparse.Namespace, variant: str, run_dir: Path) -> dict:
+def run_variant(args: argparse.Namespace, variant: str, run_dir: Path, fp8: str = "none") -> dict:
     from selfe.train.config import apply_overrides, preset
     from selfe.train.trainer import Trainer
 
@@ -83,6 +91,8 @@ def run_variant(args: argparse.Namespace, variant: str, run_dir: Path) -> dict:
         f"parallel.precision={args.precision}",
         "device=auto",
         *VARIANTS[variant],
+        f"fp8.recipe={fp8}",
+        *([f"fp8.scaling={args.fp8_scaling}"] if fp8 != "none" else []),
         *([f"model.attention_backend={args.attention_backend}"] if args.attention_backend else []),
         *args.overrides,
     ]
@@ -103,6 +113,7 @@ def run_variant(args: argparse.Namespace, variant: str, run_dir: Path) -> dict:
     first = records[0]
     return {
         "variant": variant,
+        "fp8": fp8,
         "rank": rank,
         "world_size": world,
         "batch_per_rank": batch,
@@ -117,6 +128,40 @@ def run_variant(args: argparse.Namespace, variant: str, run_dir: Path) -> dict:
         "max_reserved_gib": mem,
         "loss_finite": all(r["loss"] == r["loss"] for r in records),
     }
+
+
+def fp8_error(args: argparse.Namespace) -> dict:
+    """Relative error of the FP8 (training-converted) denoiser's output against the high-precision one
+    on the same inputs and weights, and the forward+backward time ratio of the bare network."""
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:  # bench/fp8.py imports as `bench.fp8` from the repository root
+        sys.path.insert(0, root)
+    from bench.fp8 import compare_fp8, denoiser_inputs
+    from selfe.config import mmdit_preset
+    from selfe.fp8 import FP8Config
+    from selfe.model import MMDiT
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda") if cuda else torch.device("cpu")
+    dtype = torch.float32 if args.precision == "fp32" or not cuda else torch.bfloat16
+    model_config = mmdit_preset(args.preset)
+    if args.attention_backend:
+        model_config = dataclasses.replace(model_config, attention_backend=args.attention_backend)
+    txt = args.txt_tokens or (16 if args.preset == "tiny" else 512)
+    inputs = denoiser_inputs(model_config, args.batch or (8 if cuda else 2), args.resolution, txt, device, dtype)
+
+    def factory() -> torch.nn.Module:
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = MMDiT(model_config)
+        with torch.no_grad():  # init zeros the output layers; random everywhere so the output is not 0
+            for param in model.parameters():
+                param.normal_(0.0, 0.02)
+        return model.to(dtype)
+
+    config = FP8Config(recipe=args.fp8, scaling=args.fp8_scaling, fsdp_float8_all_gather=False)
+    comparison = compare_fp8(factory, inputs, config, training=True, warmup=1, iters=3)
+    return comparison.as_dict()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,23 +179,45 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     with tempfile.TemporaryDirectory(prefix="selfe-train-mfu-") as tmp:
         for variant in variants:
-            result = run_variant(args, variant, Path(tmp) / variant)
-            results.append(result)
-            if result["rank"] == 0:
-                mem = f"{result['max_reserved_gib']:.1f} GiB" if result["max_reserved_gib"] is not None else "-"
-                print(
-                    f"{variant:11s} step {result['step_time_s'] * 1e3:8.1f} ms | {result['images_per_s']:8.2f} img/s | "
-                    f"{result['tokens_per_s']:10.0f} tok/s | {result['tflops_per_device']:7.2f} TFLOP/s | "
-                    f"MFU {100 * result['mfu']:5.1f}% | mem {mem}",
-                    flush=True,
-                )
+            for fp8 in ("none",) if args.fp8 == "none" else ("none", args.fp8):
+                result = run_variant(args, variant, Path(tmp) / f"{variant}-{fp8}", fp8)
+                label = variant if fp8 == "none" else f"{variant}+{fp8}"
+                if fp8 != "none":  # against the high-precision run of the same variant, just before
+                    result["speedup_vs_high_precision"] = results[-1]["step_time_s"] / result["step_time_s"]
+                results.append(result)
+                if result["rank"] == 0:
+                    _print(label, result)
+    error = fp8_error(args) if args.fp8 != "none" else None
+    if error is not None and results and results[0]["rank"] == 0:
+        ratios = ", ".join(
+            f"{r['variant']} x{r['speedup_vs_high_precision']:.2f}" for r in results if r["fp8"] != "none"
+        )
+        print(f"fp8={args.fp8}/{args.fp8_scaling} training step throughput vs high precision: {ratios}")
+        print(
+            f"fp8={args.fp8} denoiser output relative error {error['relative_error']:.3e} "
+            f"({error['converted']} linears; bare fwd+bwd x{error['speedup']:.2f})",
+            flush=True,
+        )
     if dist.is_initialized():
         dist.destroy_process_group()
     if args.json and results and results[0]["rank"] == 0:
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
         payload = {"device": device, "torch": torch.__version__, "args": vars(args), "results": results}
+        if error is not None:
+            payload["fp8_error"] = error
         Path(args.json).write_text(json.dumps(payload, indent=1))
     return 0
+
+
+def _print(label: str, result: dict) -> None:
+    mem = f"{result['max_reserved_gib']:.1f} GiB" if result["max_reserved_gib"] is not None else "-"
+    ratio = result.get("speedup_vs_high_precision")
+    print(
+        f"{label:19s} step {result['step_time_s'] * 1e3:8.1f} ms | {result['images_per_s']:8.2f} img/s | "
+        f"{result['tokens_per_s']:10.0f} tok/s | {result['tflops_per_device']:7.2f} TFLOP/s | "
+        f"MFU {100 * result['mfu']:5.1f}% | mem {mem}" + (f" | x{ratio:.2f} vs high precision" if ratio else ""),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

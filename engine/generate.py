@@ -53,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="torch.compile the step: auto = on CUDA only (default), on, off",
     )
+    parser.add_argument(
+        "--fp8",
+        choices=("none", "torchao", "te"),
+        default="none",
+        help="FP8 linears for sampling: torchao float8 (emulated off FP8 GPUs) or Transformer Engine",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -87,8 +93,9 @@ def generate_main(argv: list[str] | None = None) -> int:
             t5_path=args.t5,
             clip_path=args.clip,
             fast_path=fast_path,
+            fp8=args.fp8,
         )
-    except (FileNotFoundError, OSError, ValueError, TypeError) as err:
+    except (FileNotFoundError, OSError, ValueError, TypeError, RuntimeError) as err:
         print(f"selfe generate: error: could not load the pipeline from {str(args.model)!r}: {err}", file=sys.stderr)
         return 1
 

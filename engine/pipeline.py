@@ -39,6 +39,7 @@ from torch import Tensor
 
 from selfe.autoencoder import AutoEncoder, load_autoencoder
 from selfe.config import MMDiTConfig
+from selfe.fp8 import FP8Config, convert_for_inference, fp8_autocast_context
 from selfe.graphs import FastPathConfig, FastSampler
 from selfe.model import MMDiT
 from selfe.pipeline_files import (
@@ -80,10 +81,13 @@ class SelfEPipeline:
         sampler_defaults: SamplerConfig | None = None,
         fast_path: FastPathConfig | None = None,
         max_size: int = MAX_SIZE,
+        fp8: str | FP8Config = "none",
     ):
         """text_encoders: a TextEncoders or anything with encode(prompts) and null_condition(batch, length).
         fast_path: None runs the compiled / graphed step with default settings; pass
-        FastPathConfig(compile=False, cuda_graph="off") for a plain eager step."""
+        FastPathConfig(compile=False, cuda_graph="off") for a plain eager step.
+        fp8: "none", "torchao", "te" or an FP8Config: the model's large linears are converted in place for
+        FP8 sampling here, after its weights are loaded and before the step is ever compiled."""
         if not isinstance(model, MMDiT):
             raise TypeError(f"model must be an MMDiT, got {type(model).__name__}")
         if not isinstance(autoencoder, AutoEncoder):
@@ -97,7 +101,8 @@ class SelfEPipeline:
                 f"in_channels={model.config.in_channels}"
             )
         _check_text_widths(text_encoders, model.config)
-        self.model = model.eval().requires_grad_(False)
+        self.fp8 = resolve_fp8(fp8)
+        self.model = convert_for_inference(model.eval().requires_grad_(False), self.fp8)
         self.autoencoder = autoencoder.eval().requires_grad_(False)
         self.text_encoders = text_encoders
         self.sampler_defaults = sampler_defaults or SamplerConfig()
@@ -112,7 +117,9 @@ class SelfEPipeline:
         text_encoders: Any,
         **kwargs: Any,
     ) -> SelfEPipeline:
-        """A pipeline around modules already in memory (e.g. the trainer's EMA model)."""
+        """A pipeline around modules already in memory (e.g. the trainer's EMA model).
+
+        With `fp8=` other than "none" the model is converted in place (pass a copy to keep the original)."""
         return cls(model, autoencoder, text_encoders, **kwargs)
 
     @classmethod
@@ -128,11 +135,13 @@ class SelfEPipeline:
         text_encoder_dtype: torch.dtype | str | None = None,
         fast_path: FastPathConfig | None = None,
         max_size: int = MAX_SIZE,
+        fp8: str | FP8Config = "none",
     ) -> SelfEPipeline:
         """Load a pipeline directory (layout in the module docstring) from local files only.
 
         torch_dtype: of the MMDiT and the autoencoder (default bf16 on CUDA, fp32 on CPU);
         text_encoder_dtype: of T5 and CLIP (default: torch_dtype).
+        fp8: "none", "torchao", "te" or an FP8Config (see `__init__`); the file stays high precision.
         """
         root = Path(path).expanduser()
         if not root.is_dir():
@@ -173,6 +182,7 @@ class SelfEPipeline:
             sampler_defaults=meta["sampler"],
             fast_path=fast_path,
             max_size=max_size,
+            fp8=fp8,
         )
 
     # ------------------------------------------------------------------------------------------
@@ -214,7 +224,8 @@ class SelfEPipeline:
         _check_choice("sampler", sampler, METHODS)
         cond, null = self.encode_prompts([""] * batch, guided=guidance)
         x = torch.zeros(batch, *self._latent_shape(height, width), device=self.device)
-        return self.fast.warmup(x, cond, null, sampler, self.sampler_defaults.kernel_backend)
+        with fp8_autocast_context(self.fp8):
+            return self.fast.warmup(x, cond, null, sampler, self.sampler_defaults.kernel_backend)
 
     def decode(self, latents: Tensor) -> Tensor:
         """(B, C, h, w) latents -> (B, 3, H, W) float32 images in [0, 1]."""
@@ -277,12 +288,12 @@ class SelfEPipeline:
         num_tokens = (latent_shape[1] // patch) * (latent_shape[2] // patch)
         if fast:
             if not self.fast.is_warm(noise, cond, guided, config.method, config.kernel_backend):
-                with clock("warmup"):
+                with clock("warmup"), fp8_autocast_context(self.fp8):
                     self.fast.warmup(noise, cond, null, config.method, config.kernel_backend)
-            with clock("denoise"):
+            with clock("denoise"), fp8_autocast_context(self.fp8):
                 latents = self.fast.sample(noise, cond, null, config, num_tokens, _on(generator, noise), progress)
         else:
-            with clock("denoise"):
+            with clock("denoise"), fp8_autocast_context(self.fp8):
                 latents = sample(self.model, noise, cond, null, config, num_tokens, _on(generator, noise))
             if progress is not None:
                 for k in range(config.steps):
@@ -367,6 +378,15 @@ class SelfEPipeline:
 
 # ----------------------------------------------------------------------------------------------
 # Small helpers
+
+
+def resolve_fp8(fp8: str | FP8Config) -> FP8Config:
+    """The pipeline's `fp8=` argument as an FP8Config: a recipe name ("none", "torchao", "te") or a config."""
+    if isinstance(fp8, FP8Config):
+        return fp8
+    if isinstance(fp8, str):
+        return FP8Config(recipe=fp8)  # validates the name
+    raise TypeError(f"fp8 must be 'none', 'torchao', 'te' or an FP8Config, got {type(fp8).__name__}")
 
 
 def _check_text_widths(text_encoders: Any, config: MMDiTConfig) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from selfe.config import MMDiTConfig, mmdit_preset
+from selfe.fp8 import FP8Config
 from selfe.objective import ObjectiveConfig
 from selfe.schedule import TimeShift
 
@@ -197,6 +198,9 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
+    # FP8 linears for the live network (`fp8.recipe=torchao|te`); the EMA copy, checkpoints and the export
+    # stay high precision: FP8 is a run-time choice, not a file format.
+    fp8: FP8Config = field(default_factory=FP8Config)
 
     def __post_init__(self) -> None:
         if self.steps < 1:

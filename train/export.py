@@ -2,6 +2,8 @@
 selfe.pipeline.SelfEPipeline.from_pretrained reads) + DIR/train_config.json, written atomically.
 
 Every rank calls `export_ema` (gathering the sharded weights is collective); rank 0 writes.
+The file is always plain fp32 under the unconverted model's keys: the trainer's EMA copy is never FP8-
+converted, and a converted network passed here is unwrapped too (FP8 is a run-time choice, not a format).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from selfe.fp8 import plain_tensor
 from selfe.train.config import TrainConfig
 
 
@@ -28,7 +31,11 @@ def export_ema(ema_model: nn.Module, config: TrainConfig, out_dir: str | os.Path
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    tensors = {k: v.detach().to(torch.float32).contiguous() for k, v in full.items()}
+    tensors = {  # torchao's FSDP weight wrapper unwrapped; TE's FP8 metadata (`_extra_state`) is run-time state
+        k: plain_tensor(v).detach().to(torch.float32).contiguous()
+        for k, v in full.items()
+        if not k.endswith("_extra_state")
+    }
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps({"model": config.model.to_dict()}, indent=1))
     (tmp / "train_config.json").write_text(json.dumps(config.to_dict(), indent=1))

@@ -1,5 +1,10 @@
 """Parallelising the MMDiT for training, torchtitan's way and in its order:
-activation checkpointing per block -> torch.compile per block -> FSDP2 per block, then the root.
+FP8 conversion (the model converter) -> activation checkpointing per block -> torch.compile per block
+-> FSDP2 per block, then the root.
+
+The FP8 swap comes first, as torchtitan's model converters do: the filter matches the linears by their
+plain names (checkpoint_wrapper would rename them), compile must trace the Float8Linear forward, and
+FSDP2 must see the converted weights to all-gather them in FP8.
 
 Nothing is hand-rolled: `checkpoint_wrapper` recomputes a block in backward, `torch.compile` compiles
 each block (blocks of one class share code, so the graph is compiled once per block type and reused),
@@ -14,6 +19,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from selfe.fp8 import FP8Config, convert_for_training
 from selfe.train.config import ParallelConfig
 
 
@@ -52,9 +58,26 @@ def apply_fsdp(
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
 
 
-def parallelize(model: nn.Module, config: ParallelConfig, mesh: DeviceMesh, *, trainable: bool = True) -> nn.Module:
-    """Apply the passes in order; `trainable=False` (the EMA copy) skips activation checkpointing."""
+def parallelize(
+    model: nn.Module,
+    config: ParallelConfig,
+    mesh: DeviceMesh,
+    *,
+    trainable: bool = True,
+    fp8: FP8Config | None = None,
+) -> nn.Module:
+    """Apply the passes in order; `trainable=False` (the EMA copy) skips activation checkpointing.
+
+    `fp8` converts the selected linears for FP8 training first (trainable networks only: the EMA copy
+    is averaged and evaluated in high precision, so passing it there is an error).
+    """
     device = torch.device(mesh.device_type)
+    if fp8 is not None and fp8.enabled:
+        if not trainable:
+            raise ValueError(
+                "parallelize: fp8 conversion is for the trainable network; the EMA copy stays high precision"
+            )
+        convert_for_training(model, fp8)
     if trainable and config.activation_checkpointing:
         apply_activation_checkpointing(model)
     if config.compile:

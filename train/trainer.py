@@ -38,6 +38,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import init_device_mesh
 
+from selfe.fp8 import fp8_autocast_context, post_optimizer_step
 from selfe.model import MMDiT
 from selfe.objective import SelfELoss
 from selfe.schedule import tau_at
@@ -132,7 +133,10 @@ class Trainer:
         model.validate_inputs = False  # t, s come from the objective; the checks would sync every pass
         self.ema = EMA(model, config.ema.decay, config.ema.warmup)  # copied before sharding: sharded alike
         mesh = init_device_mesh(device.type, (world,))
-        self.model = parallelize(model, config.parallel, mesh)
+        # FP8 (if any) converts the live network only, inside parallelize before AC/compile/FSDP2; the EMA
+        # copy was taken above, so it stays high precision (Float8Linear keeps an ordinary weight: the lerp
+        # below sees the same parameters, in the same order).
+        self.model = parallelize(model, config.parallel, mesh, fp8=config.fp8)
         parallelize(self.ema.model, config.parallel, mesh, trainable=False)
         self.optimizer = build_optimizer(self.model.parameters(), config.optim)
         self.scheduler = build_scheduler(self.optimizer, config.optim, config.steps)
@@ -230,7 +234,9 @@ class Trainer:
         for micro, batch in enumerate(micro_batches):
             batch = _to_device(batch, device)
             generator = self._generator(iteration, micro * world + self.dist.rank)
-            loss, parts = self.loss_fn(net, ema_net, batch, iteration, generator)
+            # TE's fp8 autocast around the forward passes only (TE's rule; backward reuses their recipe).
+            with fp8_autocast_context(cfg.fp8):
+                loss, parts = self.loss_fn(net, ema_net, batch, iteration, generator)
             with nvtx_range("backward", nvtx):
                 (loss / accum).backward()
             sums += torch.stack([parts[k].detach().double().to(device) for k in SCALARS])
@@ -257,6 +263,7 @@ class Trainer:
             lr = self.scheduler.get_last_lr()[0]
             if finite:
                 self.optimizer.step()
+                post_optimizer_step(self.model, cfg.fp8)  # FP8 all-gather: next step's weight scales at once
                 reshard_all(self.ema.model)
                 reshard_all(self.model)
                 self.ema.update(self.model)
