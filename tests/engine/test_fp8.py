@@ -432,7 +432,7 @@ def test_fsdp2_two_gloo_ranks_train_with_fp8_all_gather(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert ranks[0]["losses"] == ranks[1]["losses"]
     assert ranks[0]["gathered"] == ["torch.float8_e4m3fn"]  # the converted weights travel in FP8
 
