@@ -59,42 +59,22 @@ def test_exact_field_lands_on_the_point_mass(method, steps):
     torch.testing.assert_close(out, target, rtol=1e-10, atol=1e-10)
 
 
-def test_ddim_step_by_hand():
+def test_ddim_and_euler_steps_by_hand():
     g = torch.Generator().manual_seed(1)
     x, z, v = (torch.randn(2, 3, generator=g, dtype=f64) for _ in range(3))
-    net = lambda x_, t, s, c: v
     t_k, t_n, eta = 0.8, 0.3, 0.7
-    out = denoise_step(
-        net,
-        x,
-        torch.full((2,), t_k, dtype=f64),
-        torch.full((2,), t_n, dtype=f64),
-        torch.full((2,), t_n, dtype=f64),
-        None,
-        None,
-        None,
-        z,
-        torch.tensor(eta, dtype=f64),
-        "ddim",
-    )
+
+    def step(method):
+        full = lambda value: torch.full((2,), value, dtype=f64)
+        net = lambda x_, t, s, c: v
+        return denoise_step(net, x, full(t_k), full(t_n), full(t_n), None, None, None, z,
+                            torch.tensor(eta, dtype=f64), method)  # fmt: skip
+
     x0_hat, eps_hat = x - t_k * v, x + (1 - t_k) * v
     b = max(t_n - eta * (t_k - t_n) * t_n / t_k, 0.0)
     expected = (1 - t_n) * x0_hat + b * eps_hat + (t_n**2 - b**2) ** 0.5 * z
-    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
-    euler = denoise_step(
-        net,
-        x,
-        torch.full((2,), t_k, dtype=f64),
-        torch.full((2,), t_n, dtype=f64),
-        torch.full((2,), t_n, dtype=f64),
-        None,
-        None,
-        None,
-        z,
-        torch.tensor(eta, dtype=f64),
-        "euler",
-    )
-    torch.testing.assert_close(euler, x - (t_k - t_n) * v)
+    torch.testing.assert_close(step("ddim"), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(step("euler"), x - (t_k - t_n) * v)
 
 
 def test_cfg_runs_one_batched_forward_per_step_and_preserves_the_norm():
