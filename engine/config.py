@@ -71,32 +71,24 @@ class MMDiTConfig:
             raise ValueError("MMDiTConfig needs at least one block: depth_double + depth_single == 0")
         if self.hidden_size % self.num_heads:
             raise ValueError(
-                f"MMDiTConfig.hidden_size ({self.hidden_size}) must be divisible by "
-                f"num_heads ({self.num_heads})"
+                f"MMDiTConfig.hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
             )
         if not self.axes_dim or any(not isinstance(d, int) or d <= 0 or d % 2 for d in self.axes_dim):
-            raise ValueError(
-                f"MMDiTConfig.axes_dim must be positive even ints (RoPE pairs), got {self.axes_dim}"
-            )
+            raise ValueError(f"MMDiTConfig.axes_dim must be positive even ints (RoPE pairs), got {self.axes_dim}")
         if sum(self.axes_dim) != self.head_dim:
             raise ValueError(
                 f"MMDiTConfig.axes_dim {self.axes_dim} sums to {sum(self.axes_dim)}, "
                 f"but the head dim is {self.head_dim} (hidden_size / num_heads)"
             )
         if len(self.axes_dim) != 3:
-            raise ValueError(
-                f"MMDiTConfig.axes_dim needs 3 axes (0, row, col) like FLUX ids, got {self.axes_dim}"
-            )
+            raise ValueError(f"MMDiTConfig.axes_dim needs 3 axes (0, row, col) like FLUX ids, got {self.axes_dim}")
         if self.time_embed_dim % 2:
-            raise ValueError(
-                f"MMDiTConfig.time_embed_dim must be even (cos/sin halves), got {self.time_embed_dim}"
-            )
+            raise ValueError(f"MMDiTConfig.time_embed_dim must be even (cos/sin halves), got {self.time_embed_dim}")
         if not self.mlp_ratio > 0:
             raise ValueError(f"MMDiTConfig.mlp_ratio must be > 0, got {self.mlp_ratio}")
         if self.mlp_hidden_dim * 1.0 != self.hidden_size * self.mlp_ratio:
             raise ValueError(
-                f"MMDiTConfig: hidden_size * mlp_ratio = {self.hidden_size * self.mlp_ratio} "
-                "is not an integer"
+                f"MMDiTConfig: hidden_size * mlp_ratio = {self.hidden_size * self.mlp_ratio} is not an integer"
             )
         for key in ("rope_theta", "time_factor", "time_max_period", "norm_eps"):
             if not getattr(self, key) > 0:
@@ -172,11 +164,16 @@ class MMDiTConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MMDiTConfig:
         """Inverse of `to_dict`; unknown keys are errors (a typo must not silently fall back to a default)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown MMDiTConfig keys: {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        return strict_from_dict(cls, data)
+
+
+def strict_from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Build config dataclass `cls` from a dict; unknown keys are errors (a typo must not fall back to a default)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys: {unknown}; known: {sorted(known)}")
+    return cls(**data)
 
 
 def tiny() -> MMDiTConfig:

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from selfe.config import strict_from_dict
 from selfe.optional import require
 
 FP8_RECIPES = ("none", "torchao", "te")
@@ -113,11 +114,7 @@ class FP8Config:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FP8Config:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown FP8Config keys: {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        return strict_from_dict(cls, data)
 
 
 # ---------------------------------------------------------------------------------------------- selection

@@ -20,6 +20,7 @@ OPTIONAL_MODULES: dict[str, str] = {
     "transformer_engine": "transformer_engine.pytorch",
     "flash_attn": "flash_attn",
     "nvtx": "nvtx",
+    "tensorboard": "torch.utils.tensorboard",
 }
 
 # Install hint per probe, for error messages.
@@ -28,6 +29,7 @@ INSTALL_HINTS: dict[str, str] = {
     "transformer_engine": "pip install 'transformer-engine[pytorch]' on a CUDA machine (the `te` extra)",
     "flash_attn": "pip install flash-attn on a CUDA machine (the `flash` extra)",
     "nvtx": "pip install nvtx",
+    "tensorboard": "pip install tensorboard",
 }
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from selfe import optional
 from selfe.config import MMDiTConfig
 from selfe.flops import mmdit_forward_flops
 from selfe.schedule import self_eval_count
@@ -121,12 +122,9 @@ class MetricsLogger:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(path, "a", encoding="utf-8")
         if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard is optional
-                SummaryWriter = None
-            if SummaryWriter is not None:
-                self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            writer = optional.probe("tensorboard").module  # None where tensorboard is not installed
+            if writer is not None:
+                self._tb = writer.SummaryWriter(str(Path(run_dir) / "tensorboard"))
 
     def throughput(self, step_time: float, images: int, tokens: int, flops: float) -> dict[str, float]:
         """Rates of one step over the whole job (images, tokens and flops summed over ranks)."""
