@@ -188,15 +188,9 @@ class CacheSource:
         for _ in range(self.accum):
             batch = next(self.dataset)
             x0 = batch["latents"].float()
-            out.append(
-                {
-                    "x0": x0,
-                    "cond": {k: batch[k] for k in ("txt", "txt_mask", "pooled")},
-                    "null_cond": self.dataset.null_condition(x0.shape[0]),
-                    "fake_cond": self._fake(list(batch["captions"])) if want_fake else None,
-                    "num_tokens": (x0.shape[2] // self.patch) * (x0.shape[3] // self.patch),
-                }
-            )
+            cond = {k: batch[k] for k in ("txt", "txt_mask", "pooled")}
+            fake = self._fake(list(batch["captions"])) if want_fake else None
+            out.append(objective_batch(x0, cond, self.dataset.null_condition(x0.shape[0]), fake, self.patch))
         return out
 
     def state_dict(self) -> dict[str, Any]:
@@ -213,12 +207,12 @@ class EncodingSource:
     def __init__(
         self, data: DataSection, model: MMDiTConfig, rank: int, world_size: int, grad_accum: int, device: torch.device
     ):
-        from selfe.train.data import BucketConfig, ImageTextLoader, LoaderConfig, ResolutionSchedule, scan_manifest
+        from selfe.train.data import BucketConfig, ImageTextLoader, LoaderConfig, scan_manifest
 
         self.loader = ImageTextLoader(
             scan_manifest(data.manifest, data.base_dir),
             BucketConfig(),
-            ResolutionSchedule.fixed(data.resolution),
+            data.resolution_schedule(),
             LoaderConfig(batch_size=data.batch_size, seed=data.seed, batches_per_step=grad_accum),
             rank,
             world_size,
@@ -242,15 +236,10 @@ class EncodingSource:
                 self._null = self.encode_text([""])
             if self._null["txt"].shape[1] != encoded["txt"].shape[1]:
                 raise ValueError("the text encoder must pad to a fixed length (the null prompt mixes per sample)")
-            out.append(
-                {
-                    "x0": x0,
-                    "cond": {k: v[:b] for k, v in encoded.items()},
-                    "null_cond": {k: v.expand(b, *v.shape[1:]) for k, v in self._null.items()},
-                    "fake_cond": {k: v[b:] for k, v in encoded.items()} if want_fake else None,
-                    "num_tokens": (x0.shape[2] // self.patch) * (x0.shape[3] // self.patch),
-                }
-            )
+            cond = {k: v[:b] for k, v in encoded.items()}
+            null = {k: v.expand(b, *v.shape[1:]) for k, v in self._null.items()}
+            fake = {k: v[b:] for k, v in encoded.items()} if want_fake else None
+            out.append(objective_batch(x0, cond, null, fake, self.patch))
         return out
 
     def state_dict(self) -> dict[str, Any]:
@@ -258,6 +247,17 @@ class EncodingSource:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.loader.load_state_dict(state)
+
+
+def objective_batch(x0: torch.Tensor, cond: dict, null: dict, fake: dict | None, patch: int) -> dict[str, Any]:
+    """The batch SelfELoss takes: latents x0 (B, C, H, W), the three conditions and the image tokens per sample."""
+    return {
+        "x0": x0,
+        "cond": cond,
+        "null_cond": null,
+        "fake_cond": fake,
+        "num_tokens": (x0.shape[2] // patch) * (x0.shape[3] // patch),
+    }
 
 
 def _image_encoder(data: DataSection, model: MMDiTConfig, device: torch.device):
