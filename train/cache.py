@@ -39,6 +39,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from selfe.atomic import atomic_write_json
 from selfe.train.cache_shards import (
     CacheConfig,
     ImageEncoder,
@@ -57,15 +58,6 @@ log = logging.getLogger(__name__)
 
 class CacheMismatchError(ValueError):
     """The output folder holds a cache of another manifest, config or encoders."""
-
-
-def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> int:
@@ -137,7 +129,8 @@ def build_cache(
         kept_null = previous.get("null") or {}
         if null_path.is_file() and null_path.stat().st_size == kept_null.get("bytes"):
             null = kept_null
-    stale = [*out.glob("shard-*.safetensors.tmp"), out / (NULL_NAME + ".tmp"), out / (INDEX_NAME + ".tmp")]
+    # shard and null files: NAME.tmp; the index: .index.json.XXXX.tmp (selfe.atomic)
+    stale = [*out.glob("shard-*.safetensors.tmp"), out / (NULL_NAME + ".tmp"), *out.glob(f".{INDEX_NAME}.*.tmp")]
     for path in stale:
         path.unlink(missing_ok=True)  # a file a kill left half-written
 
@@ -171,7 +164,7 @@ def build_cache(
         with torch.inference_mode():
             if index["null"] is None:
                 index["null"] = _encode_null(text_encoder, out, config)
-                _write_json_atomic(index_path, index)
+                atomic_write_json(index_path, index)
             for plan in plans:
                 if plan.id in done:
                     continue
@@ -199,7 +192,7 @@ def build_cache(
                 index["shards"].append(entry)
                 index["shards"].sort(key=lambda e: e["id"])
                 written += 1
-                _write_json_atomic(index_path, index)
+                atomic_write_json(index_path, index)
     finally:
         bar.close()
         if pool is not None:
@@ -211,7 +204,7 @@ def build_cache(
     counts[UNDECODABLE_IMAGE] = undecodable
     counts["rows_ok"] = len(scanned.samples) - undecodable
     index["stats"] = counts
-    _write_json_atomic(index_path, index)
+    atomic_write_json(index_path, index)
     log.info("cache %s: %d/%d shards written; %s", out, len(index["shards"]), len(plans), counts)
     return index
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from selfe.atomic import atomic_write_json
 from selfe.config import MMDiTConfig, mmdit_preset
 from selfe.fp8 import FP8Config
 from selfe.objective import ObjectiveConfig
@@ -321,11 +322,7 @@ def config_from_dict(data: dict[str, Any]) -> TrainConfig:
 
 def save_config(config: TrainConfig, path: str | os.PathLike) -> None:
     """The resolved config as JSON, written atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(config.to_dict(), indent=1))
-    os.replace(tmp, path)
+    atomic_write_json(path, config.to_dict())
 
 
 def load_config(path: str | os.PathLike) -> TrainConfig:

@@ -2,28 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from selfe.atomic import atomic_write_json
 from selfe.train.toy2d.experiment import METHODS
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, then rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def markdown_table(results: dict) -> str:
@@ -53,7 +39,7 @@ def json_ready(results: dict) -> dict:
 
 
 def write_results_json(results: dict, path: Path) -> None:
-    atomic_write_bytes(path, (json.dumps(json_ready(results), indent=2) + "\n").encode())
+    atomic_write_json(path, json_ready(results), indent=2)
 
 
 def write_sample_files(results: dict, out_dir: Path) -> list[Path]:
