@@ -53,5 +53,15 @@ def cuda_extensions() -> tuple[list, dict]:
     return [ext], {"build_ext": BuildExtension}
 
 
+# The shipped ShapesEval model (selfe.shapes.SHIPPED_MODEL_DIR): weights, config and its two text encoders.
+SHIPPED_MODEL = "assets/shapes-selfe"
+PACKAGE_DATA = {"selfe": [f"{SHIPPED_MODEL}/*", f"{SHIPPED_MODEL}/text_encoder/*", f"{SHIPPED_MODEL}/text_encoder_2/*"]}
+
 ext_modules, cmdclass = cuda_extensions()
-setup(packages=find_packages_mapped(), package_dir=PACKAGE_DIRS, ext_modules=ext_modules, cmdclass=cmdclass)
+setup(
+    packages=find_packages_mapped(),
+    package_dir=PACKAGE_DIRS,
+    package_data=PACKAGE_DATA,
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

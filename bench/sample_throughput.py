@@ -106,9 +106,9 @@ def random_text_encoders(txt_dim: int, vec_dim: int, txt_tokens: int, device, dt
     """T5 and CLIP with random weights at the widths the model expects; real depths when real_shape."""
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from tests.helpers_text import DEFAULT_WORDS, _clip_tokenizer, _t5_tokenizer
+    from selfe.text_snapshots import DEFAULT_WORDS, clip_tokenizer, t5_tokenizer
 
-    t5_tok, clip_tok = _t5_tokenizer(DEFAULT_WORDS), _clip_tokenizer()
+    t5_tok, clip_tok = t5_tokenizer(DEFAULT_WORDS), clip_tokenizer()
     layers, heads = (24, 64) if real_shape else (2, 4)  # T5-XXL: 24 layers, 64 heads of 64, d_ff 10240
     t5_config = T5Config(
         vocab_size=len(t5_tok),

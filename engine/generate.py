@@ -5,16 +5,21 @@
 Writes every image as OUT_STEM_p{prompt index}_{steps}steps.png beside the grid, and the grid itself
 (rows: prompts, columns: step counts, left to right as given). All prompts of one step count run as
 one batch, with the same seed at every step count, so a row shows one noise draw sampled at each
-budget. DIR is a pipeline directory (see `selfe.pipeline`).
+budget. DIR is a pipeline directory (see `selfe.pipeline`); without --model, the ShapesEval model
+shipped with the package (`selfe.shapes.shipped_model_dir()`) is used when this install has it.
+Images are written at the model's native resolution unless --height / --width say otherwise, and
+upscaled (nearest neighbour, --upscale) so that small ones (ShapesEval's 32x32) are visible.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
 NO_MODEL_HELP = """selfe generate: error: no model given; pass --model DIR.
+(This install lacks the shipped ShapesEval model, selfe/assets/shapes-selfe/, that is used by default.)
 DIR is a pipeline directory holding:
   model.safetensors + config.json   a trained Self-E MMDiT, as the trainer exports it: `selfe train 2b
                                     data.cache_dir=... run_dir=runs/2b` writes RUN_DIR/export/ at the end
@@ -22,6 +27,25 @@ DIR is a pipeline directory holding:
   ae.safetensors                    the FLUX.1 autoencoder (ae.safetensors of FLUX.1-schnell), or pass --ae
   text_encoder/, text_encoder_2/    local T5-XXL encoder and CLIP ViT-L/14 text snapshots, or pass --t5 / --clip
 Nothing is downloaded: every path must be local."""
+AUTO_UPSCALE_MIN_SIDE = 128  # --upscale auto: the smallest integer factor that makes the image side >= this
+
+
+def upscale_factor(value: str) -> int | str:
+    """argparse type of --upscale: "auto" or an integer >= 1."""
+    if value == "auto":
+        return value
+    try:
+        factor = int(value)
+    except ValueError:
+        factor = 0
+    if factor < 1:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or an integer >= 1, got {value!r}")
+    return factor
+
+
+def auto_upscale(height: int, width: int, min_side: int = AUTO_UPSCALE_MIN_SIDE) -> int:
+    """The smallest integer factor making the image's shorter side >= min_side (1 for large images)."""
+    return max(1, math.ceil(min_side / min(height, width)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate images at several step counts with one Self-E model and write a grid "
         "(rows: prompts, columns: step counts).",
     )
-    parser.add_argument("--model", type=Path, default=None, help="pipeline directory (model.safetensors + config.json)")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="pipeline directory (model.safetensors + config.json); default: the shipped ShapesEval model",
+    )
     parser.add_argument("--prompt", nargs="+", default=None, help="one or more prompts")
     parser.add_argument("--steps", nargs="+", type=int, default=[1, 2, 4, 8], help="step counts (default 1 2 4 8)")
     parser.add_argument("--seed", type=int, default=0)
@@ -38,8 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-guidance", action="store_true", help="sample without CFG (one forward per step)")
     parser.add_argument("--sampler", choices=("ddim", "euler"), default=None)
     parser.add_argument("--s-policy", default=None, help="next | current | midpoint | fixed")
-    parser.add_argument("--height", type=int, default=512)
-    parser.add_argument("--width", type=int, default=512)
+    parser.add_argument("--height", type=int, default=None, help="pixels (default: the model's resolution, else 512)")
+    parser.add_argument("--width", type=int, default=None, help="pixels (default: the model's resolution, else 512)")
+    parser.add_argument(
+        "--upscale",
+        type=upscale_factor,
+        default="auto",
+        help="integer nearest-neighbour upscaling of the written images and grid; auto (default): the "
+        f"smallest making the image side >= {AUTO_UPSCALE_MIN_SIDE} (1 for large images)",
+    )
     parser.add_argument("--out", type=Path, default=Path("selfe_grid.png"), help="grid image path")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: bf16 on CUDA, fp32 on CPU)")
@@ -67,8 +103,13 @@ def generate_main(argv: list[str] | None = None) -> int:
     """Entry point of `selfe generate`; returns the exit code (0 ok, 2 bad arguments, 1 load failure)."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args.model is None:
-        print(NO_MODEL_HELP, file=sys.stderr)
-        return 2
+        from selfe.shapes import shipped_model_dir
+
+        args.model = shipped_model_dir()
+        if args.model is None:
+            print(NO_MODEL_HELP, file=sys.stderr)
+            return 2
+        print(f"selfe generate: no --model given; using the shipped ShapesEval model {args.model}", file=sys.stderr)
     if not args.prompt:
         print("selfe generate: error: pass at least one --prompt", file=sys.stderr)
         return 2
@@ -125,6 +166,9 @@ def generate_main(argv: list[str] | None = None) -> int:
         return 2
     bar.close()
 
+    width, height = columns[0][0].size
+    factor = auto_upscale(height, width) if args.upscale == "auto" else args.upscale
+    columns = [[upscale(image, factor) for image in column] for column in columns]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     paths = []
     for steps, images in zip(args.steps, columns):
@@ -133,8 +177,18 @@ def generate_main(argv: list[str] | None = None) -> int:
             image.save(path)
             paths.append(path)
     image_grid(columns).save(args.out)
-    print(f"wrote {len(paths)} images and the grid {args.out} (rows: prompts, columns: steps {args.steps})")
+    scaled = f", upscaled {factor}x from {width}x{height}" if factor > 1 else ""
+    print(f"wrote {len(paths)} images and the grid {args.out} (rows: prompts, columns: steps {args.steps}{scaled})")
     return 0
+
+
+def upscale(image, factor: int):
+    """A PIL image enlarged `factor` times per side, nearest neighbour (pixels stay sharp squares)."""
+    if factor == 1:
+        return image
+    from PIL import Image
+
+    return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
 
 
 def image_grid(columns: list[list]):

@@ -8,10 +8,17 @@ Pipeline directory layout (what `from_pretrained` reads; the trainer's export wr
     DIR/model.safetensors   the MMDiT state dict (names as `MMDiT.state_dict()`)
     DIR/config.json         {"model": MMDiTConfig.to_dict(),               required
                              "sampler": {SamplerConfig fields},           optional: the call defaults
-                             "autoencoder": {AutoEncoderConfig fields},   optional: default FLUX.1
+                             "autoencoder": {...},                        optional: default FLUX.1, either
+                                 {AutoEncoderConfig fields}               a FLUX-architecture VAE ("type":
+                                                                          "flux1" may be given), or
+                                 {"type": "space_to_depth",               the weightless pixel-space one
+                                  SpaceToDepthConfig fields}              (selfe.pixel_autoencoder)
+                             "resolution": int,                           optional: native image side in
+                                                                          pixels, the call default (else 512)
                              "text": {"t5_max_length", "clip_max_length", "t5_attention_mask"}}  optional
                             A bare MMDiTConfig dict (no "model" key) is accepted too.
-    DIR/ae.safetensors      the FLUX.1 autoencoder (or pass `autoencoder_path=`)
+    DIR/ae.safetensors      the FLUX.1 autoencoder (or pass `autoencoder_path=`); not used (and not
+                            needed) with a "space_to_depth" autoencoder, which has no weights
     DIR/text_encoder        T5 encoder snapshot (or pass `t5_path=`)
     DIR/text_encoder_2      CLIP text snapshot (or pass `clip_path=`)
 
@@ -50,12 +57,15 @@ from selfe.pipeline_files import (
     required_file,
     text_encoder_dirs,
 )
+from selfe.pixel_autoencoder import SpaceToDepthAutoEncoder, SpaceToDepthConfig
 from selfe.sampler import METHODS, S_POLICIES, SamplerConfig, sample
 from selfe.text_encoders import TextEncoders, resolve_device, resolve_dtype
 from selfe.weights import load_safetensors_into
 
 OUTPUT_TYPES = ("pil", "pt", "np", "latent")
 MAX_SIZE = 4096  # pixels per side accepted by default; RoPE has no hard limit, memory has
+DEFAULT_SIZE = 512  # pixels per side when neither the call nor the pipeline's config gives one
+AUTOENCODERS = (AutoEncoder, SpaceToDepthAutoEncoder)
 
 
 @dataclass
@@ -75,23 +85,29 @@ class SelfEPipeline:
     def __init__(
         self,
         model: MMDiT,
-        autoencoder: AutoEncoder,
+        autoencoder: AutoEncoder | SpaceToDepthAutoEncoder,
         text_encoders: Any,
         *,
         sampler_defaults: SamplerConfig | None = None,
         fast_path: FastPathConfig | None = None,
         max_size: int = MAX_SIZE,
         fp8: str | FP8Config = "none",
+        default_resolution: int | None = None,
     ):
-        """text_encoders: a TextEncoders or anything with encode(prompts) and null_condition(batch, length).
+        """autoencoder: the FLUX-architecture AutoEncoder (latent models) or the weightless
+        SpaceToDepthAutoEncoder (pixel-space models).
+        text_encoders: a TextEncoders or anything with encode(prompts) and null_condition(batch, length).
         fast_path: None runs the compiled / graphed step with default settings; pass
         FastPathConfig(compile=False, cuda_graph="off") for a plain eager step.
         fp8: "none", "torchao", "te" or an FP8Config: the model's large linears are converted in place for
-        FP8 sampling here, after its weights are loaded and before the step is ever compiled."""
+        FP8 sampling here, after its weights are loaded and before the step is ever compiled.
+        default_resolution: the image side used when a call omits height / width (None: 512)."""
         if not isinstance(model, MMDiT):
             raise TypeError(f"model must be an MMDiT, got {type(model).__name__}")
-        if not isinstance(autoencoder, AutoEncoder):
-            raise TypeError(f"autoencoder must be an AutoEncoder, got {type(autoencoder).__name__}")
+        if not isinstance(autoencoder, AUTOENCODERS):
+            raise TypeError(
+                f"autoencoder must be an AutoEncoder or a SpaceToDepthAutoEncoder, got {type(autoencoder).__name__}"
+            )
         for method in ("encode", "null_condition"):
             if not callable(getattr(text_encoders, method, None)):
                 raise TypeError(f"text_encoders must have {method}(), got {type(text_encoders).__name__}")
@@ -108,12 +124,18 @@ class SelfEPipeline:
         self.sampler_defaults = sampler_defaults or SamplerConfig()
         self.fast = FastSampler(self.model, fast_path)
         self.max_size = max_size
+        if default_resolution is not None:
+            try:
+                self._check_size(default_resolution, default_resolution)
+            except ValueError as err:
+                raise ValueError(f"default_resolution={default_resolution!r} is not a valid size: {err}") from err
+        self.default_resolution = default_resolution
 
     @classmethod
     def from_components(
         cls,
         model: MMDiT,
-        autoencoder: AutoEncoder,
+        autoencoder: AutoEncoder | SpaceToDepthAutoEncoder,
         text_encoders: Any,
         **kwargs: Any,
     ) -> SelfEPipeline:
@@ -141,7 +163,10 @@ class SelfEPipeline:
 
         torch_dtype: of the MMDiT and the autoencoder (default bf16 on CUDA, fp32 on CPU);
         text_encoder_dtype: of T5 and CLIP (default: torch_dtype).
+        autoencoder_path: the FLUX autoencoder's weights (default DIR/ae.safetensors); an error with a
+        "space_to_depth" autoencoder, which has none.
         fp8: "none", "torchao", "te" or an FP8Config (see `__init__`); the file stays high precision.
+        The config's "resolution" becomes `default_resolution`.
         """
         root = Path(path).expanduser()
         if not root.is_dir():
@@ -157,13 +182,7 @@ class SelfEPipeline:
             model = MMDiT(meta["model"])
         load_safetensors_into(model, required_file(root / MODEL_FILE, "model weights"), device=device, dtype=dtype)
 
-        ae_file = Path(autoencoder_path) if autoencoder_path is not None else root / AE_FILE
-        autoencoder = load_autoencoder(
-            required_file(ae_file, "autoencoder weights (pass autoencoder_path=)"),
-            meta["autoencoder"],
-            device=device,
-            dtype=dtype,
-        )
+        autoencoder = _load_autoencoder(root, meta["autoencoder"], autoencoder_path, device, dtype)
         t5_dir, t5_tok, clip_dir, clip_tok = text_encoder_dirs(root, t5_path, clip_path)
         text = meta["text"]
         text_encoders = TextEncoders.from_snapshots(
@@ -183,6 +202,7 @@ class SelfEPipeline:
             fast_path=fast_path,
             max_size=max_size,
             fp8=fp8,
+            default_resolution=meta["resolution"],
         )
 
     # ------------------------------------------------------------------------------------------
@@ -213,13 +233,20 @@ class SelfEPipeline:
         return to_model(cond), (None if null is None else to_model(null))
 
     def warmup(
-        self, batch: int, height: int = 512, width: int = 512, guidance: bool = True, sampler: str = "ddim"
+        self,
+        batch: int,
+        height: int | None = None,
+        width: int | None = None,
+        guidance: bool = True,
+        sampler: str = "ddim",
     ) -> float:
         """Compile (and on CUDA capture) the step for `batch` images of height x width; returns seconds.
 
-        batch counts images, not prompts x images. The first call of a new shape does this by itself.
+        batch counts images, not prompts x images. height / width None: `default_resolution` (else 512).
+        The first call of a new shape does this by itself.
         """
         _check_int("batch", batch, 1)
+        height, width = self._resolve_size(height, width)
         self._check_size(height, width)
         _check_choice("sampler", sampler, METHODS)
         cond, null = self.encode_prompts([""] * batch, guided=guidance)
@@ -228,9 +255,20 @@ class SelfEPipeline:
             return self.fast.warmup(x, cond, null, sampler, self.sampler_defaults.kernel_backend)
 
     def decode(self, latents: Tensor) -> Tensor:
-        """(B, C, h, w) latents -> (B, 3, H, W) float32 images in [0, 1]."""
-        images = self.autoencoder.decode(latents.to(next(self.autoencoder.parameters()).dtype))
+        """(B, C, h, w) latents -> (B, 3, H, W) float32 images in [0, 1].
+
+        The FLUX autoencoder casts the latents to its own dtype; a weightless one (space-to-depth) has
+        no dtype of its own and decodes in float32, so bf16 sampling does not round the pixels twice."""
+        if next(self.autoencoder.parameters(), None) is None:
+            latents = latents.float()
+        images = self.autoencoder.decode(latents)
         return ((images.float() + 1) / 2).clamp(0, 1)
+
+    @property
+    def default_size(self) -> tuple[int, int]:
+        """(height, width) a call uses when it omits them: `default_resolution` squared, else 512 x 512."""
+        side = self.default_resolution if self.default_resolution is not None else DEFAULT_SIZE
+        return side, side
 
     # ------------------------------------------------------------------------------------------
     # The call
@@ -241,8 +279,8 @@ class SelfEPipeline:
         prompt: str | Sequence[str],
         steps: int | None = None,
         guidance: float | None = ...,  # type: ignore[assignment]
-        height: int = 512,
-        width: int = 512,
+        height: int | None = None,
+        width: int | None = None,
         seed: int | None = None,
         generator: torch.Generator | None = None,
         sampler: str | None = None,
@@ -260,6 +298,7 @@ class SelfEPipeline:
 
         steps (alias num_inference_steps): any count >= 1, default from the pipeline's config (2).
         guidance (alias guidance_scale): omega of energy-preserving CFG (default 5.0); None: no CFG.
+        height / width: pixels, multiples of `size_multiple`; None: `default_size` (the config's resolution).
         seed or generator: the noise source (both: error). sampler: "ddim" (eta-DDIM) or "euler".
         s_policy / s_fixed / eta: see SamplerConfig. fast: the compiled / graphed step (False: the
         plain eager sampler loop, for reference). progress: called with the step index after each step.
@@ -268,6 +307,7 @@ class SelfEPipeline:
         config = self._sampler_config(
             steps, num_inference_steps, guidance, guidance_scale, sampler, s_policy, s_fixed, eta
         )
+        height, width = self._resolve_size(height, width)
         self._check_size(height, width)
         _check_choice("output_type", output_type, OUTPUT_TYPES)
         _check_int("num_images_per_prompt", num_images_per_prompt, 1)
@@ -348,6 +388,10 @@ class SelfEPipeline:
             kernel_backend=defaults.kernel_backend,
         )
 
+    def _resolve_size(self, height: Any, width: Any) -> tuple[Any, Any]:
+        default_height, default_width = self.default_size
+        return (default_height if height is None else height), (default_width if width is None else width)
+
     def _check_size(self, height: Any, width: Any) -> None:
         m = self.size_multiple
         for name, value in (("height", height), ("width", width)):
@@ -378,6 +422,27 @@ class SelfEPipeline:
 
 # ----------------------------------------------------------------------------------------------
 # Small helpers
+
+
+def _load_autoencoder(
+    root: Path,
+    config: Any,
+    autoencoder_path: str | Path | None,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> AutoEncoder | SpaceToDepthAutoEncoder:
+    """The pipeline's autoencoder: built directly when weightless, else loaded from ae.safetensors."""
+    if isinstance(config, SpaceToDepthConfig):
+        if autoencoder_path is not None:
+            raise ValueError(
+                f"autoencoder_path={str(autoencoder_path)!r} given, but the pipeline's autoencoder is "
+                "'space_to_depth', which has no weights"
+            )
+        return SpaceToDepthAutoEncoder(config).to(device).eval()
+    ae_file = Path(autoencoder_path) if autoencoder_path is not None else root / AE_FILE
+    return load_autoencoder(
+        required_file(ae_file, "autoencoder weights (pass autoencoder_path=)"), config, device=device, dtype=dtype
+    )
 
 
 def resolve_fp8(fp8: str | FP8Config) -> FP8Config:

@@ -12,6 +12,8 @@ from typing import Any
 
 from selfe.autoencoder import AutoEncoderConfig
 from selfe.config import MMDiTConfig
+from selfe.pixel_autoencoder import AUTOENCODER_TYPE as SPACE_TO_DEPTH
+from selfe.pixel_autoencoder import SpaceToDepthConfig
 from selfe.sampler import SamplerConfig
 
 MODEL_FILE = "model.safetensors"
@@ -19,11 +21,15 @@ CONFIG_FILE = "config.json"
 AE_FILE = "ae.safetensors"
 TEXT_DIRS = ("text_encoder", "text_encoder_2")
 TEXT_KEYS = ("t5_max_length", "clip_max_length", "t5_attention_mask")
+TOP_KEYS = ("model", "sampler", "autoencoder", "text", "resolution")
+FLUX1 = "flux1"
+AUTOENCODER_TYPES = (FLUX1, SPACE_TO_DEPTH)  # config.json "autoencoder": {"type": ...}; no type = FLUX1
 
 
 def read_pipeline_config(root: Path) -> dict[str, Any]:
-    """config.json -> {"model": MMDiTConfig, "sampler": SamplerConfig, "autoencoder": AutoEncoderConfig,
-    "text": dict of TextEncoders.from_snapshots keywords}; unknown keys are errors."""
+    """config.json -> {"model": MMDiTConfig, "sampler": SamplerConfig,
+    "autoencoder": AutoEncoderConfig | SpaceToDepthConfig | None (None: FLUX.1),
+    "text": dict of TextEncoders.from_snapshots keywords, "resolution": int | None}; unknown keys are errors."""
     path = required_file(root / CONFIG_FILE, "pipeline config")
     try:
         data = json.loads(path.read_text())
@@ -33,10 +39,9 @@ def read_pipeline_config(root: Path) -> dict[str, Any]:
         raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
     if "model" not in data and "hidden_size" in data:
         data = {"model": data}  # a bare MMDiTConfig dict
-    known = ("model", "sampler", "autoencoder", "text")
-    unknown = sorted(set(data) - set(known))
+    unknown = sorted(set(data) - set(TOP_KEYS))
     if unknown:
-        raise ValueError(f"{path}: unknown top-level keys {unknown}; known: {list(known)}")
+        raise ValueError(f"{path}: unknown top-level keys {unknown}; known: {list(TOP_KEYS)}")
     if "model" not in data:
         raise ValueError(f"{path} lacks the 'model' entry (the MMDiTConfig dict)")
     sampler = dict(data.get("sampler") or {})
@@ -46,13 +51,42 @@ def read_pipeline_config(root: Path) -> dict[str, Any]:
     text = dict(data.get("text") or {})
     if set(text) - set(TEXT_KEYS):
         raise ValueError(f"{path}: unknown text keys {sorted(set(text) - set(TEXT_KEYS))}; known: {TEXT_KEYS}")
-    ae = data.get("autoencoder")
+    resolution = data.get("resolution")
+    if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1):
+        raise ValueError(
+            f"{path}: 'resolution' must be a positive int (image side in pixels) or null, got {resolution!r}"
+        )
     return {
         "model": MMDiTConfig.from_dict(data["model"]),
         "sampler": SamplerConfig(**sampler),
-        "autoencoder": AutoEncoderConfig(**ae) if ae else None,
+        "autoencoder": autoencoder_config(data.get("autoencoder"), where=str(path)),
         "text": text,
+        "resolution": resolution,
     }
+
+
+def autoencoder_config(entry: Any, where: str = "config.json") -> AutoEncoderConfig | SpaceToDepthConfig | None:
+    """config.json's "autoencoder" entry -> its config; None / {} -> None (the caller's FLUX.1 default).
+
+    {"type": "space_to_depth", **SpaceToDepthConfig fields} -> SpaceToDepthConfig; no "type" (or "flux1")
+    -> AutoEncoderConfig from the other keys."""
+    if not entry:
+        return None
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: 'autoencoder' must be a JSON object, got {type(entry).__name__}")
+    entry = dict(entry)
+    kind = entry.pop("type", FLUX1)
+    if kind not in AUTOENCODER_TYPES:
+        raise ValueError(f"{where}: unknown autoencoder type {kind!r}; known: {list(AUTOENCODER_TYPES)}")
+    cls = SpaceToDepthConfig if kind == SPACE_TO_DEPTH else AutoEncoderConfig
+    known = {f.name for f in fields(cls)}
+    if set(entry) - known:
+        raise ValueError(
+            f"{where}: unknown keys {sorted(set(entry) - known)} for autoencoder type {kind!r}; known: {sorted(known)}"
+        )
+    if kind == FLUX1 and not entry:
+        return None
+    return cls(**entry)
 
 
 def required_file(path: Path, what: str) -> Path:

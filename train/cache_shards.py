@@ -32,7 +32,9 @@ class CacheConfig:
     """resolutions: base resolutions to cache (each sample at each); shard_size: samples per shard;
     encode_batch_size: images / prompts per encoder call; num_threads: image decode threads;
     store_dtype: cast floating tensors to this before saving (None keeps the encoders' dtype);
-    encoder_tag: names the encoders in the fingerprint, so a resume with other encoders is refused."""
+    encoder_tag: names the encoders in the fingerprint, so a resume with other encoders is refused;
+    latent_factor: image pixels per latent pixel along a side (8: the FLUX autoencoder and ShapesEval's
+    space-to-depth one)."""
 
     resolutions: tuple[int, ...] = (256,)
     shard_size: int = 1024
@@ -40,6 +42,7 @@ class CacheConfig:
     num_threads: int = 4
     store_dtype: str | None = None
     encoder_tag: str = ""
+    latent_factor: int = 8
     buckets: BucketConfig = field(default_factory=BucketConfig)
     checks: ManifestConfig = field(default_factory=ManifestConfig)
 
@@ -49,7 +52,7 @@ class CacheConfig:
             raise ValueError(f"CacheConfig.resolutions must be non-empty and distinct, got {self.resolutions}")
         for r in self.resolutions:
             self.buckets.buckets(r)  # validates: positive multiple of the bucket multiple
-        for name in ("shard_size", "encode_batch_size", "num_threads"):
+        for name in ("shard_size", "encode_batch_size", "num_threads", "latent_factor"):
             value = getattr(self, name)
             least = 0 if name == "num_threads" else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
@@ -181,7 +184,7 @@ def encode_shard(
             return
         batch = torch.stack([img for _, img in pending]).to(device)
         latents = image_encoder(batch)
-        h, w = plan.height // 8, plan.width // 8
+        h, w = plan.height // config.latent_factor, plan.width // config.latent_factor
         if latents.ndim != 4 or latents.shape[0] != len(pending) or tuple(latents.shape[2:]) != (h, w):
             raise ValueError(
                 f"image_encoder returned {tuple(latents.shape)} for images {tuple(batch.shape)}; "

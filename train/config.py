@@ -24,9 +24,10 @@ from selfe.config import MMDiTConfig, mmdit_preset
 from selfe.fp8 import FP8Config
 from selfe.objective import ObjectiveConfig
 from selfe.schedule import TimeShift
+from selfe.shapes import PIXEL_FACTOR
 
 DATA_SOURCES = ("procedural", "synthetic", "cache", "images")
-ENCODERS = ("smoke", "flux")
+ENCODERS = ("smoke", "flux", "pixels")
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
@@ -39,8 +40,9 @@ class DataSection:
     synthetic: random tensors of the right shapes (benchmarks only; nothing to learn).
     cache: a `selfe cache` folder (latents + T5/CLIP states), read with CachedDataset.
     images: a TSV manifest; batches from `cache_dir` when it holds a cache, else decoded and encoded on
-        the fly with `encoders`: "flux" (the FLUX.1 autoencoder, T5, CLIP from ae_path/t5_path/clip_path)
-        or "smoke" (SMOKE ONLY: random-init stand-ins, a pipeline check without weights).
+        the fly with `encoders`: "flux" (the FLUX.1 autoencoder, T5, CLIP from ae_path/t5_path/clip_path),
+        "pixels" (pixel space: the space-to-depth autoencoder with pixel_factor/pixel_scale, T5 and CLIP from
+        t5_path/clip_path; ShapesEval) or "smoke" (SMOKE ONLY: random-init stand-ins, a pipeline check).
     With a cache and the auxiliary term on, the fake prompt is encoded online by `encoders`.
     batch_size is per rank and per micro-batch; the global batch is batch_size * world * grad_accum.
     """
@@ -58,6 +60,10 @@ class DataSection:
     ae_path: str | None = None
     t5_path: str | None = None
     clip_path: str | None = None
+    t5_max_length: int = 512  # T5 tokens per prompt (padding beyond the longest prompt is trimmed in caches)
+    pixel_factor: int = 8  # encoders="pixels": space-to-depth factor (a token is factor x factor pixels at patch 1)
+    pixel_scale: float = 2.0  # encoders="pixels": latents = pixel_scale * unshuffled pixels in [-1, 1]
+    min_side: int = 64  # manifest images with a shorter side are skipped (counted as tiny_image)
     # The paper's progressive schedule (cache source): `resolution` only, then from iteration `high_from` each
     # batch at `high_resolution` with probability `high_fraction` (paper: 256^2, then 1:1 with 512^2 from 500k).
     high_resolution: int | None = None
@@ -81,7 +87,7 @@ class DataSection:
             raise ValueError(f"data.source must be one of {DATA_SOURCES}, got {self.source!r}")
         if self.source == "cache" and not self.cache_dir:
             raise ValueError("data.source='cache' needs data.cache_dir (a `selfe cache` folder)")
-        for name in ("batch_size", "num_samples", "text_length"):
+        for name in ("batch_size", "num_samples", "text_length", "t5_max_length", "pixel_factor", "min_side"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
         if self.resolution < 16 or self.resolution % 16:
@@ -151,6 +157,9 @@ class CheckpointConfig:
     keep: int = 3  # complete checkpoints kept (oldest removed first)
     resume: bool = True  # continue from the newest complete checkpoint in run_dir/checkpoints
     export_at_end: bool = True  # EMA weights -> run_dir/export (model.safetensors + config.json)
+    # Copy data.t5_path / clip_path into the export (text_encoder/, text_encoder_2/) so it loads on its own;
+    # for small encoders (ShapesEval's), not for T5-XXL.
+    export_text_encoders: bool = False
 
     def __post_init__(self) -> None:
         if self.every < 0 or self.keep < 1:
@@ -280,7 +289,66 @@ def paper_2b() -> TrainConfig:
     )
 
 
-PRESETS: dict[str, Callable[[], TrainConfig]] = {"smoke": smoke, "0.5b": paper_0_5b, "2b": paper_2b}
+def shapes_model() -> MMDiTConfig:
+    """ShapesEval's MMDiT: pixel space, a token per 4x4 RGB patch (space-to-depth 4, patch 1: 64 tokens at
+    32^2), width 128 in 2 heads of 64, 4 double + 2 single blocks, the tiny T5 / CLIP widths."""
+    return MMDiTConfig(
+        name="shapes",
+        hidden_size=128,
+        num_heads=2,
+        depth_double=4,
+        depth_single=2,
+        axes_dim=(8, 28, 28),
+        in_channels=3 * PIXEL_FACTOR**2,
+        patch_size=1,
+        txt_dim=64,
+        vec_dim=64,
+        time_embed_dim=128,
+    )
+
+
+def shapes(self_eval: bool = True) -> TrainConfig:
+    """ShapesEval (`selfe data shapes` first): Self-E or, with self_eval=False, flow matching on the same
+    model, data, iterations and seed. Sized for a CPU: 1500 iterations of 64; the pair runs side by side
+    in under 30 min on 2 cores. tau rises over the first 30% (the paper: 300k of 710k), EMA 0.995 (a short run), no aux term,
+    time shift mu = 1 (pixel space at 32^2 needs more noise than the token count suggests)."""
+    method = "selfe" if self_eval else "fm"
+    steps = 1500
+    return TrainConfig(
+        name=f"shapes-{method}",
+        run_dir=f"runs/shapes-{method}",
+        steps=steps,
+        model=shapes_model(),
+        objective=ObjectiveConfig(
+            self_eval=self_eval, tau_warmup=steps * 3 // 10, aux_start=None, time_shift=TimeShift(mu=1.0)
+        ),
+        data=DataSection(
+            source="images",
+            manifest="data/shapes/train.tsv",
+            cache_dir="data/shapes/cache",
+            encoders="pixels",
+            t5_path="data/shapes/text_encoder",
+            clip_path="data/shapes/text_encoder_2",
+            t5_max_length=16,
+            pixel_factor=PIXEL_FACTOR,
+            resolution=32,
+            min_side=32,
+            batch_size=64,
+        ),
+        optim=OptimConfig(lr=1e-3, final_lr=1e-4, warmup_steps=100),
+        ema=EMAConfig(decay=0.995),
+        checkpoint=CheckpointConfig(every=250, keep=2, export_text_encoders=True),
+        metrics=MetricsConfig(log_every=50),
+    )
+
+
+PRESETS: dict[str, Callable[[], TrainConfig]] = {
+    "smoke": smoke,
+    "0.5b": paper_0_5b,
+    "2b": paper_2b,
+    "shapes-selfe": lambda: shapes(self_eval=True),
+    "shapes-fm": lambda: shapes(self_eval=False),
+}
 
 
 def preset(name: str) -> TrainConfig:

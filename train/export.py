@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -20,6 +21,24 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from selfe.fp8 import plain_tensor
 from selfe.train.config import TrainConfig
+
+
+def pipeline_config(config: TrainConfig) -> dict:
+    """config.json of the export: the model, and what sampling must match of training: the time shift,
+    the pixel autoencoder (encoders="pixels"), the T5 length and the training resolution."""
+    data = config.data
+    out: dict = {
+        "model": config.model.to_dict(),
+        "sampler": {"time_shift": asdict(config.objective.time_shift)},
+        "resolution": data.resolution,
+    }
+    if data.encoders == "pixels":
+        from selfe.train.sources import pixel_autoencoder
+
+        out["autoencoder"] = pixel_autoencoder(data).config.to_dict()
+    if data.encoders != "smoke":
+        out["text"] = {"t5_max_length": data.t5_max_length}
+    return out
 
 
 def export_ema(ema_model: nn.Module, config: TrainConfig, out_dir: str | os.PathLike, rank: int = 0) -> Path:
@@ -37,7 +56,12 @@ def export_ema(ema_model: nn.Module, config: TrainConfig, out_dir: str | os.Path
         if not k.endswith("_extra_state")
     }
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps({"model": config.model.to_dict()}, indent=1))
+    (tmp / "config.json").write_text(json.dumps(pipeline_config(config), indent=1))
+    if config.checkpoint.export_text_encoders:
+        for name, source in (("text_encoder", config.data.t5_path), ("text_encoder_2", config.data.clip_path)):
+            if not source:
+                raise ValueError(f"checkpoint.export_text_encoders needs data.t5_path and data.clip_path ({name})")
+            shutil.copytree(source, tmp / name)
     (tmp / "train_config.json").write_text(json.dumps(config.to_dict(), indent=1))
     old = out.with_name(out.name + ".old")
     if out.exists():

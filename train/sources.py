@@ -208,9 +208,10 @@ class EncodingSource:
         self, data: DataSection, model: MMDiTConfig, rank: int, world_size: int, grad_accum: int, device: torch.device
     ):
         from selfe.train.data import BucketConfig, ImageTextLoader, LoaderConfig, scan_manifest
+        from selfe.train.data.manifest import ManifestConfig
 
         self.loader = ImageTextLoader(
-            scan_manifest(data.manifest, data.base_dir),
+            scan_manifest(data.manifest, data.base_dir, ManifestConfig(min_side=data.min_side)),
             BucketConfig(),
             data.resolution_schedule(),
             LoaderConfig(batch_size=data.batch_size, seed=data.seed, batches_per_step=grad_accum),
@@ -266,6 +267,8 @@ def _image_encoder(data: DataSection, model: MMDiTConfig, device: torch.device):
         from selfe.train.smoke_encoders import SmokeImageEncoder
 
         return SmokeImageEncoder(model.in_channels, seed=data.seed)
+    if data.encoders == "pixels":
+        return pixel_autoencoder(data).to(device).encode
     if not data.ae_path:
         raise ValueError("data.encoders='flux' needs data.ae_path (or data.encoders=smoke for a pipeline check)")
     from selfe.autoencoder import load_autoencoder
@@ -283,11 +286,25 @@ def _text_encoder(data: DataSection, model: MMDiTConfig, device: torch.device):
         return lambda prompts: {k: v.to(device) for k, v in text(prompts).items()}
     missing = [k for k in ("t5_path", "clip_path") if not getattr(data, k)]
     if missing:
-        raise ValueError(f"data.encoders='flux' needs {missing} (or data.encoders=smoke for a pipeline check)")
+        raise ValueError(
+            f"data.encoders={data.encoders!r} needs {missing} (or data.encoders=smoke for a pipeline check)"
+        )
     from selfe.text_encoders import TextEncoders
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return TextEncoders.from_snapshots(data.t5_path, data.clip_path, device=device, dtype=dtype).encode
+    encoders = TextEncoders.from_snapshots(
+        data.t5_path, data.clip_path, t5_max_length=data.t5_max_length, device=device, dtype=dtype
+    )
+    return encoders.encode
+
+
+def pixel_autoencoder(data: DataSection):
+    """The space-to-depth autoencoder of data.encoders="pixels" (see selfe.pixel_autoencoder)."""
+    from selfe.pixel_autoencoder import SpaceToDepthAutoEncoder, SpaceToDepthConfig
+
+    return SpaceToDepthAutoEncoder(
+        SpaceToDepthConfig(downsample_factor=data.pixel_factor, scale_factor=data.pixel_scale)
+    )
 
 
 def build_source(

@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import selfe.shapes
 from selfe.autoencoder import AutoEncoder
 from selfe.autoencoder import tiny as tiny_autoencoder
 from selfe.config import tiny as tiny_mmdit
@@ -282,7 +283,7 @@ def test_from_components(pipe: SelfEPipeline) -> None:
 def test_generate_cli_writes_images_and_grid(pipeline_dir: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "grid.png"
     argv = ["--model", str(pipeline_dir), "--prompt", *PROMPTS, "--steps", "1", "2", "--seed", "0"]
-    argv += ["--height", str(SIZE), "--width", str(SIZE), "--out", str(out), "--eager"]
+    argv += ["--height", str(SIZE), "--width", str(SIZE), "--out", str(out), "--eager", "--upscale", "1"]
     assert generate_main(argv) == 0
     from PIL import Image
 
@@ -295,7 +296,8 @@ def test_generate_cli_writes_images_and_grid(pipeline_dir: Path, tmp_path: Path,
     assert "steps" in capsys.readouterr().err  # the progress bar
 
 
-def test_generate_cli_without_model_says_how_to_get_one(capsys) -> None:
+def test_generate_cli_without_model_says_how_to_get_one(capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(selfe.shapes, "shipped_model_dir", lambda: None)  # as in an install without it
     assert generate_main(["--prompt", "a cat"]) == 2
     err = capsys.readouterr().err
     assert "--model" in err and "model.safetensors" in err and "export" in err

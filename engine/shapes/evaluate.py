@@ -1,0 +1,199 @@
+"""`selfe eval shapes`: score models on ShapesEval at several step counts, GenEval style.
+
+    selfe eval shapes --model runs/shapes-fm/export runs/shapes-selfe/export --steps 1 2 4 8 50 --out runs/eval
+
+For every model and step count, the fixed evaluation prompts (`scene.evaluation_prompts`: the same
+number of images per category) are sampled with the same seeds, scored by `selfe.shapes.scorer`, and
+summarised per category and overall (the mean of the categories). Prints a markdown table and writes
+OUT/shapes_eval.json and OUT/shapes_grid_{name}.png (rows: prompts, two per category; columns: steps).
+With no --model, the shipped ShapesEval model is evaluated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from selfe.shapes.scene import CATEGORIES, Prompt, evaluation_prompts
+
+DEFAULT_STEPS = (1, 2, 4, 8, 50)
+UNSET: Any = ...  # guidance argument not given: the model's own default
+
+
+@dataclass
+class EvalConfig:
+    """steps: step counts; images_per_category: evaluation images per category (one prompt each, see
+    scene.evaluation_prompts); seed: noise seed (batch k uses seed + k at every step count);
+    guidance: EP-CFG omega, None for none, UNSET for the model's default; batch_size: images per call."""
+
+    steps: tuple[int, ...] = DEFAULT_STEPS
+    images_per_category: int = 48
+    prompt_seed: int = 20_251_123
+    seed: int = 0
+    guidance: float | None = UNSET
+    sampler: str | None = None
+    batch_size: int = 96
+    grid_per_category: int = 2
+
+    def __post_init__(self) -> None:
+        self.steps = tuple(self.steps)
+        if not self.steps or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in self.steps):
+            raise ValueError(f"steps must be integers >= 1, got {self.steps}")
+        for name in ("images_per_category", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def generate_images(pipe: Any, prompts: Sequence[Prompt], steps: int, config: EvalConfig) -> np.ndarray:
+    """(N, H, W, 3) uint8 images of the prompts at `steps`, in batches with seeds seed + batch index."""
+    import torch
+
+    out = []
+    for k, start in enumerate(range(0, len(prompts), config.batch_size)):
+        chunk = [p.caption for p in prompts[start : start + config.batch_size]]
+        generator = torch.Generator(device=pipe.device).manual_seed(config.seed + k)
+        kwargs = {} if config.guidance is UNSET else {"guidance": config.guidance}
+        result = pipe(chunk, steps=steps, generator=generator, output_type="np", sampler=config.sampler, **kwargs)
+        out.append((np.asarray(result.images) * 255).round().clip(0, 255).astype(np.uint8))
+    return np.concatenate(out)
+
+
+def evaluate(
+    pipe: Any, config: EvalConfig, on_step_count: Callable[[int, dict], None] | None = None
+) -> tuple[dict, dict[int, np.ndarray]]:
+    """Scores per step count {"steps": {n: summary}, "config": ...} and the generated images per step count."""
+    from selfe.shapes.scorer import score_image, summarize
+
+    prompts = evaluation_prompts(config.images_per_category, config.prompt_seed)
+    results: dict[str, Any] = {"config": {**asdict(config), "guidance": _guidance_label(config.guidance)}}
+    results["steps"], images = {}, {}
+    for steps in config.steps:
+        start = time.perf_counter()
+        images[steps] = generate_images(pipe, prompts, steps, config)
+        correct = [score_image(p, image) for p, image in zip(prompts, images[steps])]
+        summary = summarize(prompts, correct)
+        summary["seconds"] = round(time.perf_counter() - start, 2)
+        results["steps"][str(steps)] = summary
+        if on_step_count is not None:
+            on_step_count(steps, summary)
+    return results, images
+
+
+def grid(images: dict[int, np.ndarray], config: EvalConfig, scale: int = 4) -> np.ndarray:
+    """(rows * H * scale, columns * W * scale, 3) uint8: `grid_per_category` prompts per category down,
+    step counts across, each image nearest-upscaled by `scale`, 2 px white gutters."""
+    per = config.images_per_category
+    rows = [c * per + i for c in range(len(CATEGORIES)) for i in range(min(config.grid_per_category, per))]
+    tiles = [[images[s][r].repeat(scale, 0).repeat(scale, 1) for s in config.steps] for r in rows]
+    h, w = tiles[0][0].shape[:2]
+    gap = 2
+    out = np.full((len(rows) * (h + gap) - gap, len(config.steps) * (w + gap) - gap, 3), 255, np.uint8)
+    for i, row in enumerate(tiles):
+        for j, tile in enumerate(row):
+            out[i * (h + gap) : i * (h + gap) + h, j * (w + gap) : j * (w + gap) + w] = tile
+    return out
+
+
+def markdown_table(results: dict[str, dict]) -> str:
+    """Rows: model x step count; columns: overall, then the categories."""
+    head = "| model | steps | overall | " + " | ".join(CATEGORIES) + " |"
+    lines = [head, "|" + "---|" * (3 + len(CATEGORIES))]
+    for name, result in results.items():
+        for steps, summary in result["steps"].items():
+            cells = [f"{summary['categories'].get(c, float('nan')):.3f}" for c in CATEGORIES]
+            lines.append(f"| {name} | {steps} | **{summary['overall']:.3f}** | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _guidance_label(guidance: Any) -> Any:
+    return "model default" if guidance is UNSET else guidance
+
+
+def _model_name(path: Path, taken: set[str]) -> str:
+    parts = path.resolve().parts
+    name = parts[-2] if parts[-1] == "export" and len(parts) > 1 else parts[-1]
+    while name in taken:
+        name += "'"
+    taken.add(name)
+    return name
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="selfe eval", description="Evaluate models on a built-in benchmark.")
+    sub = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    p = sub.add_parser("shapes", help="ShapesEval: GenEval-style scores per category at several step counts")
+    p.add_argument("--model", type=Path, nargs="+", default=None, help="pipeline directories (default: the shipped)")
+    p.add_argument("--steps", type=int, nargs="+", default=list(DEFAULT_STEPS))
+    p.add_argument("--images-per-category", type=int, default=EvalConfig.images_per_category)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance", type=float, default=None, help="EP-CFG omega (default: the model's)")
+    p.add_argument("--no-guidance", action="store_true", help="no CFG")
+    p.add_argument("--sampler", choices=("ddim", "euler"), default=None)
+    p.add_argument("--batch-size", type=int, default=EvalConfig.batch_size)
+    p.add_argument("--out", type=Path, default=Path("runs/eval-shapes"), help="folder for the JSON and grids")
+    p.add_argument("--device", default=None)
+    return parser
+
+
+def eval_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `selfe eval`; 0 on success, 2 for bad arguments, 1 when a model fails to load."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    guidance = None if args.no_guidance else (UNSET if args.guidance is None else args.guidance)
+    try:
+        config = EvalConfig(
+            steps=tuple(args.steps),
+            images_per_category=args.images_per_category,
+            seed=args.seed,
+            guidance=guidance,
+            sampler=args.sampler,
+            batch_size=args.batch_size,
+        )
+    except ValueError as err:
+        parser.error(str(err))
+    models = args.model
+    if models is None:
+        from selfe.shapes import shipped_model_dir
+
+        shipped = shipped_model_dir()
+        if shipped is None:
+            parser.error("no --model given and this install has no shipped ShapesEval model")
+        models = [shipped]
+
+    from PIL import Image
+
+    from selfe.graphs import FastPathConfig
+    from selfe.pipeline import SelfEPipeline
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    all_results: dict[str, dict] = {}
+    taken: set[str] = set()
+    for path in models:
+        name = _model_name(path, taken)
+        try:
+            pipe = SelfEPipeline.from_pretrained(path, device=args.device, fast_path=FastPathConfig(cuda_graph="auto"))
+        except (FileNotFoundError, OSError, ValueError, TypeError) as err:
+            print(f"selfe eval: error: could not load {str(path)!r}: {err}", file=sys.stderr)
+            return 1
+
+        def report(steps: int, summary: dict, name: str = name) -> None:
+            line = f"{name}: {steps} steps: overall {summary['overall']:.3f} ({summary['seconds']:.1f} s)"
+            print(line, file=sys.stderr)
+
+        results, images = evaluate(pipe, config, report)
+        results["model"] = str(path)
+        all_results[name] = results
+        Image.fromarray(grid(images, config)).save(args.out / f"shapes_grid_{name.strip(chr(39))}.png")
+    from selfe.atomic import atomic_write_json
+
+    atomic_write_json(args.out / "shapes_eval.json", all_results)
+    print(markdown_table(all_results))
+    print(f"wrote {args.out / 'shapes_eval.json'} and the grids in {args.out}", file=sys.stderr)
+    return 0

@@ -1,0 +1,123 @@
+"""`selfe data shapes`: ShapesEval's training data as the ordinary pipeline takes it.
+
+    selfe data shapes --out data/shapes --num 30000 --seed 0
+
+writes into OUT:
+    images/000000.png ...   32x32 RGB scenes (selfe.shapes.scene), one per manifest row
+    train.tsv               image path <TAB> caption (the Self-E release's manifest format)
+    text_encoder/, text_encoder_2/   the tiny T5 / CLIP snapshots (selfe.shapes.text) the captions are encoded by
+    cache/                  a `selfe cache` of it: space-to-depth latents (B, 48, 8, 8) and text states
+A run (`selfe train shapes-selfe` / `shapes-fm`) reads the cache, or the images when the cache is absent.
+Sample i is a pure function of (seed, i); running the command again with the same arguments keeps what
+is complete (the manifest is written last, atomically; the cache resumes by itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from selfe.atomic import atomic_write_bytes
+from selfe.shapes import PIXEL_FACTOR
+from selfe.shapes.scene import IMAGE_SIZE, random_prompt, render
+from selfe.shapes.text import T5_MAX_LENGTH, write_text_encoders
+
+MANIFEST = "train.tsv"
+IMAGES = "images"
+CACHE = "cache"
+
+
+def sample(seed: int, index: int, image_size: int = IMAGE_SIZE) -> tuple[str, np.ndarray]:
+    """(caption, (H, W, 3) uint8 image) of sample `index` of the data set `seed`."""
+    rng = np.random.default_rng([seed, index])
+    prompt = random_prompt(rng)
+    return prompt.caption, render(prompt, rng, image_size)
+
+
+def write_images(out: Path, num: int, seed: int, image_size: int = IMAGE_SIZE, progress: bool = True) -> Path:
+    """Write the images and then the manifest (atomically, last: its presence means the images are complete)."""
+    from PIL import Image
+    from tqdm import tqdm
+
+    manifest = out / MANIFEST
+    folder = out / IMAGES
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in tqdm(range(num), desc="shapes images", unit="img", disable=not progress, file=sys.stderr):
+        caption, image = sample(seed, i, image_size)
+        name = f"{IMAGES}/{i:06d}.png"
+        path = out / name
+        if not path.is_file():
+            buffer = io.BytesIO()
+            Image.fromarray(image).save(buffer, format="PNG")
+            atomic_write_bytes(path, buffer.getvalue())
+        rows.append(f"{name}\t{caption}\n")
+    atomic_write_bytes(manifest, "".join(rows).encode("utf-8"))
+    return manifest
+
+
+def build_shapes_cache(out: Path, image_size: int = IMAGE_SIZE, progress: bool = True) -> dict:
+    """The `selfe cache` of out/train.tsv with the pixel autoencoder and out's text encoders."""
+    import torch
+
+    from selfe.pixel_autoencoder import SpaceToDepthAutoEncoder, SpaceToDepthConfig
+    from selfe.text_encoders import TextEncoders
+    from selfe.train.cache import build_cache
+    from selfe.train.cache_shards import CacheConfig
+    from selfe.train.data.manifest import ManifestConfig
+
+    text = TextEncoders.from_snapshots(
+        out / "text_encoder", out / "text_encoder_2", t5_max_length=T5_MAX_LENGTH, device="cpu", dtype=torch.float32
+    )
+    autoencoder = SpaceToDepthAutoEncoder(SpaceToDepthConfig(downsample_factor=PIXEL_FACTOR))
+    config = CacheConfig(
+        resolutions=(image_size,),
+        shard_size=4096,
+        encode_batch_size=256,
+        num_threads=2,
+        store_dtype="float16",  # pixels * 2 in steps of 2/255 and unit-scale text states: fp16 loses nothing useful
+        encoder_tag=f"shapes;{autoencoder.config.to_dict()};t5_max_length={T5_MAX_LENGTH}",
+        latent_factor=autoencoder.downsample_factor,
+        checks=ManifestConfig(min_side=image_size),
+    )
+    return build_cache(out / MANIFEST, out / CACHE, autoencoder.encode, text.encode, config, progress=progress)
+
+
+def prepare(out_dir: str | Path, num: int, seed: int = 0, cache: bool = True, progress: bool = True) -> Path:
+    """Images + manifest, text encoders, and (cache=True) the cache under out_dir; returns out_dir."""
+    if num < 1:
+        raise ValueError(f"the number of samples must be >= 1, got {num}")
+    out = Path(out_dir)
+    write_images(out, num, seed, progress=progress)
+    if not (out / "text_encoder" / "config.json").is_file() or not (out / "text_encoder_2" / "config.json").is_file():
+        write_text_encoders(out)
+    if cache:
+        index = build_shapes_cache(out, progress=progress)
+        if not index["complete"]:
+            raise RuntimeError(f"the cache in {out / CACHE} is incomplete; run the command again to resume it")
+    return out
+
+
+def data_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `selfe data`."""
+    parser = argparse.ArgumentParser(prog="selfe data", description="Make a built-in training data set.")
+    sub = parser.add_subparsers(dest="dataset", required=True, metavar="DATASET")
+    p = sub.add_parser("shapes", help="ShapesEval scenes: images + TSV manifest + text encoders + cache")
+    p.add_argument("--out", type=Path, default=Path("data/shapes"), help="output folder (default data/shapes)")
+    p.add_argument("--num", type=int, default=30_000, help="number of training images (default 30000)")
+    p.add_argument("--seed", type=int, default=0, help="data set seed (the evaluation prompts use their own)")
+    p.add_argument("--no-cache", action="store_true", help="skip the cache (training then encodes on the fly)")
+    p.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    if args.num < 1:
+        parser.error(f"--num must be >= 1, got {args.num}")
+    start = time.perf_counter()
+    prepare(args.out, args.num, args.seed, cache=not args.no_cache, progress=not args.no_progress)
+    print(f"shapes data: {args.num} samples in {args.out} ({time.perf_counter() - start:.1f} s)")
+    return 0
