@@ -266,8 +266,9 @@ def paper_0_5b() -> TrainConfig:
 def paper_2b() -> TrainConfig:
     """The paper's 2B recipe: 710k iterations, tau warm-up 300k, the auxiliary term from 550k, 256^2 until
     500k, then a 1:1 mix of 256^2 and 512^2 batches (the cache must hold both resolutions). The paper also
-    lowers the global batch from 1024 to 768 at 500k; here it stays constant: changing the batch between
-    stages is not supported yet (the resumable data order refuses a new batch size)."""
+    lowers the global batch from 1024 to 768 at 500k: run with steps=500000, then resume the same run_dir
+    with steps=710000 and data.batch_size scaled by 3/4 (the data order starts a new stage at the next
+    epoch and keeps counting iterations, see selfe.train.data.sampler)."""
     return TrainConfig(
         name="2b",
         run_dir="runs/selfe-2b",

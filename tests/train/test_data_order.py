@@ -51,9 +51,7 @@ def test_sampler_is_a_pure_function_of_seed_epoch_position():
 @pytest.mark.parametrize("world_size", [1, 3])
 def test_sharding_drop_disjoint_same_count(world_size):
     classes = _classes(n=211, k=5, seed=1)
-    samplers = [
-        BucketBatchSampler(classes, 4, seed=2, rank=r, world_size=world_size) for r in range(world_size)
-    ]
+    samplers = [BucketBatchSampler(classes, 4, seed=2, rank=r, world_size=world_size) for r in range(world_size)]
     counts = {s.batches_per_epoch for s in samplers}
     assert len(counts) == 1
     for epoch in (0, 1):
@@ -72,9 +70,7 @@ def test_sharding_drop_disjoint_same_count(world_size):
 
 def test_sharding_pad_covers_everything():
     classes = _classes(n=50, k=3, seed=3)
-    samplers = [
-        BucketBatchSampler(classes, 4, seed=0, rank=r, world_size=2, remainder="pad") for r in range(2)
-    ]
+    samplers = [BucketBatchSampler(classes, 4, seed=0, rank=r, world_size=2, remainder="pad") for r in range(2)]
     seen = [i for s in samplers for p in s.iter_epoch(0) for i in p.indices]
     assert set(seen) == set(range(50))
     assert len(seen) == samplers[0].batches_per_epoch * 8
@@ -88,10 +84,47 @@ def test_sampler_errors():
         BucketBatchSampler([0] * 8, 2, rank=2, world_size=2)
     sampler = BucketBatchSampler(_classes(), 4)
     state = sampler.state_dict()
-    with pytest.raises(ValueError, match="world_size"):
-        BucketBatchSampler(_classes(), 4, world_size=2).load_state_dict(state)
     with pytest.raises(ValueError, match="num_samples"):
         BucketBatchSampler(_classes(n=99), 4).load_state_dict(state)
+    with pytest.raises(ValueError, match="remainder"):
+        BucketBatchSampler(_classes(), 4, remainder="pad").load_state_dict(state)
+    old = {k: v for k, v in state.items() if k not in ("step", "iteration", "stage")}  # before stages existed
+    with pytest.raises(ValueError, match="predates stages"):
+        BucketBatchSampler(_classes(), 2).load_state_dict(old)
+
+
+def test_a_new_batch_size_starts_a_stage_that_keeps_counting_iterations():
+    """The paper's 1024 -> 768 change at 500k, in small: 4 x 1 with 2 batches per step, then 3 x 2 ranks."""
+    classes = _classes()
+    first = BucketBatchSampler(classes, 4, seed=9, schedule=SCHEDULE, batches_per_step=2)
+    head = _plans(first, 30)  # 15 iterations, in the middle of epoch 1
+    assert head[-1].epoch == 1 and first.position > 0
+    state = copy.deepcopy(first.state_dict())
+    assert (state["step"], state["iteration"]) == (30, 15)
+
+    ranks = [BucketBatchSampler(classes, 3, seed=0, rank=r, world_size=2, schedule=SCHEDULE) for r in range(2)]
+    for sampler in ranks:
+        sampler.load_state_dict(state)
+    plans = [_plans(sampler, 8) for sampler in ranks]
+    for r, rank_plans in enumerate(plans):
+        assert [(p.epoch, p.position) for p in rank_plans[:2]] == [(2, 0), (2, 1)]  # the next whole epoch
+        assert [p.step for p in rank_plans] == list(range(30, 38))  # one batch per iteration now
+        assert all(len(p.indices) == 3 for p in rank_plans)
+        fresh = BucketBatchSampler(classes, 3, seed=9, rank=r, world_size=2, schedule=SCHEDULE)
+        fresh_epoch = list(fresh.iter_epoch(2))[:8]
+        assert [p.indices for p in rank_plans] == [p.indices for p in fresh_epoch]  # the ordinary epoch-2 batches
+    # The schedule reads the continued iteration (15, 16, ...), not one restarted at 0: both ranks agree,
+    # and the draws equal those of a schedule asked for those iterations directly.
+    expected = [SCHEDULE.resolution_at(15 + k, 9) for k in range(8)]
+    assert [p.resolution for p in plans[0]] == [p.resolution for p in plans[1]] == expected
+    assert set(plans[0][0].indices).isdisjoint(plans[1][0].indices)
+
+    # Inside the new stage, resume is exact again.
+    state2 = copy.deepcopy(ranks[0].state_dict())
+    again = BucketBatchSampler(classes, 3, seed=0, rank=0, world_size=2, schedule=SCHEDULE)
+    again.load_state_dict(state2)
+    more = _plans(ranks[0], 5)
+    assert _plans(again, 5) == more and more[0].step == 38
 
 
 def test_sampler_resume():
@@ -129,11 +162,7 @@ def _take(loader, n):
 
 
 def _same(a, b):
-    return (
-        a["indices"] == b["indices"]
-        and a["captions"] == b["captions"]
-        and torch.equal(a["images"], b["images"])
-    )
+    return a["indices"] == b["indices"] and a["captions"] == b["captions"] and torch.equal(a["images"], b["images"])
 
 
 def test_loader_resume_equals_uninterrupted_run(tmp_path):

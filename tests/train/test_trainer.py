@@ -208,6 +208,13 @@ def test_progressive_schedule_switches_the_cached_resolution(tmp_path):
     _run(config)
     flops = [r["tflops_per_step"] for r in read_metrics(tmp_path / "run")]
     assert flops[0] == flops[1] < flops[2] == flops[3]  # 4x the image tokens from step 2 on
+
+    # The paper's batch change between stages: resume with half the batch. The data order starts a new
+    # stage and keeps counting iterations, so the schedule stays at the high resolution.
+    _run(apply_overrides(config, ["steps=6", "data.batch_size=2"]))
+    records = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert records[4]["tflops_per_step"] == records[5]["tflops_per_step"] == pytest.approx(flops[3] / 2)
     mix = preset("2b").data.resolution_schedule()
     assert mix.mix_at(499_999) == {256: 1.0} and mix.mix_at(500_000) == {256: 0.5, 512: 0.5}
 

@@ -14,6 +14,11 @@ A class's remainder (fewer samples than a global batch) is
   dropped each time; a class smaller than one global batch is never used (a warning says so).
 - "pad": filled up with samples of the same class from the start of its permuted list (wrapping), so
   every sample appears at least once per epoch and a few appear twice.
+
+Stages: a run may resume with another batch size or world size (the paper lowers the global batch from
+1024 to 768 at 500k iterations). The partly read epoch is then left, and the new stage starts at the
+next epoch's first batch of the new size; `step` and the iteration the resolution schedule reads keep
+counting from where the old stage stopped. A changed data set, remainder policy or shuffle is an error.
 """
 
 from __future__ import annotations
@@ -79,9 +84,7 @@ class BucketBatchSampler:
             raise ValueError(f"remainder must be one of {REMAINDER_POLICIES}, got {remainder!r}")
         self.classes = np.asarray(aspect_classes, dtype=np.int64)
         if self.classes.ndim != 1 or len(self.classes) == 0:
-            raise ValueError(
-                f"aspect_classes must be a non-empty 1-D sequence, got shape {self.classes.shape}"
-            )
+            raise ValueError(f"aspect_classes must be a non-empty 1-D sequence, got shape {self.classes.shape}")
         self.batch_size = batch_size
         self.seed = int(seed)
         self.rank = rank
@@ -92,6 +95,8 @@ class BucketBatchSampler:
         self.batches_per_step = batches_per_step
         self.epoch = 0
         self.position = 0
+        # Where this stage began: its first epoch, and the batches / iterations drawn before it.
+        self._epoch_base, self._step_base, self._iteration_base = 0, 0, 0
         self._cached: tuple[int, list[tuple[int, np.ndarray]]] | None = None
         self._class_ids, self._class_counts = np.unique(self.classes, return_counts=True)
         g = self.global_batch_size
@@ -163,12 +168,17 @@ class BucketBatchSampler:
         if not 0 <= position < len(batches):
             raise IndexError(f"position {position} outside epoch of {len(batches)} batches")
         aspect_class, members = batches[position]
-        step = epoch * len(batches) + position
+        step, iteration = self._counters(epoch, position)
         resolution = None
         if self.schedule is not None:
-            resolution = self.schedule.resolution_at(step // self.batches_per_step, self.seed)
+            resolution = self.schedule.resolution_at(iteration, self.seed)
         mine = members[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
         return BatchPlan(step, epoch, position, aspect_class, resolution, tuple(int(i) for i in mine))
+
+    def _counters(self, epoch: int, position: int) -> tuple[int, int]:
+        """(batches drawn before the batch at (epoch, position), optimizer iterations before it)."""
+        local = (epoch - self._epoch_base) * self.batches_per_epoch + position
+        return self._step_base + local, self._iteration_base + local // self.batches_per_step
 
     def advance(self, epoch: int, position: int) -> tuple[int, int]:
         """The (epoch, position) after the batch at (epoch, position)."""
@@ -192,9 +202,13 @@ class BucketBatchSampler:
 
     def state_dict(self) -> dict[str, Any]:
         """Where the next batch comes from, and what must match to resume exactly."""
+        step, iteration = self._counters(self.epoch, self.position)
         return {
             "epoch": self.epoch,
             "position": self.position,
+            "step": step,
+            "iteration": iteration,
+            "stage": [self._epoch_base, self._step_base, self._iteration_base],
             "seed": self.seed,
             "num_samples": self.num_samples,
             "batch_size": self.batch_size,
@@ -204,9 +218,10 @@ class BucketBatchSampler:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a saved position. The seed comes from the state; a changed dataset size,
-        batch size, world size or remainder policy would change the order, so it is an error."""
-        for key in ("num_samples", "batch_size", "world_size", "remainder", "shuffle"):
+        """Continue from a saved position. The seed comes from the state. A changed batch size or world
+        size starts a new stage (module docstring); a changed dataset size, remainder policy or shuffle
+        would change what an epoch is, so it is an error."""
+        for key in ("num_samples", "remainder", "shuffle"):
             if state[key] != getattr(self, key):
                 raise ValueError(
                     f"cannot resume the data order: saved {key}={state[key]!r} but this sampler has "
@@ -215,6 +230,26 @@ class BucketBatchSampler:
         self.seed = int(state["seed"])
         self._cached = None
         epoch, position = int(state["epoch"]), int(state["position"])
+        if (state["batch_size"], state["world_size"]) != (self.batch_size, self.world_size):
+            self._new_stage(state, epoch, position)
+            return
         if epoch < 0 or not 0 <= position < self.batches_per_epoch:
             raise ValueError(f"saved position (epoch {epoch}, position {position}) is out of range")
+        self._epoch_base, self._step_base, self._iteration_base = (int(v) for v in state.get("stage", (0, 0, 0)))
         self.epoch, self.position = epoch, position
+
+    def _new_stage(self, state: dict[str, Any], epoch: int, position: int) -> None:
+        if "iteration" not in state:
+            raise ValueError("cannot change the batch size on resume: the saved data order predates stages")
+        start = epoch + (1 if position else 0)  # the partly read epoch is left
+        self._epoch_base, self._step_base, self._iteration_base = start, int(state["step"]), int(state["iteration"])
+        self.epoch, self.position = start, 0
+        log.warning(
+            "data order: global batch %d x %d -> %d x %d from iteration %d; the new stage starts at epoch %d",
+            state["batch_size"],
+            state["world_size"],
+            self.batch_size,
+            self.world_size,
+            self._iteration_base,
+            start,
+        )
