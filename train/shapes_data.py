@@ -8,8 +8,9 @@ writes into OUT:
     text_encoder/, text_encoder_2/   the tiny T5 / CLIP snapshots (selfe.shapes.text) the captions are encoded by
     cache/                  a `selfe cache` of it: space-to-depth latents (B, 48, 8, 8) and text states
 A run (`selfe train shapes-selfe` / `shapes-fm`) reads the cache, or the images when the cache is absent.
-Sample i is a pure function of (seed, i); running the command again with the same arguments keeps what
-is complete (the manifest is written last, atomically; the cache resumes by itself).
+Sample i is a pure function of (seed, i). The manifest is written last, atomically, after every image;
+the cache resumes by itself, and refuses (naming the mismatch) a folder whose cache came from another
+manifest.
 """
 
 from __future__ import annotations
@@ -53,10 +54,9 @@ def write_images(out: Path, num: int, seed: int, image_size: int = IMAGE_SIZE, p
         caption, image = sample(seed, i, image_size)
         name = f"{IMAGES}/{i:06d}.png"
         path = out / name
-        if not path.is_file():
-            buffer = io.BytesIO()
-            Image.fromarray(image).save(buffer, format="PNG")
-            atomic_write_bytes(path, buffer.getvalue())
+        buffer = io.BytesIO()  # always written: a folder made with another seed must not leak old images
+        Image.fromarray(image).save(buffer, format="PNG")
+        atomic_write_bytes(path, buffer.getvalue())
         rows.append(f"{name}\t{caption}\n")
     atomic_write_bytes(manifest, "".join(rows).encode("utf-8"))
     return manifest
