@@ -24,9 +24,9 @@ from selfe.autoencoder import tiny as tiny_autoencoder
 from selfe.config import tiny as tiny_mmdit
 from selfe.generate import generate_main
 from selfe.graphs import FastPathConfig, FastSampler, _GraphedStep
-from selfe.model import MMDiT
 from selfe.pipeline import SelfEPipeline, SelfEPipelineOutput
-from tests.helpers_text import forbid_network_and_unpickling, make_tiny_clip_snapshot, make_tiny_t5_snapshot
+from tests.helpers_pipeline import random_mmdit, write_pipeline_dir
+from tests.helpers_text import forbid_network_and_unpickling
 
 SIZE = 32  # pixels; the tiny autoencoder downsamples 2x and patches are 2x2, so 16 x 16 latents, 64 tokens
 FAST = FastPathConfig(compile=True, compile_backend="aot_eager")
@@ -44,14 +44,10 @@ def write_tiny_pipeline(root: Path, seed: int = 0) -> Path:
     """A pipeline directory with random weights: the layout `SelfEPipeline.from_pretrained` documents."""
     root.mkdir(parents=True, exist_ok=True)
     config, ae_config = tiny_mmdit(), tiny_autoencoder()
+    model = random_mmdit(config, seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = MMDiT(config)
-        with torch.no_grad():  # init zeros the output layers; random everywhere so images depend on everything
-            for p in model.parameters():
-                p.normal_(0.0, 0.05)
         autoencoder = AutoEncoder(ae_config)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, root / "model.safetensors")
     save_file({k: v.contiguous() for k, v in autoencoder.state_dict().items()}, root / "ae.safetensors")
     ae_dict = dataclasses.asdict(ae_config)
     ae_dict["ch_mult"] = list(ae_dict["ch_mult"])
@@ -61,10 +57,7 @@ def write_tiny_pipeline(root: Path, seed: int = 0) -> Path:
         "autoencoder": ae_dict,
         "text": {"t5_max_length": 16, "clip_max_length": 16},
     }
-    (root / "config.json").write_text(json.dumps(meta))
-    make_tiny_t5_snapshot(root / "text_encoder", d_model=config.txt_dim)
-    make_tiny_clip_snapshot(root / "text_encoder_2", hidden_size=config.vec_dim)
-    return root
+    return write_pipeline_dir(root, model, meta)
 
 
 @pytest.fixture(scope="module")

@@ -14,17 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import selfe.shapes
 from selfe.config import mmdit_preset
 from selfe.generate import NO_MODEL_HELP, auto_upscale, generate_main
 from selfe.graphs import FastPathConfig
-from selfe.model import MMDiT
 from selfe.pipeline import SelfEPipeline
 from selfe.pipeline_files import read_pipeline_config
 from selfe.pixel_autoencoder import SpaceToDepthAutoEncoder, SpaceToDepthConfig
-from tests.helpers_text import forbid_network_and_unpickling, make_tiny_clip_snapshot, make_tiny_t5_snapshot
+from tests.helpers_pipeline import random_mmdit, write_pipeline_dir
+from tests.helpers_text import forbid_network_and_unpickling
 
 SIZE = 32  # the model's native resolution: 4 x 4 latents of 192 channels, 16 tokens
 FAST = FastPathConfig(compile=True, compile_backend="aot_eager")
@@ -40,15 +39,7 @@ def no_network():
 
 def write_pixel_pipeline(root: Path, seed: int = 0) -> Path:
     """A pixel-space pipeline directory with random weights and no ae.safetensors."""
-    root.mkdir(parents=True, exist_ok=True)
     config = mmdit_preset("tiny", in_channels=192, patch_size=1)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = MMDiT(config)
-        with torch.no_grad():  # init zeros the output layers; random everywhere so images depend on everything
-            for p in model.parameters():
-                p.normal_(0.0, 0.05)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, root / "model.safetensors")
     meta = {
         "model": config.to_dict(),
         "sampler": {"steps": 2, "guidance": 5.0, "kernel_backend": "torch"},
@@ -56,10 +47,7 @@ def write_pixel_pipeline(root: Path, seed: int = 0) -> Path:
         "resolution": SIZE,
         "text": {"t5_max_length": 16},
     }
-    (root / "config.json").write_text(json.dumps(meta))
-    make_tiny_t5_snapshot(root / "text_encoder", d_model=config.txt_dim)
-    make_tiny_clip_snapshot(root / "text_encoder_2", hidden_size=config.vec_dim)
-    return root
+    return write_pipeline_dir(root, random_mmdit(config, seed), meta)
 
 
 @pytest.fixture(scope="module")
