@@ -44,7 +44,8 @@ def unpatchify(tokens: Tensor, height: int, width: int, patch_size: int, channel
     """Inverse of `patchify`: (B, h * w, C * p * p) with a (h x w) token grid -> (B, C, h * p, w * p)."""
     b, p = tokens.shape[0], patch_size
     x = tokens.view(b, height, width, channels, p, p).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, channels, height * p, width * p)
+    # contiguous: with p = 1 the reshape is a strided view, which FSDP2 warns about as a module output.
+    return x.reshape(b, channels, height * p, width * p).contiguous()
 
 
 class MMDiT(nn.Module):

@@ -1,8 +1,9 @@
 """ShapesEval's text encoders: tiny random-init T5 and CLIP snapshots over the template vocabulary.
 
 A documented stand-in for T5-XXL / CLIP-L at this scale: the real `TextEncoders` path loads them, the
-T5 tokenizer knows every template word whole, and the fixed random weights map each caption to distinct
-token states that the MMDiT learns to read (no pretrained semantics are needed for a closed vocabulary).
+T5 tokenizer knows every template word whole, and the fixed random weights (with attention biased to word
+order, as a trained T5's is) map each caption to distinct token states that the MMDiT learns to read (no
+pretrained semantics are needed for a closed vocabulary).
 They are part of a model: a ShapesEval model ships with the two snapshots it was trained with.
 """
 
@@ -16,6 +17,10 @@ from selfe.text_snapshots import make_clip_snapshot, make_t5_snapshot
 T5_DIR, CLIP_DIR = "text_encoder", "text_encoder_2"  # the pipeline directory's folder names
 TEXT_WIDTH = 64  # T5 d_model = the MMDiT's txt_dim; CLIP hidden = vec_dim
 T5_MAX_LENGTH = 16  # the longest caption ("fake image, " prefixed) is 14 T5 tokens with </s>
+# Heads biased to the previous / next word and all before / after: token states that carry word order, as a
+# trained T5's do; with T5's random bias the states are a bag of words and colour binding and position are
+# unreadable (see `make_t5_snapshot`). 8 makes each head's attention near one-hot on its offsets.
+T5_ORDER_BIAS = 8.0
 
 
 def vocabulary() -> tuple[str, ...]:
@@ -30,6 +35,14 @@ def vocabulary() -> tuple[str, ...]:
 def write_text_encoders(out_dir: str | Path, seed: int = 0) -> tuple[Path, Path]:
     """Write the T5 and CLIP snapshots under out_dir/text_encoder and out_dir/text_encoder_2; their paths."""
     out = Path(out_dir)
-    t5 = make_t5_snapshot(out / T5_DIR, d_model=TEXT_WIDTH, num_layers=2, num_heads=4, words=vocabulary(), seed=seed)
+    t5 = make_t5_snapshot(
+        out / T5_DIR,
+        d_model=TEXT_WIDTH,
+        num_layers=2,
+        num_heads=4,
+        words=vocabulary(),
+        seed=seed,
+        order_bias=T5_ORDER_BIAS,
+    )
     clip = make_clip_snapshot(out / CLIP_DIR, hidden_size=TEXT_WIDTH, num_layers=2, num_heads=4, seed=seed + 1)
     return t5, clip
