@@ -311,8 +311,8 @@ def shapes_model() -> MMDiTConfig:
 def shapes(self_eval: bool = True) -> TrainConfig:
     """ShapesEval (`selfe data shapes` first): Self-E or, with self_eval=False, flow matching on the same
     model, data, iterations and seed. Sized for a CPU: 1300 iterations of 64; the pair runs side by side
-    in under 30 min on 2 cores. tau rises over the first 30% (the paper: 300k of 710k), EMA 0.995 (a short run), no aux term,
-    time shift mu = 1 (pixel space at 32^2 needs more noise than the token count suggests)."""
+    in under 30 min on 2 cores. tau rises over the first 30% (the paper: 300k of 710k), EMA 0.995 (a short
+    run), no aux term, time shift mu = 1 (pixel space at 32^2 needs more noise than the token count suggests)."""
     method = "selfe" if self_eval else "fm"
     steps = 1300
     return TrainConfig(
