@@ -10,12 +10,13 @@ writes into OUT:
 A run (`selfe train shapes-selfe` / `shapes-fm`) reads the cache, or the images when the cache is absent.
 Sample i is a pure function of (seed, i). The manifest is written last, atomically, after every image;
 the cache resumes by itself, and refuses (naming the mismatch) a folder whose cache came from another
-manifest.
+manifest or other text encoders (`--t5-order-bias 8` writes a T5 whose states carry word order).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import sys
 import time
@@ -27,7 +28,7 @@ import numpy as np
 from selfe.atomic import atomic_write_bytes
 from selfe.shapes import PIXEL_FACTOR
 from selfe.shapes.scene import IMAGE_SIZE, random_prompt, render
-from selfe.shapes.text import T5_MAX_LENGTH, write_text_encoders
+from selfe.shapes.text import T5_MAX_LENGTH, T5_ORDER_BIAS, WORD_ORDER_BIAS, write_text_encoders
 
 MANIFEST = "train.tsv"
 IMAGES = "images"
@@ -70,7 +71,12 @@ def build_shapes_cache(out: Path, image_size: int = IMAGE_SIZE, progress: bool =
     from selfe.text_encoders import TextEncoders
     from selfe.train.cache import build_cache
     from selfe.train.cache_shards import CacheConfig
+    from selfe.train.data.cached import file_sha256
     from selfe.train.data.manifest import ManifestConfig
+
+    # The encoders' weights are part of what the cache holds: another snapshot must not resume this cache.
+    weights = [out / folder / "model.safetensors" for folder in ("text_encoder", "text_encoder_2")]
+    text_digest = hashlib.sha256(b"".join(file_sha256(path).encode() for path in weights)).hexdigest()[:16]
 
     text = TextEncoders.from_snapshots(
         out / "text_encoder", out / "text_encoder_2", t5_max_length=T5_MAX_LENGTH, device="cpu", dtype=torch.float32
@@ -82,21 +88,27 @@ def build_shapes_cache(out: Path, image_size: int = IMAGE_SIZE, progress: bool =
         encode_batch_size=256,
         num_threads=2,
         store_dtype="float16",  # pixels * 2 in steps of 2/255 and unit-scale text states: fp16 loses nothing useful
-        encoder_tag=f"shapes;{autoencoder.config.to_dict()};t5_max_length={T5_MAX_LENGTH}",
+        encoder_tag=f"shapes;{autoencoder.config.to_dict()};t5_max_length={T5_MAX_LENGTH};text={text_digest}",
         latent_factor=autoencoder.downsample_factor,
         checks=ManifestConfig(min_side=image_size),
     )
     return build_cache(out / MANIFEST, out / CACHE, autoencoder.encode, text.encode, config, progress=progress)
 
 
-def prepare(out_dir: str | Path, num: int, seed: int = 0, cache: bool = True, progress: bool = True) -> Path:
+def prepare(
+    out_dir: str | Path,
+    num: int,
+    seed: int = 0,
+    cache: bool = True,
+    progress: bool = True,
+    t5_order_bias: float = T5_ORDER_BIAS,
+) -> Path:
     """Images + manifest, text encoders, and (cache=True) the cache under out_dir; returns out_dir."""
     if num < 1:
         raise ValueError(f"the number of samples must be >= 1, got {num}")
     out = Path(out_dir)
     write_images(out, num, seed, progress=progress)
-    if not (out / "text_encoder" / "config.json").is_file() or not (out / "text_encoder_2" / "config.json").is_file():
-        write_text_encoders(out)
+    write_text_encoders(out, t5_order_bias=t5_order_bias)  # deterministic: the same bias rewrites the same bytes
     if cache:
         index = build_shapes_cache(out, progress=progress)
         if not index["complete"]:
@@ -112,12 +124,27 @@ def data_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("data/shapes"), help="output folder (default data/shapes)")
     p.add_argument("--num", type=int, default=30_000, help="number of training images (default 30000)")
     p.add_argument("--seed", type=int, default=0, help="data set seed (the evaluation prompts use their own)")
+    p.add_argument(
+        "--t5-order-bias",
+        type=float,
+        default=T5_ORDER_BIAS,
+        help=f"T5 position bias (default {T5_ORDER_BIAS}: random, a bag of words; {WORD_ORDER_BIAS}: word order)",
+    )
     p.add_argument("--no-cache", action="store_true", help="skip the cache (training then encodes on the fly)")
     p.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     if args.num < 1:
         parser.error(f"--num must be >= 1, got {args.num}")
     start = time.perf_counter()
-    prepare(args.out, args.num, args.seed, cache=not args.no_cache, progress=not args.no_progress)
+    if args.t5_order_bias < 0:
+        parser.error(f"--t5-order-bias must be >= 0, got {args.t5_order_bias}")
+    prepare(
+        args.out,
+        args.num,
+        args.seed,
+        cache=not args.no_cache,
+        progress=not args.no_progress,
+        t5_order_bias=args.t5_order_bias,
+    )
     print(f"shapes data: {args.num} samples in {args.out} ({time.perf_counter() - start:.1f} s)")
     return 0

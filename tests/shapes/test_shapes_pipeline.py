@@ -103,3 +103,12 @@ def test_train_export_pipeline_eval_and_generate(shapes_data, tmp_path, capsys):
     argv = ["--model", str(export), "--prompt", "a red circle to the left of a blue square", "--steps", "1", "2"]
     assert generate_main([*argv, "--out", str(image_out), "--no-progress"]) == 0
     assert Image.open(image_out).size[1] == 128  # one 32x32 row, upscaled 4x
+
+
+def test_a_cache_made_with_other_text_encoders_is_refused_not_reused(tmp_path):
+    from selfe.train.cache import CacheMismatchError
+
+    out = prepare(tmp_path / "data", 8, seed=1, progress=False)
+    prepare(out, 8, seed=1, progress=False)  # the same encoders: the cache is complete and kept
+    with pytest.raises(CacheMismatchError, match="another manifest or config"):
+        prepare(out, 8, seed=1, progress=False, t5_order_bias=8.0)
