@@ -136,8 +136,8 @@ def _bias_heads_to_word_order(model, strength: float) -> None:
     A random T5's attention is near uniform, so its token states are a bag of words: swapping the two
     colours of "a red circle to the left of a blue square" moves the state of "circle" by ~5%, and an MMDiT
     (whose text tokens carry no position) can hardly read from them which colour goes with which shape, or
-    which object comes first. A trained T5 encodes word order in its states; this bias gives the random one that property
-    (the state of "circle" then carries "red" and what follows it) while the weights stay random.
+    which object comes first. A trained T5 encodes word order in its states; this bias gives the random one
+    that property (the state of "circle" then carries "red" and what follows it) while the weights stay random.
     """
     from transformers.models.t5.modeling_t5 import T5Attention
 

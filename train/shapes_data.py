@@ -135,9 +135,9 @@ def data_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.num < 1:
         parser.error(f"--num must be >= 1, got {args.num}")
-    start = time.perf_counter()
     if args.t5_order_bias < 0:
         parser.error(f"--t5-order-bias must be >= 0, got {args.t5_order_bias}")
+    start = time.perf_counter()
     prepare(
         args.out,
         args.num,
