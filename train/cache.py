@@ -117,9 +117,12 @@ def build_cache(
     if index_path.exists():
         previous = json.loads(index_path.read_text(encoding="utf-8"))
         if previous.get("fingerprint") != fingerprint:
+            before = json.loads(json.dumps(previous.get("settings", {}), default=str))
+            now = json.loads(json.dumps(settings, default=str))
+            changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
             raise CacheMismatchError(
-                f"{out} holds a cache built from another manifest or config ({index_path}); "
-                "use a new --out folder or delete the old cache"
+                f"{out} holds a cache built from another manifest or config ({index_path}; differs in: "
+                f"{', '.join(changed) or 'its fingerprint'}); use a new --out folder or delete the old cache"
             )
         for entry in previous["shards"]:
             path = out / entry["file"] if entry["file"] else None

@@ -13,12 +13,12 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
 from selfe.train.cache import CacheMismatchError, build_cache
 from selfe.train.cache_shards import STORE_DTYPES, CacheConfig, ImageEncoder, TextEncoder
+from selfe.train.data.cached import content_digest
 from selfe.train.data.manifest import EmptyManifestError, ManifestConfig
 from selfe.train.smoke_encoders import SmokeImageEncoder, SmokeTextEncoder
 
@@ -66,8 +66,11 @@ def _real_encoders(args: argparse.Namespace, device: torch.device) -> tuple[Imag
         device=device,
         dtype=dtype,
     )
-    paths = ";".join(f"{k}={Path(v).resolve()}" for k, v in (("ae", args.ae), ("t5", args.t5), ("clip", args.clip)))
-    return autoencoder.encode, encoders.encode, f"{paths};t5_max_length={args.t5_max_length};dtype={dtype}"
+    # The weights and tokenizers by content, not path: a resume with another snapshot is refused, one with
+    # the same snapshot moved is not. Hashing a 10 GB T5 takes tens of seconds next to hours of encoding.
+    sources = {"ae": [args.ae], "t5": [args.t5, args.t5_tokenizer], "clip": [args.clip, args.clip_tokenizer]}
+    digests = ";".join(f"{k}={content_digest(p for p in v if p is not None)}" for k, v in sources.items())
+    return autoencoder.encode, encoders.encode, f"{digests};t5_max_length={args.t5_max_length};dtype={dtype}"
 
 
 def cache_main(argv: Sequence[str] | None = None) -> int:

@@ -16,7 +16,6 @@ manifest or other text encoders (`--t5-order-bias 8` writes a T5 whose states ca
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import sys
 import time
@@ -71,12 +70,12 @@ def build_shapes_cache(out: Path, image_size: int = IMAGE_SIZE, progress: bool =
     from selfe.text_encoders import TextEncoders
     from selfe.train.cache import build_cache
     from selfe.train.cache_shards import CacheConfig
-    from selfe.train.data.cached import file_sha256
+    from selfe.train.data.cached import content_digest
     from selfe.train.data.manifest import ManifestConfig
 
     # The encoders' weights are part of what the cache holds: another snapshot must not resume this cache.
     weights = [out / folder / "model.safetensors" for folder in ("text_encoder", "text_encoder_2")]
-    text_digest = hashlib.sha256(b"".join(file_sha256(path).encode() for path in weights)).hexdigest()[:16]
+    text_digest = content_digest(weights)
 
     text = TextEncoders.from_snapshots(
         out / "text_encoder", out / "text_encoder_2", t5_max_length=T5_MAX_LENGTH, device="cpu", dtype=torch.float32

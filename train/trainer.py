@@ -334,6 +334,11 @@ class Trainer:
                     from selfe.train.export import export_ema
 
                     export_ema(self.ema.model, cfg, self.run_dir / "export", self.dist.rank)
+            if self.dist.world_size > 1:
+                # Rank 0 alone writes the export: meet before any rank tears gloo/NCCL down (a rank that did
+                # so while its peer was still busy once aborted at exit in CI). Only on the clean path: a
+                # rank that raised must exit so torchrun stops the others, not wait here.
+                dist.barrier()
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -232,8 +233,8 @@ def test_cache_cli_bad_input_is_a_clear_error(tmp_path, capsys):
     assert "another manifest or config" in capsys.readouterr().err
 
 
-def test_cache_cli_real_path_wiring(tmp_path, monkeypatch):
-    """--ae/--t5/--clip reach selfe.autoencoder and selfe.text_encoders (loaders stubbed: no weights here)."""
+def test_cache_cli_real_path_wiring(tmp_path, monkeypatch, capsys):
+    """--ae/--t5/--clip reach selfe.autoencoder and selfe.text_encoders (loaders stubbed, stand-in files)."""
     autoencoder = pytest.importorskip("selfe.autoencoder")
     text_encoders = pytest.importorskip("selfe.text_encoders")
     seen = {}
@@ -257,11 +258,32 @@ def test_cache_cli_real_path_wiring(tmp_path, monkeypatch):
     monkeypatch.setattr(autoencoder, "load_autoencoder", load_autoencoder)
     monkeypatch.setattr(text_encoders, "TextEncoders", StubTextEncoders)
     data = make_procedural_dataset(tmp_path, 4, seed=2, sizes=((64, 64),))
+    ae, t5, clip = _fake_snapshots(tmp_path / "weights")
     argv = ["--manifest", str(data.manifest), "--out", str(tmp_path / "c"), "--resolution", "32"]
     argv += ["--min-side", "32", "--device", "cpu", "--no-progress", "--t5-max-length", "77"]
-    assert cache_main([*argv, "--ae", "ae.sft", "--t5", "t5dir", "--clip", "clipdir"]) == 0
-    assert seen == {"ae": ("ae.sft", torch.float32), "text": ("t5dir", "clipdir", 77, torch.float32)}
+    assert cache_main([*argv, "--ae", ae, "--t5", t5, "--clip", clip]) == 0
+    assert seen == {"ae": (ae, torch.float32), "text": (t5, clip, 77, torch.float32)}
     assert len(CachedDataset(tmp_path / "c", batch_size=4)) == 4
+
+    # The encoders are fingerprinted by content: the same snapshots moved elsewhere resume the cache ...
+    moved = tmp_path / "moved"
+    shutil.copytree(tmp_path / "weights", moved)
+    (moved / "clip" / ".cache" / "lock").write_bytes(b"other hub metadata")  # hidden files are not weights
+    assert cache_main([*argv, "--ae", f"{moved}/ae.sft", "--t5", f"{moved}/t5", "--clip", f"{moved}/clip"]) == 0
+    # ... other weights under the same path are refused, naming the mismatch.
+    (tmp_path / "weights" / "t5" / "model.safetensors").write_bytes(b"other weights")
+    capsys.readouterr()
+    assert cache_main([*argv, "--ae", ae, "--t5", t5, "--clip", clip]) == 2
+    assert "another manifest or config" in (err := capsys.readouterr().err) and "differs in: encoder_tag" in err
+
+
+def _fake_snapshots(root):
+    """Files laid out like an autoencoder file and two encoder snapshot folders (the loaders are stubbed)."""
+    for rel, data in (("ae.sft", b"ae"), ("t5/model.safetensors", b"t5"), ("t5/spiece.model", b"sp"),
+                      ("clip/model.safetensors", b"clip"), ("clip/.cache/lock", b"hub metadata")):  # fmt: skip
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return str(root / "ae.sft"), str(root / "t5"), str(root / "clip")
 
 
 # Scan-time and decode-time counts of tests.helpers_data.make_bad_manifest with 12 good rows.

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,22 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def content_digest(paths: Iterable[str | os.PathLike]) -> str:
+    """16 hex digits of SHA-256 over the contents of `paths`, in order; a folder stands for every file under it
+    (sorted, hidden ones skipped: a hub download's .cache). It names what a snapshot is, not where it lives:
+    moving it keeps the digest, changing a weight does not (a cache's fingerprint of its encoders)."""
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            under = (p for p in path.rglob("*") if p.is_file())
+            files += sorted(p for p in under if not any(part.startswith(".") for part in p.relative_to(path).parts))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"{path}: no such file or folder to fingerprint")
+    return hashlib.sha256(b"".join(file_sha256(f).encode() for f in files)).hexdigest()[:16]
 
 
 def read_index(root: str | os.PathLike) -> dict[str, Any]:
