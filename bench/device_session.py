@@ -1,0 +1,337 @@
+"""Every GPU check of the open issues as one prepared run, sized to a short device lease.
+
+A lent GPU comes with minutes (15 in all, start-up included), so the checks run as one command per
+profile, in priority order, each step capped, the whole run ending inside its budget:
+
+    python3 bench/device_session.py --profile engine --out "$OUT" --budget 540   # kernels, sampling, training
+    python3 bench/device_session.py --profile shapes --out "$OUT" --budget 540   # the ShapesEval pair on the GPU
+    python3 bench/device_session.py --profile engine --plan                      # the steps and their caps
+    python3 bench/device_session.py --profile shapes --dry-run --out /tmp/dry    # CPU: same steps, tiny sizes
+
+Profiles (the issue each step serves in brackets):
+    engine  env, install (with the CUDA extension), GPU tests of kernels and engine [3, 6], the fused-op
+            benchmark [3], sampling throughput per step count [6], training MFU [5], model fwd+bwd [2],
+            the autoencoder [4]
+    shapes  env, install, `selfe data shapes`, the flow matching / Self-E pair trained side by side for as
+            many iterations as the budget holds (measured first), `selfe eval shapes` of both [8]
+
+`--only a,b` runs those steps (with env and install): the second call of a lease, for what the first did
+not reach. A failed or timed-out step is recorded and the next one runs; the CUDA install falls back to
+pure Python. The device returns at most 8 files: OUT/session.log, OUT/results.json, OUT/results.md (see
+bench/device_runner.py) and, for shapes, a tar per exported model and one of the evaluation (JSON, grids).
+Scratch space: SELFE_DEVICE_WORK (default /tmp/selfe-device). SELFE_COMMIT names the commit when the tree
+travelled without .git.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # bench.device_runner when run as a script
+
+from bench.device_runner import (  # noqa: E402
+    MIN_STEP_S,
+    SUMMARY_RESERVE_S,
+    Session,
+    Step,
+    run_session,
+    start,
+    wait_status,
+    write_atomic,
+)
+
+
+def probe_env(path: Path) -> dict:
+    """Versions and the device, written to path (run as a subprocess: this script must not need torch)."""
+    import platform
+    import subprocess
+
+    import torch
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(device=props.name, sms=props.multi_processor_count, memory_gib=round(props.total_memory / 2**30))
+        query = ["nvidia-smi", "--query-gpu=driver_version,clocks.max.sm,power.limit", "--format=csv,noheader"]
+        try:
+            info["nvidia_smi"] = subprocess.run(query, capture_output=True, text=True, timeout=20).stdout.strip()
+        except (OSError, subprocess.SubprocessError) as err:
+            info["nvidia_smi"] = repr(err)
+    else:
+        info["device"] = "cpu"
+    write_atomic(path, json.dumps(info))
+    print(json.dumps(info))
+    return info
+
+
+def env_step() -> Step:
+    return Step("env", "all", 60, argv=["{py}", "bench/device_session.py", "--probe-env", "{work}/env.json"],
+                json="env.json")  # fmt: skip
+
+
+INSTALL = ["{py}", "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--no-build-isolation", "-e", "."]
+
+
+def install_step(cuda: bool = True) -> Step:
+    """The package (the device has every dependency and no network: --no-deps, --no-index), with its CUDA
+    extension when `cuda`, falling back to pure Python so the Triton and PyTorch checks still run."""
+    pure = Step("install-pure", "all", 120, argv=INSTALL, env={"SELFE_BUILD_CUDA": "0"}, dry_skip=True)
+    if not cuda:
+        return dataclasses.replace(pure, name="install")
+    jobs = str(max(1, min(16, os.cpu_count() or 1)))
+    return Step("install", "all", 300, argv=INSTALL, env={"MAX_JOBS": jobs}, fallback=pure, dry_skip=True)
+
+
+def py(*args: str) -> list[str]:
+    return ["{py}", *args]
+
+
+def engine_steps() -> list[Step]:
+    """The issues' shapes (2b preset at 512^2: 1024 image + 512 text tokens); the dry run is each script's
+    own CPU smoke. Caps add up past the budget on purpose: the order is the priority."""
+    pytest = py("-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "--junitxml", "{work}/gpu_tests.xml")
+    return [
+        env_step(),
+        install_step(),
+        Step(
+            "gpu-tests", "3, 6", 240,
+            argv=[*pytest, "--timeout=90", "tests/kernels", "tests/engine"],  # a hung test must not take the lease
+            dry_argv=[*pytest, "tests/kernels/test_renorm.py"],
+            junit="gpu_tests.xml",
+        ),
+        Step(
+            "kernels", "3", 150,
+            argv=py("bench/kernels.py", "--json", "{work}/kernels.json"),
+            dry_argv=py("bench/kernels.py", "--cpu-smoke", "--only", "energy", "--no-attention",
+                        "--json", "{work}/kernels.json"),
+            json="kernels.json",
+        ),
+        Step(
+            "sample-throughput", "6", 180,
+            argv=py("bench/sample_throughput.py", "--preset", "2b", "--resolution", "512", "--batch", "1", "16",
+                    "--iters", "3", "--json", "{work}/sample_2b.json"),
+            dry_argv=py("bench/sample_throughput.py", "--preset", "tiny", "--resolution", "64", "--batch", "1",
+                        "--steps", "1", "2", "--variants", "eager", "--iters", "1", "--json", "{work}/sample_2b.json"),
+            json="sample_2b.json",
+        ),
+        Step(
+            "train-mfu", "5", 180,
+            argv=py("bench/train_mfu.py", "--preset", "2b", "--resolution", "512", "--batch", "8", "--steps", "10",
+                    "--variants", "eager,compile,ac,compile+ac", "--json", "{work}/train_mfu.json"),
+            dry_argv=py("bench/train_mfu.py", "--preset", "tiny", "--resolution", "64", "--steps", "2",
+                        "--variants", "eager", "--json", "{work}/train_mfu.json"),
+            json="train_mfu.json",
+        ),
+        Step(
+            "model-fwd-bwd", "2", 60,
+            argv=py("bench/model_fwd_bwd.py", "--preset", "2b", "--resolution", "512", "--txt-tokens", "512",
+                    "--batch", "4", "--json", "{work}/model_2b.json"),
+            dry_argv=py("bench/model_fwd_bwd.py", "--preset", "tiny", "--resolution", "64", "--txt-tokens", "16",
+                        "--batch", "2", "--iters", "1", "--json", "{work}/model_2b.json"),
+            json="model_2b.json",
+        ),
+        Step(
+            "autoencoder", "4", 60,
+            argv=py("bench/autoencoder.py", "--config", "flux1", "--resolution", "512", "--batch", "8",
+                    "--json", "{work}/ae.json"),
+            dry_argv=py("bench/autoencoder.py", "--config", "tiny", "--resolution", "64", "--batch", "2",
+                        "--iters", "1", "--json", "{work}/ae.json"),
+            json="ae.json",
+        ),
+    ]  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------ shapes
+
+METHODS = ("fm", "selfe")
+
+
+@dataclasses.dataclass
+class ShapesPlan:
+    """The ShapesEval pair on the GPU with equal budgets (same model, data, iterations, seed): as many
+    iterations as the time left holds after the evaluation, measured by a short calibration of both side
+    by side. batch: per step (a 3M-parameter model on 64 tokens leaves the GPU launch-bound at 64, so 256
+    costs little more); ema_decay: ~10^4 iterations want a longer EMA than the CPU preset's 0.995."""
+
+    batch: int = 256
+    ema_decay: float = 0.999
+    max_steps: int = 20_000
+    calibration_steps: int = 60
+    eval_reserve_s: float = 120.0
+    margin: float = 0.8  # share of the time left that the iterations may fill: a run cut short exports nothing
+    round_to: int = 100
+
+    def iterations(self, seconds_left: float, step_time: float, startup_s: float) -> int:
+        """margin x (time left - evaluation - start-up) / step time, at most max_steps, rounded down."""
+        if not step_time > 0:
+            return 0
+        n = min(self.max_steps, int(self.margin * (seconds_left - self.eval_reserve_s - startup_s) / step_time))
+        return max(0, n // self.round_to * self.round_to)
+
+
+DRY_SHAPES = ShapesPlan(batch=8, max_steps=6, calibration_steps=3, eval_reserve_s=60.0, round_to=1)
+
+
+def shapes_overrides(session: Session, plan: ShapesPlan, steps: int, run_dir: Path, export: bool) -> list[str]:
+    data = session.work / "shapes"
+    return [
+        f"run_dir={run_dir}",
+        f"steps={steps}",
+        f"device={'cpu' if session.dry_run else 'cuda'}",
+        f"data.manifest={data / 'train.tsv'}",
+        f"data.cache_dir={data / 'cache'}",
+        f"data.t5_path={data / 'text_encoder'}",
+        f"data.clip_path={data / 'text_encoder_2'}",
+        f"data.batch_size={plan.batch}",
+        f"objective.tau_warmup={max(1, steps * 3 // 10)}",  # the presets' 30%
+        f"ema.decay={plan.ema_decay}",
+        "checkpoint.every=0",
+        "checkpoint.resume=false",
+        f"checkpoint.export_at_end={export}",
+        "metrics.log_every=100",
+        "metrics.tensorboard=false",
+    ]
+
+
+def train_pair(session: Session, name: str, plan: ShapesPlan, steps: int, timeout: float, export: bool) -> str:
+    """Both methods side by side (runs/{name}-{method}); 'ok' or what went wrong with each."""
+    # Half the cores each: two processes with a thread per core apiece spin against each other (10x slower).
+    threads = str(max(1, (os.cpu_count() or 2) // len(METHODS)))
+    procs = {}
+    for method in METHODS:
+        run_dir = session.work / "runs" / f"{name}-{method}"
+        shutil.rmtree(run_dir, ignore_errors=True)  # a second call of the lease starts afresh, not resumed
+        argv = [sys.executable, "-m", "selfe.cli", "train", f"shapes-{method}",
+                *shapes_overrides(session, plan, steps, run_dir, export)]  # fmt: skip
+        log = open(session.work / f"{name}-{method}.log", "w")
+        procs[method] = (start(argv, log, {"OMP_NUM_THREADS": threads}), log)
+    end, bad = time.monotonic() + timeout, []
+    for method, (proc, log) in procs.items():
+        status = wait_status(proc, end - time.monotonic())
+        log.close()
+        if status != "ok":
+            bad.append(f"{method} {status}")
+        tail = Path(log.name).read_text()[-20_000:]
+        session.log.write(f"\n===== {name} {method}: {' '.join(proc.args)}\n{tail}")
+    return "; ".join(bad) or "ok"
+
+
+def step_times(metrics_path: Path) -> tuple[float, float]:
+    """(mean step time over the second half, the sum of all step times) of a run's metrics.jsonl."""
+    times = [json.loads(line)["step_time"] for line in metrics_path.read_text().splitlines() if line.strip()]
+    if not times:
+        raise ValueError(f"{metrics_path} has no steps")
+    tail = times[len(times) // 2 :]
+    return sum(tail) / len(tail), sum(times)
+
+
+def run_shapes_pair(session: Session, step: Step, timeout: float) -> str:
+    plan = DRY_SHAPES if session.dry_run else ShapesPlan()
+    began = time.monotonic()
+    status = train_pair(session, "calibrate", plan, plan.calibration_steps, timeout, export=False)
+    if status != "ok":
+        return f"calibration: {status}"
+    wall = time.monotonic() - began
+    measured = [step_times(session.work / "runs" / f"calibrate-{m}" / "metrics.jsonl") for m in METHODS]
+    step_time = max(t for t, _ in measured)  # the pair shares the device: the slower sets the pace
+    startup = max(0.0, wall - max(total for _, total in measured))
+    left = timeout - wall
+    steps = plan.iterations(left, step_time, startup)
+    summary = [f"{steps} iterations of {plan.batch} per method, EMA {plan.ema_decay}; calibration: "
+               f"{step_time:.4f} s per step side by side, start-up {startup:.0f} s"]  # fmt: skip
+    session.record(step.name, iterations=steps, step_time_s=step_time, startup_s=startup, summary=summary)
+    if steps < 1:
+        return f"skipped (no iterations fit at {step_time:.3f} s each)"
+    return train_pair(session, "shapes", plan, steps, left - plan.eval_reserve_s, export=True)
+
+
+def shapes_steps() -> list[Step]:
+    eval_argv = py("-m", "selfe.cli", "eval", "shapes", "--model", "{work}/runs/shapes-fm/export",
+                   "{work}/runs/shapes-selfe/export", "--out", "{work}/eval")  # fmt: skip
+    data_argv = py("-m", "selfe.cli", "data", "shapes", "--out", "{work}/shapes", "--no-progress")
+    return [
+        env_step(),
+        install_step(cuda=False),  # the tiny model uses no fused kernel: a minute of build saved
+        Step("shapes-data", "8", 180, argv=data_argv, dry_argv=[*data_argv, "--num", "128"]),
+        Step("shapes-pair", "8", math.inf, run=run_shapes_pair),
+        Step(
+            "shapes-eval", "8", ShapesPlan.eval_reserve_s,
+            argv=[*eval_argv, "--steps", "1", "2", "4", "8", "50", "--device", "cuda"],
+            dry_argv=[*eval_argv, "--steps", "1", "2", "--images-per-category", "2", "--device", "cpu"],
+            json="eval/shapes_eval.json",
+        ),
+    ]  # fmt: skip
+
+
+def bundle_shapes(session: Session) -> None:
+    """A tar per exported model and one of the evaluation, each under the device's 16 MiB a file."""
+    folders = {f"shapes-{m}-export.tar": session.work / "runs" / f"shapes-{m}" / "export" for m in METHODS}
+    folders["shapes-eval.tar"] = session.work / "eval"
+    for name, folder in folders.items():
+        if folder.is_dir():
+            tmp = session.out / f".{name}.tmp"
+            with tarfile.open(tmp, "w") as tar:
+                tar.add(folder, arcname=name.removesuffix(".tar"))
+            os.replace(tmp, session.out / name)
+
+
+PROFILES = {"engine": (engine_steps, None), "shapes": (shapes_steps, bundle_shapes)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", choices=sorted(PROFILES), default=None)
+    parser.add_argument("--out", type=Path, default=None, help="results folder (the device's $OUT)")
+    parser.add_argument("--budget", type=float, default=540.0, help="seconds the whole run may take (default 540)")
+    parser.add_argument("--only", default=None, help="comma list of steps to run (env and install always run)")
+    parser.add_argument("--plan", action="store_true", help="print the steps and their caps, run nothing")
+    parser.add_argument("--dry-run", action="store_true", help="CPU: every step on tiny sizes (checks the plumbing)")
+    parser.add_argument("--probe-env", type=Path, default=None, help=argparse.SUPPRESS)  # the env step itself
+    args = parser.parse_args(argv)
+    if args.probe_env:
+        probe_env(args.probe_env)
+        return 0
+    if args.profile is None:
+        parser.error("--profile is required")
+    if not args.budget > SUMMARY_RESERVE_S + MIN_STEP_S:
+        parser.error(f"--budget must exceed {SUMMARY_RESERVE_S + MIN_STEP_S:.0f} s, got {args.budget}")
+    make_steps, finish = PROFILES[args.profile]
+    steps = make_steps()
+    if args.only:
+        wanted, names = set(args.only.split(",")), [s.name for s in steps]
+        if not wanted <= set(names):
+            parser.error(f"--only: no step {sorted(wanted - set(names))} in profile {args.profile} (steps: {names})")
+        steps = [s for s in steps if s.name in wanted | {"env", "install"}]
+    if args.plan:
+        for s in steps:
+            cap = "the rest" if math.isinf(s.cap_s) else f"{s.cap_s:.0f} s"
+            print(f"{s.name:18} issue {s.issue:5} cap {cap:9} {' '.join(s.argv or ['(in-process)'])}")
+        return 0
+    if args.out is None:
+        parser.error("--out is required unless --plan")
+    work = Path(os.environ.get("SELFE_DEVICE_WORK", "/tmp/selfe-device")) / args.profile
+    command = " ".join(["python3", "bench/device_session.py", *(sys.argv[1:] if argv is None else argv)])
+    results = run_session(args.profile, steps, args.out, work, args.budget, args.dry_run, command, finish)
+    print((args.out / "results.md").read_text())
+    failed = [n for n, s in results["steps"].items() if not s["status"].startswith(("ok", "skipped"))]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

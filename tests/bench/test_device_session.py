@@ -1,0 +1,163 @@
+"""bench/device_session.py: the one prepared run of every GPU check, tested on CPU.
+
+The runner's deadline, caps, fallbacks and reports with small stand-in commands; each profile end to end
+as its CPU dry run, which drives the real install-free commands (tests, benchmarks, `selfe data / train /
+eval`) with the flags the device run uses, so a lease is not spent finding a typo.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+from bench import device_runner as runner
+from bench import device_session as session_cli
+from bench.device_runner import Step
+
+
+def python(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
+def run(steps: list[Step], tmp_path: Path, budget: float = 60.0, finish=None) -> dict:
+    return runner.run_session("test", steps, tmp_path / "out", tmp_path / "work", budget, False, "cmd", finish)
+
+
+def test_step_timeout_is_the_cap_cut_to_the_deadline() -> None:
+    reserve, floor = runner.SUMMARY_RESERVE_S, runner.MIN_STEP_S
+    assert runner.step_timeout(100.0, 1000.0) == 100.0
+    assert runner.step_timeout(100.0, reserve + 50.0) == pytest.approx(50.0)
+    assert runner.step_timeout(float("inf"), reserve + 70.0) == pytest.approx(70.0)
+    assert runner.step_timeout(100.0, reserve + floor - 1.0) is None  # too short to start
+
+
+def test_shapes_iterations_fit_the_time_left() -> None:
+    plan = session_cli.ShapesPlan(eval_reserve_s=100.0, margin=0.5, max_steps=20_000, round_to=100)
+    # 0.5 * (1100 - 100 - 0) / 0.01 = 50000 -> the cap
+    assert plan.iterations(1100.0, 0.01, 0.0) == 20_000
+    # 0.5 * (600 - 100 - 100) / 0.05 = 4000
+    assert plan.iterations(600.0, 0.05, 100.0) == 4000
+    assert plan.iterations(600.0, 0.07, 100.0) == 2800  # 2857 rounded down to 100
+    assert plan.iterations(150.0, 0.05, 100.0) == 0  # no time after the evaluation
+    assert plan.iterations(600.0, 0.0, 0.0) == 0
+
+
+def test_runner_records_each_step_and_falls_back(tmp_path: Path) -> None:
+    table = (
+        "import json, sys\n"
+        "print('| 1 | progress row |')\n"
+        "print('| a | b |'); print('|---|---|'); print('| 1 | 2 |')\n"
+        "json.dump({'x': 1}, open(sys.argv[1] + '/t.json', 'w'))\n"
+    )
+    rescue = Step("rescue", "9", 30, argv=python("print('rescued')"))
+    steps = [
+        Step("table", "1", 30, argv=[*python(table), "{work}"], json="t.json"),
+        Step("bad", "2", 30, argv=python("import sys; print('boom'); sys.exit(3)"), fallback=rescue),
+        Step("fn", "3", 30, run=lambda session, step, timeout: f"ran with {timeout:.0f} s"),
+    ]
+    results = run(steps, tmp_path)
+    out = tmp_path / "out"
+    got = results["steps"]
+    assert got["table"]["status"] == "ok" and got["table"]["data"] == {"x": 1}
+    assert got["table"]["report"] == ["| a | b |", "|---|---|", "| 1 | 2 |"]  # the progress row left out
+    assert got["bad"]["status"] == "failed (exit 3)"
+    assert got["bad"]["report"] == ["```", "boom", "```"]
+    assert got["rescue"]["status"] == "ok" and got["fn"]["status"] == "ran with 30 s"
+    assert json.loads((out / "results.json").read_text()) == results
+    markdown = (out / "results.md").read_text()
+    assert "| bad | 2 | failed (exit 3) |" in markdown and "| 1 | 2 |" in markdown
+    assert "===== bad:" in (out / "session.log").read_text()
+
+
+def test_a_step_past_its_cap_is_stopped_with_its_children(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(runner, "MIN_STEP_S", 2.5)
+    monkeypatch.setattr(runner, "SUMMARY_RESERVE_S", 0.5)
+    monkeypatch.setattr(runner, "KILL_GRACE_S", 1.0)
+    pid_file = tmp_path / "child.pid"
+    hang = (
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+        "time.sleep(300)\n"
+    )
+    steps = [
+        Step("hang", "1", 3.0, argv=python(hang)),
+        Step("late", "2", 30.0, argv=python("print('never')")),
+    ]
+    began = time.monotonic()
+    results = run(steps, tmp_path, budget=5.0)
+    assert time.monotonic() - began < 30
+    assert results["steps"]["hang"]["status"] == "timed out"
+    assert results["steps"]["late"]["status"] == "skipped (no time left)"
+    child = int(pid_file.read_text())
+    status = Path(f"/proc/{child}/status")
+    assert not status.exists() or "\tZ" in status.read_text()  # the grandchild went with its group
+
+
+def test_junit_summary_counts_and_names_failures(tmp_path: Path) -> None:
+    (tmp_path / "test_sample.py").write_text(
+        "import pytest\n"
+        "def test_ok(): pass\n"
+        "def test_bad(): assert 1 == 2, 'one is not two'\n"
+        "@pytest.mark.skip(reason='no')\n"
+        "def test_skipped(): pass\n"
+    )
+    xml = tmp_path / "junit.xml"
+    subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}", "test_sample.py"],
+        cwd=tmp_path,
+        capture_output=True,
+    )
+    summary = runner.junit_summary(xml)
+    assert (summary["tests"], summary["failures"], summary["errors"], summary["skipped"]) == (3, 1, 0, 1)
+    (name, message), *_ = summary["failing"].items()
+    assert name.endswith("::test_bad") and "one is not two" in message
+
+
+def test_cli_checks_its_arguments(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit):
+        session_cli.main(["--profile", "engine", "--only", "kernels,nope", "--out", str(tmp_path)])
+    assert "no step ['nope']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        session_cli.main(["--profile", "engine", "--budget", "10", "--out", str(tmp_path)])
+    assert "--budget must exceed" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        session_cli.main(["--profile", "shapes"])
+    assert "--out is required" in capsys.readouterr().err
+    assert session_cli.main(["--profile", "engine", "--plan", "--only", "kernels"]) == 0
+    plan = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in plan] == ["env", "install", "kernels"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("profile", ["engine", "shapes"])
+def test_dry_run_of_each_profile_passes_every_step(profile: str, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("SELFE_DEVICE_WORK", str(tmp_path / "work"))
+    out = tmp_path / "out"
+    assert session_cli.main(["--profile", profile, "--dry-run", "--out", str(out), "--budget", "600"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    steps = results["steps"]
+    assert steps["install"]["status"] == "skipped (dry run)"
+    assert all(s["status"] == "ok" for name, s in steps.items() if name != "install"), steps
+    assert steps["env"]["data"]["torch"]
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8 and all(os.path.getsize(out / f) < 16 * 2**20 for f in files)  # what the device returns
+    if profile == "engine":
+        assert steps["gpu-tests"]["tests"]["tests"] > 0
+        for name in ("kernels", "sample-throughput", "train-mfu", "model-fwd-bwd", "autoencoder"):
+            assert steps[name]["data"], name
+    else:
+        assert steps["shapes-pair"]["iterations"] == session_cli.DRY_SHAPES.max_steps
+        assert set(steps["shapes-eval"]["data"]) == {"shapes-fm", "shapes-selfe"}  # both models scored
+        for method in session_cli.METHODS:
+            with tarfile.open(out / f"shapes-{method}-export.tar") as tar:
+                assert f"shapes-{method}-export/model.safetensors" in tar.getnames()
+        with tarfile.open(out / "shapes-eval.tar") as tar:
+            assert "shapes-eval/shapes_eval.json" in tar.getnames()
