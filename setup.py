@@ -48,7 +48,9 @@ def cuda_extensions() -> tuple[list, dict]:
     ext = CUDAExtension(
         name="selfe._C",
         sources=sources,
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math", arch]},
+        # No -std: BuildExtension passes the standard this torch's headers need (C++20 from torch 2.12 on;
+        # an explicit -std=c++17 after it would win and trip on them).
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", arch]},
     )
     return [ext], {"build_ext": BuildExtension}
 

@@ -6,6 +6,7 @@ the kernels build and are checked with nvcc alone. The torch binding itself buil
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -60,6 +61,37 @@ def test_every_cu_file_compiles_for_sm90a(tmp_path: Path):
     assert not failures, "nvcc failed:\n" + "\n".join(failures)
     for src in CUDA_SOURCES:
         assert (tmp_path / f"{src.stem}.o").stat().st_size > 0
+
+
+def _cuda_include() -> Path:
+    """The CUDA toolkit's include folder (cuda_runtime.h), which binding.cpp reaches through c10/cuda."""
+    roots = [os.environ.get("CUDA_HOME"), "/usr/local/cuda", Path(_nvcc()).resolve().parent.parent]
+    for root in filter(None, roots):
+        if (Path(root) / "include" / "cuda_runtime.h").is_file():
+            return Path(root) / "include"
+    pytest.skip("no CUDA headers (cuda_runtime.h) under CUDA_HOME, /usr/local/cuda or beside nvcc")
+
+
+def test_binding_compiles_against_the_installed_torch(tmp_path: Path):
+    """binding.cpp, the one file that sees torch, parses and type-checks against this torch's headers in
+    C++20 (what torch's BuildExtension passes for torch >= 2.12; setup.py leaves the standard to it), so a
+    lent GPU is not spent finding a build error. The CPU wheel lacks one header that a CUDA build of torch
+    generates (c10/cuda/impl/cuda_cmake_macros.h, one define); a stand-in fills in where it is missing."""
+    import sysconfig
+
+    from torch.utils.cpp_extension import include_paths
+
+    cxx = shutil.which("g++") or pytest.skip("no g++ to compile the binding with")
+    includes = [*include_paths(), sysconfig.get_paths()["include"], str(_cuda_include())]
+    if not any((Path(p) / "c10/cuda/impl/cuda_cmake_macros.h").is_file() for p in includes):
+        stand_in = tmp_path / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
+        stand_in.parent.mkdir(parents=True)
+        stand_in.write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+        includes.insert(0, str(tmp_path))
+    defines = ["-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H"]
+    cmd = [cxx, "-fsyntax-only", "-std=c++20", *defines, *(f"-I{p}" for p in includes), str(CSRC / "binding.cpp")]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"binding.cpp does not compile against torch's headers:\n{result.stderr[-5000:]}"
 
 
 _STAND_IN = """
