@@ -264,7 +264,10 @@ def run_shapes_pair(session: Session, step: Step, timeout: float) -> str:
 def shapes_steps() -> list[Step]:
     eval_argv = py("-m", "selfe.cli", "eval", "shapes", "--model", "{work}/runs/shapes-fm/export",
                    "{work}/runs/shapes-selfe/export", "--out", "{work}/eval")  # fmt: skip
-    data_argv = py("-m", "selfe.cli", "data", "shapes", "--out", "{work}/shapes", "--no-progress")
+    # Word-order T5 states (as a trained T5's): position and colour binding are readable from the text tokens,
+    # which a run long enough to learn them needs (README, the word-order pair).
+    data_argv = py("-m", "selfe.cli", "data", "shapes", "--out", "{work}/shapes", "--t5-order-bias", "8",
+                   "--no-progress")  # fmt: skip
     return [
         env_step(),
         install_step(cuda=False),  # the tiny model uses no fused kernel: a minute of build saved
