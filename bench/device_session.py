@@ -51,7 +51,7 @@ from bench.device_runner import (  # noqa: E402
 )
 
 
-def probe_env(path: Path) -> dict:
+def probe_env(path: Path) -> None:
     """Versions and the device, written to path (run as a subprocess: this script must not need torch)."""
     import platform
     import subprocess
@@ -77,7 +77,6 @@ def probe_env(path: Path) -> dict:
         info["device"] = "cpu"
     write_atomic(path, json.dumps(info))
     print(json.dumps(info))
-    return info
 
 
 def env_step() -> Step:

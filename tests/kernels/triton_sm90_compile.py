@@ -11,7 +11,8 @@ launcher, at the 2b shapes and at ragged ones, in each dtype, with three stand-i
   are lifted (the tensors are CPU ones).
 Every distinct compilation is then compiled for sm_90 (in parallel) and printed as one JSON line: kernel,
 signature, constexprs, options, ok (compiled), shared (bytes), fits (within sm_90's shared memory), error.
-Needs triton >= 3.7's runtime internals (knobs.runtime.jit_cache_hook); exits 3 when they are missing.
+Written against triton 3.7's runtime internals (knobs.runtime.jit_cache_hook and its keywords, Autotuner,
+driver.set_active); exits 3 when they are missing.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ try:
     from triton.runtime import driver
     from triton.runtime.autotuner import Autotuner
 
-    knobs.runtime.jit_cache_hook  # noqa: B018  (present from triton 3.4 on)
+    knobs.runtime.jit_cache_hook  # noqa: B018
 except (ImportError, AttributeError) as err:
     print(f"this triton lacks the runtime hooks the harness needs: {err}", file=sys.stderr)
     sys.exit(3)
