@@ -13,13 +13,15 @@ Decoder level order: `decoder.up[i]` works at the same resolution as `encoder.do
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from selfe.atomic import atomic_write_bytes
 from selfe.weights import load_safetensors_into
 
 
@@ -79,6 +81,12 @@ class AutoEncoderConfig:
     def downsample_factor(self) -> int:
         """Image pixels per latent pixel along each side: 2^(levels - 1), 8 for FLUX.1."""
         return 2 ** (len(self.ch_mult) - 1)
+
+    def to_dict(self) -> dict:
+        """The fields as JSON values (config.json's "autoencoder" entry, the safetensors metadata)."""
+        out = asdict(self)
+        out["ch_mult"] = list(self.ch_mult)
+        return out
 
 
 def flux1() -> AutoEncoderConfig:
@@ -415,6 +423,34 @@ def _edge_ramp(start: int, length: int, size: int, overlap: int, f: int, device:
     return weight
 
 
+# safetensors metadata key holding the AutoEncoderConfig as JSON (files this engine writes; FLUX.1's has none)
+CONFIG_METADATA_KEY = "selfe.autoencoder_config"
+
+
+def config_from_file(path: str | os.PathLike) -> AutoEncoderConfig | None:
+    """The AutoEncoderConfig stored in a .safetensors file's metadata by `save_autoencoder`, else None."""
+    from safetensors import safe_open
+
+    with safe_open(os.fspath(path), framework="pt") as handle:
+        raw = (handle.metadata() or {}).get(CONFIG_METADATA_KEY)
+    if raw is None:
+        return None
+    entry = json.loads(raw)
+    known = {f.name for f in fields(AutoEncoderConfig)}
+    if not isinstance(entry, dict) or set(entry) - known:
+        raise ValueError(f"{path}: metadata {CONFIG_METADATA_KEY!r} is not an AutoEncoderConfig: {raw[:200]}")
+    return AutoEncoderConfig(**entry)
+
+
+def save_autoencoder(model: AutoEncoder, path: str | os.PathLike) -> None:
+    """Write the weights (fp32) with the config in the metadata, atomically: `load_autoencoder(path)` rebuilds it."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().to(torch.float32).contiguous() for k, v in model.state_dict().items()}
+    metadata = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(model.config.to_dict())}
+    atomic_write_bytes(path, save(tensors, metadata=metadata))
+
+
 def load_autoencoder(
     path: str | os.PathLike,
     config: AutoEncoderConfig | None = None,
@@ -423,12 +459,13 @@ def load_autoencoder(
 ) -> AutoEncoder:
     """Build the autoencoder on the meta device and load a .safetensors file into it.
 
-    path: e.g. the released FLUX.1 `ae.safetensors`, loaded without renaming. config: defaults to
-    `flux1()`. Every key and shape is checked (from the file header, before data is read); a
-    mismatch raises `selfe.weights.StateDictMismatchError` naming the keys. Returns the model in
-    eval mode on `device` in `dtype`.
+    path: e.g. the released FLUX.1 `ae.safetensors`, loaded without renaming. config: defaults to the
+    one in the file's metadata (files written by `save_autoencoder`), else `flux1()`. Every key and shape
+    is checked (from the file header, before data is read); a mismatch raises
+    `selfe.weights.StateDictMismatchError` naming the keys. Returns the model in eval mode on `device` in `dtype`.
     """
-    config = flux1() if config is None else config
+    if config is None:
+        config = config_from_file(path) or flux1()
     if not isinstance(config, AutoEncoderConfig):
         raise TypeError(f"config must be an AutoEncoderConfig, got {type(config).__name__}")
     if not dtype.is_floating_point:

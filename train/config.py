@@ -24,7 +24,7 @@ from selfe.config import MMDiTConfig, mmdit_preset
 from selfe.fp8 import FP8Config
 from selfe.objective import ObjectiveConfig
 from selfe.schedule import TimeShift
-from selfe.shapes import PIXEL_FACTOR
+from selfe.shapes import PIXEL_FACTOR, SHAPES_AE_CHANNELS
 
 DATA_SOURCES = ("procedural", "synthetic", "cache", "images")
 ENCODERS = ("smoke", "flux", "pixels")
@@ -40,7 +40,8 @@ class DataSection:
     synthetic: random tensors of the right shapes (benchmarks only; nothing to learn).
     cache: a `selfe cache` folder (latents + T5/CLIP states), read with CachedDataset.
     images: a TSV manifest; batches from `cache_dir` when it holds a cache, else decoded and encoded on
-        the fly with `encoders`: "flux" (the FLUX.1 autoencoder, T5, CLIP from ae_path/t5_path/clip_path),
+        the fly with `encoders`: "flux" (the FLUX.1 autoencoder, T5, CLIP from ae_path/t5_path/clip_path;
+        an autoencoder file written by selfe.autoencoder.save_autoencoder carries its own config),
         "pixels" (pixel space: the space-to-depth autoencoder with pixel_factor/pixel_scale, T5 and CLIP from
         t5_path/clip_path; ShapesEval) or "smoke" (SMOKE ONLY: random-init stand-ins, a pipeline check).
     With a cache and the auxiliary term on, the fake prompt is encoded online by `encoders`.
@@ -160,6 +161,9 @@ class CheckpointConfig:
     # Copy data.t5_path / clip_path into the export (text_encoder/, text_encoder_2/) so it loads on its own;
     # for small encoders (ShapesEval's), not for T5-XXL.
     export_text_encoders: bool = False
+    # Copy data.ae_path into the export (ae.safetensors, its config in config.json): for a small trained
+    # autoencoder (ShapesEval's), not for FLUX.1's.
+    export_autoencoder: bool = False
 
     def __post_init__(self) -> None:
         if self.every < 0 or self.keep < 1:
@@ -308,26 +312,34 @@ def shapes_model() -> MMDiTConfig:
     )
 
 
-def shapes(self_eval: bool = True) -> TrainConfig:
+def shapes(self_eval: bool = True, autoencoder: str = "pixels") -> TrainConfig:
     """ShapesEval (`selfe data shapes` first): Self-E or, with self_eval=False, flow matching on the same
     model, data, iterations and seed. Sized for a CPU: 1300 iterations of 64; the pair runs side by side
     in under 30 min on 2 cores. tau rises over the first 30% (the paper: 300k of 710k), EMA 0.995 (a short
-    run), no aux term, time shift mu = 1 (pixel space at 32^2 needs more noise than the token count suggests)."""
+    run), no aux term, time shift mu = 1 (pixel space at 32^2 needs more noise than the token count suggests).
+    autoencoder="trained" (`selfe data shapes --autoencoder trained`): the same run in the tiny trained
+    autoencoder's 8x8x8 latents (still 64 image tokens), which the export carries."""
     method = "selfe" if self_eval else "fm"
+    suffix = "" if autoencoder == "pixels" else "-ae"
     steps = 1300
+    if autoencoder == "pixels":
+        model, encoders = shapes_model(), {"encoders": "pixels", "cache_dir": "data/shapes/cache"}
+    elif autoencoder == "trained":
+        model = dataclasses.replace(shapes_model(), in_channels=SHAPES_AE_CHANNELS)
+        encoders = {"encoders": "flux", "cache_dir": "data/shapes/cache-ae", "ae_path": "data/shapes/ae.safetensors"}
+    else:
+        raise ValueError(f"autoencoder must be 'pixels' or 'trained', got {autoencoder!r}")
     return TrainConfig(
-        name=f"shapes-{method}",
-        run_dir=f"runs/shapes-{method}",
+        name=f"shapes-{method}{suffix}",
+        run_dir=f"runs/shapes-{method}{suffix}",
         steps=steps,
-        model=shapes_model(),
+        model=model,
         objective=ObjectiveConfig(
             self_eval=self_eval, tau_warmup=steps * 3 // 10, aux_start=None, time_shift=TimeShift(mu=1.0)
         ),
         data=DataSection(
             source="images",
             manifest="data/shapes/train.tsv",
-            cache_dir="data/shapes/cache",
-            encoders="pixels",
             t5_path="data/shapes/text_encoder",
             clip_path="data/shapes/text_encoder_2",
             t5_max_length=16,
@@ -335,10 +347,13 @@ def shapes(self_eval: bool = True) -> TrainConfig:
             resolution=32,
             min_side=32,
             batch_size=64,
+            **encoders,
         ),
         optim=OptimConfig(lr=1e-3, final_lr=1e-4, warmup_steps=100),
         ema=EMAConfig(decay=0.995),
-        checkpoint=CheckpointConfig(every=250, keep=2, export_text_encoders=True),
+        checkpoint=CheckpointConfig(
+            every=250, keep=2, export_text_encoders=True, export_autoencoder=autoencoder == "trained"
+        ),
         metrics=MetricsConfig(log_every=50),
     )
 
@@ -349,6 +364,8 @@ PRESETS: dict[str, Callable[[], TrainConfig]] = {
     "2b": paper_2b,
     "shapes-selfe": lambda: shapes(self_eval=True),
     "shapes-fm": lambda: shapes(self_eval=False),
+    "shapes-selfe-ae": lambda: shapes(self_eval=True, autoencoder="trained"),
+    "shapes-fm-ae": lambda: shapes(self_eval=False, autoencoder="trained"),
 }
 
 

@@ -1,5 +1,6 @@
 """Export of the EMA weights for sampling: DIR/model.safetensors + DIR/config.json (what
-selfe.pipeline.SelfEPipeline.from_pretrained reads) + DIR/train_config.json, written atomically.
+selfe.pipeline.SelfEPipeline.from_pretrained reads) + DIR/train_config.json, written atomically; with
+checkpoint.export_text_encoders / export_autoencoder also the (small) encoders, so DIR loads on its own.
 
 Every rank calls `export_ema` (gathering the sharded weights is collective); rank 0 writes.
 The file is always plain fp32 under the unconverted model's keys: the trainer's EMA copy is never FP8-
@@ -20,25 +21,40 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from selfe.fp8 import plain_tensor
+from selfe.pipeline_files import AE_FILE
 from selfe.train.config import TrainConfig
 
 
 def pipeline_config(config: TrainConfig) -> dict:
     """config.json of the export: the model, and what sampling must match of training: the time shift,
-    the pixel autoencoder (encoders="pixels"), the T5 length and the training resolution."""
+    the autoencoder (the pixel one, or an exported trained one), the T5 length and the training resolution."""
     data = config.data
     out: dict = {
         "model": config.model.to_dict(),
         "sampler": {"time_shift": asdict(config.objective.time_shift)},
         "resolution": data.resolution,
     }
-    if data.encoders == "pixels":
+    if config.checkpoint.export_autoencoder:
+        from selfe.autoencoder import config_from_file, flux1
+
+        out["autoencoder"] = (config_from_file(_exported_autoencoder(config)) or flux1()).to_dict()
+    elif data.encoders == "pixels":
         from selfe.train.sources import pixel_autoencoder
 
         out["autoencoder"] = pixel_autoencoder(data).config.to_dict()
     if data.encoders != "smoke":
         out["text"] = {"t5_max_length": data.t5_max_length}
     return out
+
+
+def _exported_autoencoder(config: TrainConfig) -> str:
+    """data.ae_path, which checkpoint.export_autoencoder copies into the export."""
+    if config.data.encoders != "flux" or not config.data.ae_path:
+        raise ValueError(
+            "checkpoint.export_autoencoder needs data.encoders='flux' and data.ae_path, got "
+            f"encoders={config.data.encoders!r}, ae_path={config.data.ae_path!r}"
+        )
+    return config.data.ae_path
 
 
 def export_ema(ema_model: nn.Module, config: TrainConfig, out_dir: str | os.PathLike, rank: int = 0) -> Path:
@@ -62,6 +78,8 @@ def export_ema(ema_model: nn.Module, config: TrainConfig, out_dir: str | os.Path
             if not source:
                 raise ValueError(f"checkpoint.export_text_encoders needs data.t5_path and data.clip_path ({name})")
             shutil.copytree(source, tmp / name)
+    if config.checkpoint.export_autoencoder:
+        shutil.copyfile(_exported_autoencoder(config), tmp / AE_FILE)
     (tmp / "train_config.json").write_text(json.dumps(config.to_dict(), indent=1))
     old = out.with_name(out.name + ".old")
     if out.exists():

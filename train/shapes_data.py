@@ -7,7 +7,11 @@ writes into OUT:
     train.tsv               image path <TAB> caption (the Self-E release's manifest format)
     text_encoder/, text_encoder_2/   the tiny T5 / CLIP snapshots (selfe.shapes.text) the captions are encoded by
     cache/                  a `selfe cache` of it: space-to-depth latents (B, 48, 8, 8) and text states
-A run (`selfe train shapes-selfe` / `shapes-fm`) reads the cache, or the images when the cache is absent.
+  with --autoencoder trained, instead of cache/:
+    ae.safetensors, ae.json a tiny FLUX-architecture autoencoder trained on the images, and its report
+    cache-ae/               the cache in its latents (B, 8, 8, 8)
+A run (`selfe train shapes-selfe` / `shapes-fm`, or `shapes-selfe-ae` / `shapes-fm-ae` in the trained
+autoencoder's latents) reads its cache, or the images when the cache is absent.
 Sample i is a pure function of (seed, i). The manifest is written last, atomically, after every image;
 the cache resumes by itself, and refuses (naming the mismatch) a folder whose cache came from another
 manifest or other text encoders (`--t5-order-bias 8` writes a T5 whose states carry word order).
@@ -28,10 +32,15 @@ from selfe.atomic import atomic_write_bytes
 from selfe.shapes import PIXEL_FACTOR
 from selfe.shapes.scene import IMAGE_SIZE, random_prompt, render
 from selfe.shapes.text import T5_MAX_LENGTH, T5_ORDER_BIAS, WORD_ORDER_BIAS, write_text_encoders
+from selfe.train.shapes_autoencoder import AutoEncoderTraining
 
 MANIFEST = "train.tsv"
 IMAGES = "images"
 CACHE = "cache"
+AE_FILE = "ae.safetensors"
+AE_REPORT = "ae.json"
+AE_CACHE = "cache-ae"
+AUTOENCODERS = ("pixels", "trained")  # --autoencoder: space-to-depth pixels, or the tiny trained autoencoder
 
 
 def sample(seed: int, index: int, image_size: int = IMAGE_SIZE) -> tuple[str, np.ndarray]:
@@ -62,8 +71,11 @@ def write_images(out: Path, num: int, seed: int, image_size: int = IMAGE_SIZE, p
     return manifest
 
 
-def build_shapes_cache(out: Path, image_size: int = IMAGE_SIZE, progress: bool = True) -> dict:
-    """The `selfe cache` of out/train.tsv with the pixel autoencoder and out's text encoders."""
+def build_shapes_cache(
+    out: Path, image_size: int = IMAGE_SIZE, progress: bool = True, autoencoder: str = "pixels"
+) -> dict:
+    """The `selfe cache` of out/train.tsv with out's text encoders and the pixel autoencoder (in out/cache)
+    or the trained one, out/ae.safetensors (in out/cache-ae)."""
     import torch
 
     from selfe.pixel_autoencoder import SpaceToDepthAutoEncoder, SpaceToDepthConfig
@@ -80,18 +92,33 @@ def build_shapes_cache(out: Path, image_size: int = IMAGE_SIZE, progress: bool =
     text = TextEncoders.from_snapshots(
         out / "text_encoder", out / "text_encoder_2", t5_max_length=T5_MAX_LENGTH, device="cpu", dtype=torch.float32
     )
-    autoencoder = SpaceToDepthAutoEncoder(SpaceToDepthConfig(downsample_factor=PIXEL_FACTOR))
+    if autoencoder == "pixels":
+        ae = SpaceToDepthAutoEncoder(SpaceToDepthConfig(downsample_factor=PIXEL_FACTOR))
+        image_tag, cache_dir = str(ae.config.to_dict()), out / CACHE
+    elif autoencoder == "trained":
+        from selfe.autoencoder import load_autoencoder
+
+        ae = load_autoencoder(out / AE_FILE)
+        image_tag, cache_dir = f"ae={content_digest([out / AE_FILE])}", out / AE_CACHE
+    else:
+        raise ValueError(f"autoencoder must be one of {AUTOENCODERS}, got {autoencoder!r}")
     config = CacheConfig(
         resolutions=(image_size,),
         shard_size=4096,
         encode_batch_size=256,
         num_threads=2,
-        store_dtype="float16",  # pixels * 2 in steps of 2/255 and unit-scale text states: fp16 loses nothing useful
-        encoder_tag=f"shapes;{autoencoder.config.to_dict()};t5_max_length={T5_MAX_LENGTH};text={text_digest}",
-        latent_factor=autoencoder.downsample_factor,
+        # pixels * 2 in steps of 2/255, unit-variance latents and text states: fp16 loses nothing useful
+        store_dtype="float16",
+        encoder_tag=f"shapes;{image_tag};t5_max_length={T5_MAX_LENGTH};text={text_digest}",
+        latent_factor=ae.downsample_factor,
         checks=ManifestConfig(min_side=image_size),
     )
-    return build_cache(out / MANIFEST, out / CACHE, autoencoder.encode, text.encode, config, progress=progress)
+
+    def encode(images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return ae.encode(images)
+
+    return build_cache(out / MANIFEST, cache_dir, encode, text.encode, config, progress=progress)
 
 
 def prepare(
@@ -101,17 +128,30 @@ def prepare(
     cache: bool = True,
     progress: bool = True,
     t5_order_bias: float = T5_ORDER_BIAS,
+    autoencoder: str = "pixels",
+    ae_training: AutoEncoderTraining | None = None,
 ) -> Path:
-    """Images + manifest, text encoders, and (cache=True) the cache under out_dir; returns out_dir."""
+    """Images + manifest, text encoders, (autoencoder="trained") the autoencoder, and (cache=True) the
+    cache under out_dir; returns out_dir."""
     if num < 1:
         raise ValueError(f"the number of samples must be >= 1, got {num}")
+    if autoencoder not in AUTOENCODERS:
+        raise ValueError(f"autoencoder must be one of {AUTOENCODERS}, got {autoencoder!r}")
     out = Path(out_dir)
     write_images(out, num, seed, progress=progress)
     write_text_encoders(out, t5_order_bias=t5_order_bias)  # deterministic: the same bias rewrites the same bytes
+    if autoencoder == "trained":
+        from selfe.atomic import atomic_write_json
+        from selfe.train.shapes_autoencoder import train_and_save
+
+        report = train_and_save(out / MANIFEST, out / AE_FILE, ae_training, progress=progress)
+        atomic_write_json(out / AE_REPORT, report)
+        if progress:
+            print(f"autoencoder round trip, ShapesEval overall: {report['reconstruction']['overall']:.3f}")
     if cache:
-        index = build_shapes_cache(out, progress=progress)
+        index = build_shapes_cache(out, progress=progress, autoencoder=autoencoder)
         if not index["complete"]:
-            raise RuntimeError(f"the cache in {out / CACHE} is incomplete; run the command again to resume it")
+            raise RuntimeError(f"the cache in {out} is incomplete; run the command again to resume it")
     return out
 
 
@@ -129,6 +169,14 @@ def data_main(argv: Sequence[str] | None = None) -> int:
         default=T5_ORDER_BIAS,
         help=f"T5 position bias (default {T5_ORDER_BIAS}: random, a bag of words; {WORD_ORDER_BIAS}: word order)",
     )
+    p.add_argument(
+        "--autoencoder",
+        choices=AUTOENCODERS,
+        default="pixels",
+        help=f"pixels (default): cache space-to-depth pixels ({CACHE}/); trained: train a tiny autoencoder on "
+        f"the images ({AE_FILE}) and cache its latents ({AE_CACHE}/)",
+    )
+    p.add_argument("--ae-steps", type=int, default=AutoEncoderTraining.steps, help="autoencoder training steps")
     p.add_argument("--no-cache", action="store_true", help="skip the cache (training then encodes on the fly)")
     p.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -136,6 +184,8 @@ def data_main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--num must be >= 1, got {args.num}")
     if args.t5_order_bias < 0:
         parser.error(f"--t5-order-bias must be >= 0, got {args.t5_order_bias}")
+    if args.ae_steps < 1:
+        parser.error(f"--ae-steps must be >= 1, got {args.ae_steps}")
     start = time.perf_counter()
     prepare(
         args.out,
@@ -144,6 +194,8 @@ def data_main(argv: Sequence[str] | None = None) -> int:
         cache=not args.no_cache,
         progress=not args.no_progress,
         t5_order_bias=args.t5_order_bias,
+        autoencoder=args.autoencoder,
+        ae_training=AutoEncoderTraining(steps=args.ae_steps),
     )
     print(f"shapes data: {args.num} samples in {args.out} ({time.perf_counter() - start:.1f} s)")
     return 0

@@ -13,6 +13,10 @@ from pathlib import Path
 # samples kept the noise.)
 PIXEL_FACTOR = 4
 
+# Latent channels of the tiny trained autoencoder (`selfe data shapes --autoencoder trained`): 8x8x8 latents,
+# 512 values per scene against the pixels' 3072, at the same 64 tokens.
+SHAPES_AE_CHANNELS = 8
+
 # The Self-E ShapesEval model shipped with the package (EMA weights, config, its two tiny text encoders).
 SHIPPED_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "shapes-selfe"
 

@@ -10,7 +10,16 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from selfe.autoencoder import AutoEncoder, AutoEncoderConfig, flux1, load_autoencoder, tiny
+from selfe.autoencoder import (
+    CONFIG_METADATA_KEY,
+    AutoEncoder,
+    AutoEncoderConfig,
+    config_from_file,
+    flux1,
+    load_autoencoder,
+    save_autoencoder,
+    tiny,
+)
 from selfe.weights import (
     StateDictMismatchError,
     check_state_dict,
@@ -130,6 +139,31 @@ def test_safetensors_round_trip_loads_identically(tmp_path):
         assert torch.equal(loaded.decode(latents), model.decode(latents))
 
 
+def test_saved_autoencoder_carries_its_config_and_loads_alone(tmp_path):
+    config = dataclasses.replace(tiny(), z_channels=4, scale_factor=1.7, shift_factor=-0.2)
+    torch.manual_seed(1)
+    model = AutoEncoder(config).eval()
+    path = tmp_path / "ae.safetensors"
+    save_autoencoder(model, path)
+    assert config_from_file(path) == config and not list(tmp_path.glob("*.tmp*"))
+    loaded = load_autoencoder(path)  # no config passed: the file's own
+    assert loaded.config == config
+    images = _images(2, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded.encode(images), model.encode(images))
+
+    plain = tmp_path / "plain.safetensors"
+    save_file(model.state_dict(), str(plain))
+    assert config_from_file(plain) is None  # a file without the entry (FLUX.1's) -> the caller's default
+    with pytest.raises(StateDictMismatchError):
+        load_autoencoder(plain)  # ... which is flux1(), not this file's layout
+
+    bad = tmp_path / "bad.safetensors"
+    save_file(model.state_dict(), str(bad), metadata={CONFIG_METADATA_KEY: json.dumps({"chanels": 3})})
+    with pytest.raises(ValueError, match="is not an AutoEncoderConfig"):
+        load_autoencoder(bad)
+
+
 def test_load_autoencoder_casts_dtype(tmp_path):
     path = tmp_path / "ae.safetensors"
     save_file(_tiny_model().state_dict(), str(path))
@@ -240,6 +274,7 @@ def test_config_validation_and_json_round_trip():
     assert (config.ch, config.ch_mult, config.num_res_blocks, config.z_channels) == (128, (1, 2, 4, 4), 2, 16)
     assert (config.norm_groups, config.scale_factor, config.shift_factor) == (32, 0.3611, 0.1159)
     assert AutoEncoderConfig(**json.loads(json.dumps(dataclasses.asdict(config)))) == config
+    assert AutoEncoderConfig(**json.loads(json.dumps(config.to_dict()))) == config
     with pytest.raises(ValueError, match="norm_groups=32 must divide"):
         AutoEncoderConfig(ch=48)
     with pytest.raises(ValueError, match="ch_mult"):
