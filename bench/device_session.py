@@ -12,8 +12,9 @@ Profiles (the issue each step serves in brackets):
     engine  env, install (with the CUDA extension), GPU tests of kernels and engine [3, 6], the fused-op
             benchmark [3], sampling throughput per step count [6], training MFU [5], model fwd+bwd [2],
             the autoencoder [4]
-    shapes  env, install, `selfe data shapes`, the flow matching / Self-E pair trained side by side for as
-            many iterations as the budget holds (measured first), `selfe eval shapes` of both [8]
+    shapes  env, install, `selfe data shapes --autoencoder trained`, the flow matching / Self-E pair
+            (`shapes-fm-ae` / `shapes-selfe-ae`) trained side by side for as many iterations as the budget
+            holds (measured first), `selfe eval shapes` of both at their exports' sampler defaults [8]
 
 `--only a,b` runs those steps (with env and install): the second call of a lease, for what the first did
 not reach. A failed or timed-out step is recorded and the next one runs; the CUDA install falls back to
@@ -194,7 +195,8 @@ def shapes_overrides(session: Session, plan: ShapesPlan, steps: int, run_dir: Pa
         f"steps={steps}",
         f"device={'cpu' if session.dry_run else 'cuda'}",
         f"data.manifest={data / 'train.tsv'}",
-        f"data.cache_dir={data / 'cache'}",
+        f"data.cache_dir={data / 'cache-ae'}",
+        f"data.ae_path={data / 'ae.safetensors'}",
         f"data.t5_path={data / 'text_encoder'}",
         f"data.clip_path={data / 'text_encoder_2'}",
         f"data.batch_size={plan.batch}",
@@ -216,7 +218,7 @@ def train_pair(session: Session, name: str, plan: ShapesPlan, steps: int, timeou
     for method in METHODS:
         run_dir = session.work / "runs" / f"{name}-{method}"
         shutil.rmtree(run_dir, ignore_errors=True)  # a second call of the lease starts afresh, not resumed
-        argv = [sys.executable, "-m", "selfe.cli", "train", f"shapes-{method}",
+        argv = [sys.executable, "-m", "selfe.cli", "train", f"shapes-{method}-ae",
                 *shapes_overrides(session, plan, steps, run_dir, export)]  # fmt: skip
         log = open(session.work / f"{name}-{method}.log", "w")
         procs[method] = (start(argv, log, {"OMP_NUM_THREADS": threads}), log)
@@ -264,13 +266,14 @@ def shapes_steps() -> list[Step]:
     eval_argv = py("-m", "selfe.cli", "eval", "shapes", "--model", "{work}/runs/shapes-fm/export",
                    "{work}/runs/shapes-selfe/export", "--out", "{work}/eval")  # fmt: skip
     # Word-order T5 states (as a trained T5's): position and colour binding are readable from the text tokens,
-    # which a run long enough to learn them needs (README, the word-order pair).
+    # which a run long enough to learn them needs (README, the word-order pair). The trained autoencoder's
+    # latents (README, the latent pair: both methods score far higher in them at the same budget).
     data_argv = py("-m", "selfe.cli", "data", "shapes", "--out", "{work}/shapes", "--t5-order-bias", "8",
-                   "--no-progress")  # fmt: skip
+                   "--autoencoder", "trained", "--no-progress")  # fmt: skip
     return [
         env_step(),
         install_step(cuda=False),  # the tiny model uses no fused kernel: a minute of build saved
-        Step("shapes-data", "8", 180, argv=data_argv, dry_argv=[*data_argv, "--num", "128"]),
+        Step("shapes-data", "8", 300, argv=data_argv, dry_argv=[*data_argv, "--num", "128", "--ae-steps", "3"]),
         Step("shapes-pair", "8", math.inf, run=run_shapes_pair),
         Step(
             "shapes-eval", "8", ShapesPlan.eval_reserve_s,

@@ -446,7 +446,7 @@ def save_autoencoder(model: AutoEncoder, path: str | os.PathLike) -> None:
     """Write the weights (fp32) with the config in the metadata, atomically: `load_autoencoder(path)` rebuilds it."""
     from safetensors.torch import save
 
-    tensors = {k: v.detach().to(torch.float32).contiguous() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     metadata = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(model.config.to_dict())}
     atomic_write_bytes(path, save(tensors, metadata=metadata))
 

@@ -164,6 +164,8 @@ class CheckpointConfig:
     # Copy data.ae_path into the export (ae.safetensors, its config in config.json): for a small trained
     # autoencoder (ShapesEval's), not for FLUX.1's.
     export_autoencoder: bool = False
+    # The export's default EP-CFG omega (config.json "sampler": "guidance"); None: sample without CFG.
+    export_guidance: float | None = 5.0
 
     def __post_init__(self) -> None:
         if self.every < 0 or self.keep < 1:
@@ -352,7 +354,13 @@ def shapes(self_eval: bool = True, autoencoder: str = "pixels") -> TrainConfig:
         optim=OptimConfig(lr=1e-3, final_lr=1e-4, warmup_steps=100),
         ema=EMAConfig(decay=0.995),
         checkpoint=CheckpointConfig(
-            every=250, keep=2, export_text_encoders=True, export_autoencoder=autoencoder == "trained"
+            every=250,
+            keep=2,
+            export_text_encoders=True,
+            export_autoencoder=autoencoder == "trained",
+            # In the latents each method samples best at its own setting (README): Self-E without CFG (its
+            # self-evaluated target already carries the guidance direction), flow matching at omega 5.
+            export_guidance=None if autoencoder == "trained" and self_eval else 5.0,
         ),
         metrics=MetricsConfig(log_every=50),
     )

@@ -31,7 +31,7 @@ def pipeline_config(config: TrainConfig) -> dict:
     data = config.data
     out: dict = {
         "model": config.model.to_dict(),
-        "sampler": {"time_shift": asdict(config.objective.time_shift)},
+        "sampler": {"time_shift": asdict(config.objective.time_shift), "guidance": config.checkpoint.export_guidance},
         "resolution": data.resolution,
     }
     if config.checkpoint.export_autoencoder:

@@ -91,15 +91,17 @@ def train_autoencoder(
     ae_config: AutoEncoderConfig | None = None,
     config: AutoEncoderTraining | None = None,
     progress: bool = True,
+    device: torch.device | str = "cpu",
 ) -> tuple[AutoEncoder, list[dict]]:
-    """Train on `images` ((N, 3, H, W) uint8); returns the autoencoder (eval mode, latent affine fitted)
-    and the logged losses."""
+    """Train on `images` ((N, 3, H, W) uint8, kept on the host) on `device`; returns the autoencoder (eval
+    mode, on `device`, latent affine fitted) and the logged losses."""
     ae_config = shapes_autoencoder_config() if ae_config is None else ae_config
     config = AutoEncoderTraining() if config is None else config
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
     # Unit affine while training: the fitted shift/scale are set afterwards from the trained posterior.
-    ae = AutoEncoder(replace(ae_config, scale_factor=1.0, shift_factor=0.0)).train()
+    device = torch.device(device)
+    ae = AutoEncoder(replace(ae_config, scale_factor=1.0, shift_factor=0.0)).to(device).train()
     optimizer = torch.optim.AdamW(ae.parameters(), lr=config.lr, betas=(0.9, 0.99), weight_decay=0.0)
     log: list[dict] = []
     start = time.perf_counter()
@@ -107,10 +109,10 @@ def train_autoencoder(
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, config)
         index = torch.randint(len(images), (config.batch_size,), generator=generator)
-        x = to_unit(images[index])
+        x = to_unit(images[index].to(device))
         mean, logvar = ae.posterior(x)
         logvar = logvar.clamp(-30.0, 20.0)
-        z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator)
+        z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator).to(device)
         mse = (ae.decoder(z) - x).pow(2).mean()
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
         loss = mse + config.kl_weight * kl
@@ -141,7 +143,10 @@ def train_autoencoder(
 @torch.no_grad()
 def fitted_affine(ae: AutoEncoder, images: Tensor, count: int = 4096, batch: int = 512) -> AutoEncoderConfig:
     """ae's config with shift = mean and scale = 1 / std of the posterior means over (up to) `count` images."""
-    means = [ae.posterior(to_unit(images[i : i + batch]))[0] for i in range(0, min(count, len(images)), batch)]
+    device = next(ae.parameters()).device
+    means = [
+        ae.posterior(to_unit(images[i : i + batch].to(device)))[0] for i in range(0, min(count, len(images)), batch)
+    ]
     z = torch.cat(means).double()
     return replace(ae.config, shift_factor=float(z.mean()), scale_factor=float(1.0 / z.std()))
 
@@ -150,9 +155,11 @@ def fitted_affine(ae: AutoEncoder, images: Tensor, count: int = 4096, batch: int
 def round_trip(ae: AutoEncoder, images: Tensor, batch: int = 256) -> np.ndarray:
     """uint8 (N, 3, H, W) -> decode(encode(.)) as uint8 (N, H, W, 3)."""
     out = []
+    device = next(ae.parameters(), torch.empty(0)).device  # (a parameter-free stand-in works on the host)
     for i in range(0, len(images), batch):
-        decoded = ae.decode(ae.encode(to_unit(images[i : i + batch])))
-        out.append(((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+        decoded = ae.decode(ae.encode(to_unit(images[i : i + batch].to(device))))
+        pixels = ((decoded.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        out.append(pixels.permute(0, 2, 3, 1).cpu().numpy())
     return np.concatenate(out)
 
 
@@ -170,11 +177,15 @@ def reconstruction_score(ae: AutoEncoder, seed: int = 7, images_per_category: in
 
 
 def train_and_save(
-    manifest: Path, out_file: Path, config: AutoEncoderTraining | None = None, progress: bool = True
+    manifest: Path,
+    out_file: Path,
+    config: AutoEncoderTraining | None = None,
+    progress: bool = True,
+    device: torch.device | str = "cpu",
 ) -> dict:
     """Train on the manifest's images, write `out_file` (safetensors, config in its metadata) atomically,
     and return a report: the losses and the held-out reconstruction score."""
     images = load_manifest_images(manifest)
-    ae, log = train_autoencoder(images, config=config, progress=progress)
+    ae, log = train_autoencoder(images, config=config, progress=progress, device=device)
     save_autoencoder(ae, out_file)
     return {"losses": log, "reconstruction": reconstruction_score(ae), "config": ae.config.to_dict()}

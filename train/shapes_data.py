@@ -130,9 +130,10 @@ def prepare(
     t5_order_bias: float = T5_ORDER_BIAS,
     autoencoder: str = "pixels",
     ae_training: AutoEncoderTraining | None = None,
+    device: str = "cpu",
 ) -> Path:
     """Images + manifest, text encoders, (autoencoder="trained") the autoencoder, and (cache=True) the
-    cache under out_dir; returns out_dir."""
+    cache under out_dir; returns out_dir. device: where the autoencoder trains."""
     if num < 1:
         raise ValueError(f"the number of samples must be >= 1, got {num}")
     if autoencoder not in AUTOENCODERS:
@@ -144,7 +145,7 @@ def prepare(
         from selfe.atomic import atomic_write_json
         from selfe.train.shapes_autoencoder import train_and_save
 
-        report = train_and_save(out / MANIFEST, out / AE_FILE, ae_training, progress=progress)
+        report = train_and_save(out / MANIFEST, out / AE_FILE, ae_training, progress=progress, device=device)
         atomic_write_json(out / AE_REPORT, report)
         if progress:
             print(f"autoencoder round trip, ShapesEval overall: {report['reconstruction']['overall']:.3f}")
@@ -177,6 +178,7 @@ def data_main(argv: Sequence[str] | None = None) -> int:
         f"the images ({AE_FILE}) and cache its latents ({AE_CACHE}/)",
     )
     p.add_argument("--ae-steps", type=int, default=AutoEncoderTraining.steps, help="autoencoder training steps")
+    p.add_argument("--device", default=None, help="where the autoencoder trains (default: cuda if available, else cpu)")
     p.add_argument("--no-cache", action="store_true", help="skip the cache (training then encodes on the fly)")
     p.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -186,6 +188,8 @@ def data_main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--t5-order-bias must be >= 0, got {args.t5_order_bias}")
     if args.ae_steps < 1:
         parser.error(f"--ae-steps must be >= 1, got {args.ae_steps}")
+    import torch
+
     start = time.perf_counter()
     prepare(
         args.out,
@@ -196,6 +200,7 @@ def data_main(argv: Sequence[str] | None = None) -> int:
         t5_order_bias=args.t5_order_bias,
         autoencoder=args.autoencoder,
         ae_training=AutoEncoderTraining(steps=args.ae_steps),
+        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
     )
     print(f"shapes data: {args.num} samples in {args.out} ({time.perf_counter() - start:.1f} s)")
     return 0

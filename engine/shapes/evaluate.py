@@ -31,7 +31,8 @@ UNSET: Any = ...  # guidance argument not given: the model's own default
 class EvalConfig:
     """steps: step counts; images_per_category: evaluation images per category (one prompt each, see
     scene.evaluation_prompts); seed: noise seed (batch k uses seed + k at every step count);
-    guidance: EP-CFG omega, None for none, UNSET for the model's default; batch_size: images per call."""
+    guidance: EP-CFG omega, None for none, UNSET for the model's default; sampler / s_policy: None for the
+    model's default (s_policy "current", s = t, samples a flow-matching model as one); batch_size: images per call."""
 
     steps: tuple[int, ...] = DEFAULT_STEPS
     images_per_category: int = 48
@@ -39,6 +40,7 @@ class EvalConfig:
     seed: int = 0
     guidance: float | None = UNSET
     sampler: str | None = None
+    s_policy: str | None = None
     batch_size: int = 96
     grid_per_category: int = 2
 
@@ -60,7 +62,8 @@ def generate_images(pipe: Any, prompts: Sequence[Prompt], steps: int, config: Ev
         chunk = [p.caption for p in prompts[start : start + config.batch_size]]
         generator = torch.Generator(device=pipe.device).manual_seed(config.seed + k)
         kwargs = {} if config.guidance is UNSET else {"guidance": config.guidance}
-        result = pipe(chunk, steps=steps, generator=generator, output_type="np", sampler=config.sampler, **kwargs)
+        result = pipe(chunk, steps=steps, generator=generator, output_type="np", sampler=config.sampler,
+                      s_policy=config.s_policy, **kwargs)  # fmt: skip
         out.append((np.asarray(result.images) * 255).round().clip(0, 255).astype(np.uint8))
     return np.concatenate(out)
 
@@ -136,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=None, help="EP-CFG omega (default: the model's)")
     p.add_argument("--no-guidance", action="store_true", help="no CFG")
     p.add_argument("--sampler", choices=("ddim", "euler"), default=None)
+    p.add_argument(  # ("fixed" needs a value of s: the library API has it)
+        "--s-policy", choices=("next", "current", "midpoint"), default=None,
+        help="s_k (default: the model's; next: s = t_{k+1}; current: s = t, flow matching)",
+    )  # fmt: skip
     p.add_argument("--batch-size", type=int, default=EvalConfig.batch_size)
     p.add_argument("--out", type=Path, default=Path("runs/eval-shapes"), help="folder for the JSON and grids")
     p.add_argument("--device", default=None)
@@ -154,6 +161,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             guidance=guidance,
             sampler=args.sampler,
+            s_policy=args.s_policy,
             batch_size=args.batch_size,
         )
     except ValueError as err:

@@ -59,7 +59,7 @@ def test_reconstruction_score_is_the_scorer_on_round_trips(ae_data):
     assert set(score["categories"]) == set(CATEGORIES)
     assert score["overall"] < 0.5  # six steps of training reconstruct nothing the scorer accepts
 
-    class Identity:  # a lossless round trip scores what the scorer gives the real images: 1.0
+    class Identity(torch.nn.Module):  # a lossless round trip scores what the scorer gives the real images: 1.0
         def encode(self, images):
             return images
 
@@ -104,6 +104,9 @@ def test_latent_presets_are_the_pixel_presets_in_the_autoencoder_latents():
         for section in ("objective", "optim", "ema", "steps", "seed"):
             assert getattr(latents, section) == getattr(pixels, section), section
     assert preset("shapes-selfe-ae").model == preset("shapes-fm-ae").model
+    # each samples at its best setting in the latents (README): Self-E without CFG, flow matching at omega 5
+    assert preset("shapes-selfe-ae").checkpoint.export_guidance is None
+    assert preset("shapes-fm-ae").checkpoint.export_guidance == preset("shapes-selfe").checkpoint.export_guidance == 5.0
 
 
 def test_a_run_in_the_latents_exports_a_pipeline_that_carries_its_autoencoder(ae_data, tmp_path):
@@ -128,10 +131,13 @@ def test_a_run_in_the_latents_exports_a_pipeline_that_carries_its_autoencoder(ae
     assert (export / AE_FILE).read_bytes() == (ae_data / AE_FILE).read_bytes()
     meta = json.loads((export / "config.json").read_text())
     assert meta["autoencoder"] == config_from_file(ae_data / AE_FILE).to_dict()
+    assert meta["sampler"]["guidance"] is None  # checkpoint.export_guidance of the Self-E latent preset
 
+    from selfe.graphs import FastPathConfig
     from selfe.pipeline import SelfEPipeline
 
-    pipe = SelfEPipeline.from_pretrained(export, fast_path=False)
+    pipe = SelfEPipeline.from_pretrained(export, fast_path=FastPathConfig(compile=False))
+    assert pipe.sampler_defaults.guidance is None
     out = pipe(["a red circle", "two squares"], steps=2, seed=0, output_type="np")
     assert out.images.shape == (2, 32, 32, 3) and out.latents.shape == (2, SHAPES_AE_CHANNELS, 8, 8)
 
@@ -143,3 +149,33 @@ def test_export_autoencoder_needs_an_autoencoder_file():
     config.checkpoint.export_autoencoder = True  # pixels: there is no file to carry
     with pytest.raises(ValueError, match="export_autoencoder needs data.encoders='flux' and data.ae_path"):
         pipeline_config(config)
+
+
+def test_eval_passes_the_sampler_settings_to_the_pipeline():
+    """`selfe eval shapes --s-policy current` samples as flow matching is sampled (s = t); unset: the model's."""
+    from types import SimpleNamespace
+
+    from selfe.shapes.evaluate import UNSET, EvalConfig, build_parser, generate_images
+    from selfe.shapes.scene import evaluation_prompts
+
+    calls = []
+
+    class RecordingPipe:
+        device = torch.device("cpu")
+
+        def __call__(self, prompts, **kwargs):
+            calls.append(kwargs)
+            return SimpleNamespace(images=np.zeros((len(prompts), 32, 32, 3)))
+
+    prompts = evaluation_prompts(1)
+    config = EvalConfig(steps=(2,), s_policy="current", sampler="euler", guidance=None)
+    assert generate_images(RecordingPipe(), prompts, 2, config).shape == (len(prompts), 32, 32, 3)
+    assert calls[0]["s_policy"] == "current" and calls[0]["sampler"] == "euler" and calls[0]["guidance"] is None
+    calls.clear()
+    generate_images(RecordingPipe(), prompts, 2, EvalConfig(steps=(2,)))
+    assert calls[0]["s_policy"] is None and "guidance" not in calls[0]  # the model's own defaults
+    assert EvalConfig().guidance is UNSET
+    args = build_parser().parse_args(["shapes", "--s-policy", "current"])
+    assert args.s_policy == "current"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["shapes", "--s-policy", "fixed"])  # needs a value of s: library API only
