@@ -98,10 +98,11 @@ def train_autoencoder(
     ae_config = shapes_autoencoder_config() if ae_config is None else ae_config
     config = AutoEncoderTraining() if config is None else config
     generator = torch.Generator().manual_seed(config.seed)
-    torch.manual_seed(config.seed)
-    # Unit affine while training: the fitted shift/scale are set afterwards from the trained posterior.
     device = torch.device(device)
-    ae = AutoEncoder(replace(ae_config, scale_factor=1.0, shift_factor=0.0)).to(device).train()
+    with torch.random.fork_rng(devices=[]):  # a seeded init that leaves the caller's global RNG alone
+        torch.manual_seed(config.seed)
+        # Unit affine while training: the fitted shift/scale are set afterwards from the trained posterior.
+        ae = AutoEncoder(replace(ae_config, scale_factor=1.0, shift_factor=0.0)).to(device).train()
     optimizer = torch.optim.AdamW(ae.parameters(), lr=config.lr, betas=(0.9, 0.99), weight_decay=0.0)
     log: list[dict] = []
     start = time.perf_counter()

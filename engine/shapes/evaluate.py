@@ -32,7 +32,8 @@ class EvalConfig:
     """steps: step counts; images_per_category: evaluation images per category (one prompt each, see
     scene.evaluation_prompts); seed: noise seed (batch k uses seed + k at every step count);
     guidance: EP-CFG omega, None for none, UNSET for the model's default; sampler / s_policy: None for the
-    model's default (s_policy "current", s = t, samples a flow-matching model as one); batch_size: images per call."""
+    model's defaults (s_policy "current" is s = t, how a flow-matching model is sampled); batch_size: images
+    per call."""
 
     steps: tuple[int, ...] = DEFAULT_STEPS
     images_per_category: int = 48

@@ -4,8 +4,6 @@ its latents, and a run in those latents through `selfe train` -> export -> pipel
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -26,7 +24,7 @@ from selfe.train.shapes_autoencoder import (
     train_autoencoder,
 )
 from selfe.train.shapes_data import AE_CACHE, AE_FILE, AE_REPORT, MANIFEST, data_main, prepare
-from tests.train.helpers_trainer import REPO, child_env
+from tests.shapes.helpers_shapes import train_shapes
 
 NUM = 64
 QUICK = AutoEncoderTraining(steps=6, batch_size=8, warmup_steps=2, log_every=3)
@@ -110,24 +108,8 @@ def test_latent_presets_are_the_pixel_presets_in_the_autoencoder_latents():
 
 
 def test_a_run_in_the_latents_exports_a_pipeline_that_carries_its_autoencoder(ae_data, tmp_path):
-    run_dir = tmp_path / "run"
-    overrides = [
-        f"run_dir={run_dir}",
-        "steps=3",
-        "device=cpu",
-        f"data.manifest={ae_data / MANIFEST}",
-        f"data.cache_dir={ae_data / AE_CACHE}",
-        f"data.ae_path={ae_data / AE_FILE}",
-        f"data.t5_path={ae_data / 'text_encoder'}",
-        f"data.clip_path={ae_data / 'text_encoder_2'}",
-        "data.batch_size=8",
-        "checkpoint.every=0",
-        "metrics.tensorboard=false",
-    ]
-    command = [sys.executable, "-m", "selfe.train.cli", "shapes-selfe-ae", *overrides]
-    result = subprocess.run(command, env=child_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    export = run_dir / "export"
+    overrides = [f"data.cache_dir={ae_data / AE_CACHE}", f"data.ae_path={ae_data / AE_FILE}"]
+    export = train_shapes("shapes-selfe-ae", ae_data, tmp_path / "run", 3, *overrides)
     assert (export / AE_FILE).read_bytes() == (ae_data / AE_FILE).read_bytes()
     meta = json.loads((export / "config.json").read_text())
     assert meta["autoencoder"] == config_from_file(ae_data / AE_FILE).to_dict()

@@ -4,8 +4,6 @@ export -> SelfEPipeline -> `selfe eval shapes` (scorer) and `selfe generate`."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,7 +16,7 @@ from selfe.shapes import PIXEL_FACTOR
 from selfe.shapes.scene import CATEGORIES
 from selfe.train.config import preset
 from selfe.train.shapes_data import MANIFEST, prepare, sample
-from tests.train.helpers_trainer import REPO, child_env
+from tests.shapes.helpers_shapes import train_shapes
 
 NUM = 96
 
@@ -60,23 +58,7 @@ def test_presets_train_the_same_budget_with_and_without_self_evaluation():
 
 
 def test_train_export_pipeline_eval_and_generate(shapes_data, tmp_path, capsys):
-    run_dir = tmp_path / "run"
-    overrides = [
-        f"run_dir={run_dir}",
-        "steps=4",
-        "device=cpu",
-        f"data.manifest={shapes_data / MANIFEST}",
-        f"data.cache_dir={shapes_data / 'cache'}",
-        f"data.t5_path={shapes_data / 'text_encoder'}",
-        f"data.clip_path={shapes_data / 'text_encoder_2'}",
-        "data.batch_size=8",
-        "checkpoint.every=0",
-        "metrics.tensorboard=false",
-    ]
-    command = [sys.executable, "-m", "selfe.train.cli", "shapes-selfe", *overrides]
-    result = subprocess.run(command, env=child_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    export = run_dir / "export"
+    export = train_shapes("shapes-selfe", shapes_data, tmp_path / "run", 4, f"data.cache_dir={shapes_data / 'cache'}")
     config = json.loads((export / "config.json").read_text())
     assert config["autoencoder"]["type"] == "space_to_depth" and config["resolution"] == 32
     assert (export / "text_encoder" / "config.json").is_file() and (export / "text_encoder_2" / "config.json").is_file()
