@@ -322,12 +322,12 @@ def shapes(self_eval: bool = True, autoencoder: str = "pixels") -> TrainConfig:
     autoencoder="trained" (`selfe data shapes --autoencoder trained`): the same run in the tiny trained
     autoencoder's 8x8x8 latents (still 64 image tokens), which the export carries."""
     method = "selfe" if self_eval else "fm"
-    suffix = "" if autoencoder == "pixels" else "-ae"
     steps = 1300
     if autoencoder == "pixels":
-        model, encoders = shapes_model(), {"encoders": "pixels", "cache_dir": "data/shapes/cache"}
+        suffix, model = "", shapes_model()
+        encoders = {"encoders": "pixels", "cache_dir": "data/shapes/cache"}
     elif autoencoder == "trained":
-        model = dataclasses.replace(shapes_model(), in_channels=SHAPES_AE_CHANNELS)
+        suffix, model = "-ae", dataclasses.replace(shapes_model(), in_channels=SHAPES_AE_CHANNELS)
         encoders = {"encoders": "flux", "cache_dir": "data/shapes/cache-ae", "ae_path": "data/shapes/ae.safetensors"}
     else:
         raise ValueError(f"autoencoder must be 'pixels' or 'trained', got {autoencoder!r}")

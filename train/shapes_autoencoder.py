@@ -26,6 +26,8 @@ from torch import Tensor
 
 from selfe.autoencoder import AutoEncoder, AutoEncoderConfig, save_autoencoder
 from selfe.shapes import SHAPES_AE_CHANNELS
+from selfe.train.config import OptimConfig
+from selfe.train.lr import lr_at
 
 
 def shapes_autoencoder_config() -> AutoEncoderConfig:
@@ -57,33 +59,35 @@ class AutoEncoderTraining:
             raise ValueError(f"AutoEncoderTraining.kl_weight must be >= 0, got {self.kl_weight}")
 
 
-def load_manifest_images(manifest: Path) -> Tensor:
-    """The manifest's images as (N, 3, H, W) uint8 (all of one size; ShapesEval's are 32x32)."""
+def load_manifest_images(manifest: Path, image_size: int = 32) -> tuple[Tensor, dict[str, int]]:
+    """The manifest's usable images as (N, 3, image_size, image_size) uint8, and the row counts.
+
+    Rows go through the data pipeline's scan (malformed, missing, unreadable or small images are skipped
+    and counted); an image that fails to decode is skipped and counted too; a larger one is resized."""
     from PIL import Image
 
-    root = manifest.parent
+    from selfe.train.data.manifest import UNDECODABLE_IMAGE, ManifestConfig, scan_manifest
+
+    scanned = scan_manifest(manifest, config=ManifestConfig(min_side=image_size))
     images = []
-    for line in manifest.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        name = line.split("\t", 1)[0]
-        with Image.open(root / name) as image:
-            images.append(np.asarray(image.convert("RGB")))
+    for sample in scanned.samples:
+        try:
+            with Image.open(sample.path) as image:
+                rgb = image.convert("RGB")
+                if rgb.size != (image_size, image_size):
+                    rgb = rgb.resize((image_size, image_size), Image.Resampling.BICUBIC)
+                images.append(np.asarray(rgb))
+        except OSError as err:
+            scanned.stats.skip(UNDECODABLE_IMAGE, sample.line, str(err))
+    scanned.stats.rows_ok = len(images)
     if not images:
-        raise ValueError(f"{manifest} lists no images")
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+        raise ValueError(f"{manifest} has no usable {image_size}x{image_size} image: {scanned.stats.summary()}")
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), scanned.stats.as_dict()
 
 
 def to_unit(images: Tensor) -> Tensor:
     """uint8 images -> float in [-1, 1], the autoencoder's input range."""
     return images.float() / 127.5 - 1.0
-
-
-def _lr_at(step: int, config: AutoEncoderTraining) -> float:
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    frac = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    return config.lr + (config.final_lr - config.lr) * min(1.0, frac)
 
 
 def train_autoencoder(
@@ -103,12 +107,13 @@ def train_autoencoder(
         torch.manual_seed(config.seed)
         # Unit affine while training: the fitted shift/scale are set afterwards from the trained posterior.
         ae = AutoEncoder(replace(ae_config, scale_factor=1.0, shift_factor=0.0)).to(device).train()
+    schedule = OptimConfig(lr=config.lr, final_lr=config.final_lr, warmup_steps=config.warmup_steps)
     optimizer = torch.optim.AdamW(ae.parameters(), lr=config.lr, betas=(0.9, 0.99), weight_decay=0.0)
     log: list[dict] = []
     start = time.perf_counter()
     for step in range(config.steps):
         for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, config)
+            group["lr"] = lr_at(step, schedule, config.steps)  # the trainer's warm-up + linear decay
         index = torch.randint(len(images), (config.batch_size,), generator=generator)
         x = to_unit(images[index].to(device))
         mean, logvar = ae.posterior(x)
@@ -185,8 +190,8 @@ def train_and_save(
     device: torch.device | str = "cpu",
 ) -> dict:
     """Train on the manifest's images, write `out_file` (safetensors, config in its metadata) atomically,
-    and return a report: the losses and the held-out reconstruction score."""
-    images = load_manifest_images(manifest)
+    and return a report: the manifest's row counts, the losses and the held-out reconstruction score."""
+    images, rows = load_manifest_images(manifest)
     ae, log = train_autoencoder(images, config=config, progress=progress, device=device)
     save_autoencoder(ae, out_file)
-    return {"losses": log, "reconstruction": reconstruction_score(ae), "config": ae.config.to_dict()}
+    return {"rows": rows, "losses": log, "reconstruction": reconstruction_score(ae), "config": ae.config.to_dict()}

@@ -37,8 +37,9 @@ def ae_data(tmp_path_factory):
 
 
 def test_training_lowers_the_loss_and_fits_unit_latents(ae_data):
-    images = load_manifest_images(ae_data / MANIFEST)
+    images, rows = load_manifest_images(ae_data / MANIFEST)
     assert images.shape == (NUM, 3, 32, 32) and images.dtype == torch.uint8
+    assert rows["rows_total"] == rows["rows_ok"] == NUM
     config = AutoEncoderTraining(steps=40, batch_size=16, warmup_steps=5, log_every=10)
     ae, log = train_autoencoder(images, config=config, progress=False)
     assert [entry["step"] for entry in log] == [10, 20, 30, 40]
@@ -69,6 +70,7 @@ def test_reconstruction_score_is_the_scorer_on_round_trips(ae_data):
 
 def test_data_command_writes_the_autoencoder_its_report_and_a_cache_of_its_latents(ae_data):
     report = json.loads((ae_data / AE_REPORT).read_text())
+    assert report["rows"]["rows_ok"] == NUM
     assert [entry["step"] for entry in report["losses"]] == [3, 6]
     assert 0.0 <= report["reconstruction"]["overall"] <= 1.0
     config = config_from_file(ae_data / AE_FILE)
@@ -84,6 +86,20 @@ def test_data_command_writes_the_autoencoder_its_report_and_a_cache_of_its_laten
     with torch.no_grad():
         expected = load_autoencoder(ae_data / AE_FILE).encode(to_unit(image))
     torch.testing.assert_close(shard["latents"][:1].float(), expected, atol=2e-3, rtol=2e-3)  # fp16 storage
+
+
+def test_bad_manifest_rows_are_skipped_and_counted_and_larger_images_resized(ae_data, tmp_path):
+    rows = (ae_data / MANIFEST).read_text().splitlines()[:3]
+    (tmp_path / "corrupt.png").write_bytes((ae_data / rows[0].split("\t")[0]).read_bytes()[:60])
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "large.png")
+    lines = [f"{ae_data / r.split(chr(9))[0]}\t{r.split(chr(9))[1]}" for r in rows]
+    lines += ["missing.png\ta circle", "corrupt.png\ta square", "large.png\ta red square", "no tab here"]
+    (tmp_path / MANIFEST).write_text("\n".join(lines) + "\n")
+    images, counts = load_manifest_images(tmp_path / MANIFEST)
+    assert images.shape == (4, 3, 32, 32)  # three scenes and the resized large image
+    assert (images[3, 0] == 200).all() and (images[3, 1] == 30).all()
+    assert counts["rows_ok"] == 4 and counts["missing_file"] == 1 and counts["malformed_line"] == 1
+    assert counts["unreadable_image"] + counts["undecodable_image"] == 1
 
 
 def test_data_command_rejects_a_bad_step_count(tmp_path, capsys):
