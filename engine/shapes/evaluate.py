@@ -4,7 +4,9 @@
 
 For every model and step count, the fixed evaluation prompts (`scene.evaluation_prompts`: the same
 number of images per category) are sampled with the same seeds, scored by `selfe.shapes.scorer`, and
-summarised per category and overall (the mean of the categories). Prints a markdown table and writes
+summarised per category and overall (the mean of the categories). `--samples-per-prompt K` samples every
+prompt K times with fresh noise (GenEval samples 4 per prompt) and scores all of them, which narrows the
+spread that one noise draw per image leaves in the score. Prints a markdown table and writes
 OUT/shapes_eval.json and OUT/shapes_grid_{name}.png (rows: prompts, two per category; columns: steps).
 With no --model, the shipped ShapesEval model is evaluated.
 """
@@ -30,13 +32,15 @@ UNSET: Any = ...  # guidance argument not given: the model's own default
 @dataclass
 class EvalConfig:
     """steps: step counts; images_per_category: evaluation images per category (one prompt each, see
-    scene.evaluation_prompts); seed: noise seed (batch k uses seed + k at every step count);
+    scene.evaluation_prompts); samples_per_prompt: noise draws per prompt, all scored; seed: noise seed (batch k
+    of draw j uses seed + j * batches + k at every step count, so no two batches share noise);
     guidance: EP-CFG omega, None for none, UNSET for the model's default; sampler / s_policy: None for the
     model's defaults (s_policy "current" is s = t, how a flow-matching model is sampled); batch_size: images
     per call."""
 
     steps: tuple[int, ...] = DEFAULT_STEPS
     images_per_category: int = 48
+    samples_per_prompt: int = 1
     prompt_seed: int = 20_251_123
     seed: int = 0
     guidance: float | None = UNSET
@@ -49,19 +53,23 @@ class EvalConfig:
         self.steps = tuple(self.steps)
         if not self.steps or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in self.steps):
             raise ValueError(f"steps must be integers >= 1, got {self.steps}")
-        for name in ("images_per_category", "batch_size"):
+        for name in ("images_per_category", "samples_per_prompt", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
-def generate_images(pipe: Any, prompts: Sequence[Prompt], steps: int, config: EvalConfig) -> np.ndarray:
-    """(N, H, W, 3) uint8 images of the prompts at `steps`, in batches with seeds seed + batch index."""
+def generate_images(
+    pipe: Any, prompts: Sequence[Prompt], steps: int, config: EvalConfig, first_seed: int | None = None
+) -> np.ndarray:
+    """(N, H, W, 3) uint8 images of the prompts at `steps`, in batches with seeds first_seed + batch index
+    (first_seed defaults to config.seed)."""
     import torch
 
+    first_seed = config.seed if first_seed is None else first_seed
     out = []
     for k, start in enumerate(range(0, len(prompts), config.batch_size)):
         chunk = [p.caption for p in prompts[start : start + config.batch_size]]
-        generator = torch.Generator(device=pipe.device).manual_seed(config.seed + k)
+        generator = torch.Generator(device=pipe.device).manual_seed(first_seed + k)
         kwargs = {} if config.guidance is UNSET else {"guidance": config.guidance}
         result = pipe(chunk, steps=steps, generator=generator, output_type="np", sampler=config.sampler,
                       s_policy=config.s_policy, **kwargs)  # fmt: skip
@@ -72,17 +80,28 @@ def generate_images(pipe: Any, prompts: Sequence[Prompt], steps: int, config: Ev
 def evaluate(
     pipe: Any, config: EvalConfig, on_step_count: Callable[[int, dict], None] | None = None
 ) -> tuple[dict, dict[int, np.ndarray]]:
-    """Scores per step count {"steps": {n: summary}, "config": ...} and the generated images per step count."""
+    """Scores per step count {"steps": {n: summary}, "config": ...} and the generated images per step count
+    (of the first noise draw). With several samples per prompt, a summary scores every draw's images and adds
+    "overall_per_draw", the overall score of each draw alone."""
     from selfe.shapes.scorer import score_image, summarize
 
     prompts = evaluation_prompts(config.images_per_category, config.prompt_seed)
     results: dict[str, Any] = {"config": {**asdict(config), "guidance": _guidance_label(config.guidance)}}
     results["steps"], images = {}, {}
+    batches = -(-len(prompts) // config.batch_size)
     for steps in config.steps:
         start = time.perf_counter()
-        images[steps] = generate_images(pipe, prompts, steps, config)
-        correct = [score_image(p, image) for p, image in zip(prompts, images[steps])]
-        summary = summarize(prompts, correct)
+        correct, per_draw = [], []
+        for draw in range(config.samples_per_prompt):
+            drawn = generate_images(pipe, prompts, steps, config, first_seed=config.seed + draw * batches)
+            verdicts = [score_image(p, image) for p, image in zip(prompts, drawn)]
+            per_draw.append(summarize(prompts, verdicts)["overall"])
+            correct += verdicts
+            if draw == 0:
+                images[steps] = drawn
+        summary = summarize(list(prompts) * config.samples_per_prompt, correct)
+        if config.samples_per_prompt > 1:
+            summary["overall_per_draw"] = per_draw
         summary["seconds"] = round(time.perf_counter() - start, 2)
         results["steps"][str(steps)] = summary
         if on_step_count is not None:
@@ -136,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, nargs="+", default=None, help="pipeline directories (default: the shipped)")
     p.add_argument("--steps", type=int, nargs="+", default=list(DEFAULT_STEPS))
     p.add_argument("--images-per-category", type=int, default=EvalConfig.images_per_category)
+    p.add_argument(
+        "--samples-per-prompt", type=int, default=EvalConfig.samples_per_prompt,
+        help="noise draws per prompt, all scored (GenEval: 4)",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guidance", type=float, default=None, help="EP-CFG omega (default: the model's)")
     p.add_argument("--no-guidance", action="store_true", help="no CFG")
@@ -159,6 +182,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
         config = EvalConfig(
             steps=tuple(args.steps),
             images_per_category=args.images_per_category,
+            samples_per_prompt=args.samples_per_prompt,
             seed=args.seed,
             guidance=guidance,
             sampler=args.sampler,
@@ -193,7 +217,10 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
             return 1
 
         def report(steps: int, summary: dict, name: str = name) -> None:
-            line = f"{name}: {steps} steps: overall {summary['overall']:.3f} ({summary['seconds']:.1f} s)"
+            line = f"{name}: {steps} steps: overall {summary['overall']:.3f}"
+            if "overall_per_draw" in summary:
+                line += " (draws " + " ".join(f"{x:.3f}" for x in summary["overall_per_draw"]) + ")"
+            line += f" ({summary['seconds']:.1f} s)"
             print(line, file=sys.stderr)
 
         results, images = evaluate(pipe, config, report)

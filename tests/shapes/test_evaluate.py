@@ -1,0 +1,61 @@
+"""`selfe eval shapes` with several noise draws per prompt: every draw is sampled with its own seeds, all
+of them are scored, and the per-draw scores are reported beside the pooled one."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from selfe.shapes import scene
+from selfe.shapes.evaluate import EvalConfig, build_parser, evaluate
+
+
+class CoinPipe:
+    """Draws each image from the call's generator: the prompt's true scene with probability 1/2, else blank
+    grey, so the score depends on the noise seed the way a sampler's does."""
+
+    device = torch.device("cpu")
+
+    def __init__(self) -> None:
+        self.seeds: list[int] = []
+
+    def __call__(self, prompts, steps, generator, output_type, **kwargs):
+        self.seeds.append(generator.initial_seed())
+        coins = torch.rand(len(prompts), generator=generator).numpy()
+        by_caption = {p.caption: p for p in scene.evaluation_prompts(4)}
+        rng = np.random.default_rng(generator.initial_seed())
+        images = [
+            scene.render(by_caption[c], rng) if coin < 0.5 else np.full((32, 32, 3), 128, np.uint8)
+            for c, coin in zip(prompts, coins)
+        ]
+        return SimpleNamespace(images=np.stack(images).astype(np.float64) / 255)
+
+
+def test_every_draw_is_sampled_with_fresh_seeds_and_scored():
+    pipe = CoinPipe()
+    config = EvalConfig(steps=(2,), images_per_category=4, samples_per_prompt=3, batch_size=10, seed=7)
+    results, images = evaluate(pipe, config)
+    batches = 3  # 24 prompts in batches of 10
+    assert pipe.seeds == list(range(7, 7 + 3 * batches))  # no two batches of any draw share noise
+    summary = results["steps"]["2"]
+    assert summary["counts"] == {c: 12 for c in scene.CATEGORIES}
+    draws = summary["overall_per_draw"]
+    assert len(draws) == 3 and len(set(draws)) > 1  # the draws differ, as the seeds do
+    assert summary["overall"] == pytest.approx(sum(draws) / 3)  # equal counts per draw: the pooled mean
+    assert 0.2 < summary["overall"] < 0.8
+    assert images[2].shape == (24, 32, 32, 3)  # the grid shows the first draw
+
+
+def test_one_draw_keeps_the_single_draw_summary():
+    pipe = CoinPipe()
+    results, _ = evaluate(pipe, EvalConfig(steps=(1,), images_per_category=4, batch_size=24, seed=3))
+    assert pipe.seeds == [3] and "overall_per_draw" not in results["steps"]["1"]
+
+
+def test_samples_per_prompt_is_validated():
+    with pytest.raises(ValueError, match="samples_per_prompt must be >= 1"):
+        EvalConfig(samples_per_prompt=0)
+    assert build_parser().parse_args(["shapes", "--samples-per-prompt", "4"]).samples_per_prompt == 4
