@@ -21,14 +21,14 @@ class CoinPipe:
 
     def __init__(self) -> None:
         self.seeds: list[int] = []
+        self.by_caption = {p.caption: p for p in scene.evaluation_prompts(4)}
 
     def __call__(self, prompts, steps, generator, output_type, **kwargs):
         self.seeds.append(generator.initial_seed())
         coins = torch.rand(len(prompts), generator=generator).numpy()
-        by_caption = {p.caption: p for p in scene.evaluation_prompts(4)}
         rng = np.random.default_rng(generator.initial_seed())
         images = [
-            scene.render(by_caption[c], rng) if coin < 0.5 else np.full((32, 32, 3), 128, np.uint8)
+            scene.render(self.by_caption[c], rng) if coin < 0.5 else np.full((32, 32, 3), 128, np.uint8)
             for c, coin in zip(prompts, coins)
         ]
         return SimpleNamespace(images=np.stack(images).astype(np.float64) / 255)
