@@ -34,9 +34,11 @@ class EvalConfig:
     """steps: step counts; images_per_category: evaluation images per category (one prompt each, see
     scene.evaluation_prompts); samples_per_prompt: noise draws per prompt, all scored; seed: noise seed (batch k
     of draw j uses seed + j * batches + k at every step count, so no two batches share noise);
-    guidance: EP-CFG omega, None for none, UNSET for the model's default; sampler / s_policy: None for the
-    model's defaults (s_policy "current" is s = t, how a flow-matching model is sampled); batch_size: images
-    per call."""
+    prompt_seed: the shuffle of the evaluation prompts (the default is the held-out set the README reports;
+    another seed, with other noise seeds, is a validation set for choosing sampler settings);
+    guidance: EP-CFG omega, None for none, UNSET for the model's default; sampler / s_policy / eta: None for
+    the model's defaults (s_policy "current" is s = t, how a flow-matching model is sampled; eta: DDIM's
+    noise share); batch_size: images per call."""
 
     steps: tuple[int, ...] = DEFAULT_STEPS
     images_per_category: int = 48
@@ -46,6 +48,7 @@ class EvalConfig:
     guidance: float | None = UNSET
     sampler: str | None = None
     s_policy: str | None = None
+    eta: float | None = None
     batch_size: int = 96
     grid_per_category: int = 2
 
@@ -56,6 +59,8 @@ class EvalConfig:
         for name in ("images_per_category", "samples_per_prompt", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.eta is not None and not 0.0 <= self.eta <= 1.0:
+            raise ValueError(f"eta must lie in [0, 1], got {self.eta}")
 
 
 def generate_images(
@@ -72,7 +77,7 @@ def generate_images(
         generator = torch.Generator(device=pipe.device).manual_seed(first_seed + k)
         kwargs = {} if config.guidance is UNSET else {"guidance": config.guidance}
         result = pipe(chunk, steps=steps, generator=generator, output_type="np", sampler=config.sampler,
-                      s_policy=config.s_policy, **kwargs)  # fmt: skip
+                      s_policy=config.s_policy, eta=config.eta, **kwargs)  # fmt: skip
         out.append((np.asarray(result.images) * 255).round().clip(0, 255).astype(np.uint8))
     return np.concatenate(out)
 
@@ -159,7 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--samples-per-prompt", type=int, default=EvalConfig.samples_per_prompt,
         help="noise draws per prompt, all scored (GenEval: 4)",
     )  # fmt: skip
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument(
+        "--prompt-seed", type=int, default=EvalConfig.prompt_seed,
+        help="shuffle of the evaluation prompts (default: the held-out set; another one is a validation set)",
+    )  # fmt: skip
     p.add_argument("--guidance", type=float, default=None, help="EP-CFG omega (default: the model's)")
     p.add_argument("--no-guidance", action="store_true", help="no CFG")
     p.add_argument("--sampler", choices=("ddim", "euler"), default=None)
@@ -167,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--s-policy", choices=("next", "current", "midpoint"), default=None,
         help="s_k (default: the model's; next: s = t_{k+1}; current: s = t, flow matching)",
     )  # fmt: skip
+    p.add_argument("--eta", type=float, default=None, help="DDIM noise share in [0, 1] (default: the model's)")
     p.add_argument("--batch-size", type=int, default=EvalConfig.batch_size)
     p.add_argument("--out", type=Path, default=Path("runs/eval-shapes"), help="folder for the JSON and grids")
     p.add_argument("--device", default=None)
@@ -183,10 +193,12 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
             steps=tuple(args.steps),
             images_per_category=args.images_per_category,
             samples_per_prompt=args.samples_per_prompt,
+            prompt_seed=args.prompt_seed,
             seed=args.seed,
             guidance=guidance,
             sampler=args.sampler,
             s_policy=args.s_policy,
+            eta=args.eta,
             batch_size=args.batch_size,
         )
     except ValueError as err:

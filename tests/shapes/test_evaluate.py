@@ -59,3 +59,30 @@ def test_samples_per_prompt_is_validated():
     with pytest.raises(ValueError, match="samples_per_prompt must be >= 1"):
         EvalConfig(samples_per_prompt=0)
     assert build_parser().parse_args(["shapes", "--samples-per-prompt", "4"]).samples_per_prompt == 4
+
+
+def test_a_validation_set_has_its_own_prompts_and_the_sampler_settings_reach_the_pipeline():
+    calls = []
+
+    class RecordingPipe:
+        device = torch.device("cpu")
+
+        def __call__(self, prompts, steps, generator, output_type, **kwargs):
+            calls.append((list(prompts), kwargs))
+            return SimpleNamespace(images=np.zeros((len(prompts), 32, 32, 3)))
+
+    def run(**overrides):
+        calls.clear()
+        evaluate(RecordingPipe(), EvalConfig(steps=(2,), images_per_category=4, batch_size=24, **overrides))
+        return calls[0]
+
+    held_out, kwargs = run()
+    assert kwargs["eta"] is None  # the model's own default
+    validation, kwargs = run(prompt_seed=1, eta=0.0)
+    assert kwargs["eta"] == 0.0
+    assert validation == [p.caption for p in scene.evaluation_prompts(4, 1)] != held_out
+    args = build_parser().parse_args(["shapes", "--prompt-seed", "5", "--eta", "0.5"])
+    assert (args.prompt_seed, args.eta) == (5, 0.5)
+    assert build_parser().parse_args(["shapes"]).prompt_seed == EvalConfig.prompt_seed
+    with pytest.raises(ValueError, match="eta must lie in"):
+        EvalConfig(eta=1.5)
