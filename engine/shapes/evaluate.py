@@ -14,9 +14,12 @@ With no --model, the shipped ShapesEval model is evaluated.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +41,8 @@ class EvalConfig:
     another seed, with other noise seeds, is a validation set for choosing sampler settings);
     guidance: EP-CFG omega, None for none, UNSET for the model's default; sampler / s_policy / eta: None for
     the model's defaults (s_policy "current" is s = t, how a flow-matching model is sampled; eta: DDIM's
-    noise share); batch_size: images per call."""
+    noise share); time_shift_mu: the sampling grid's shift mu (None: the model's); batch_size: images per
+    call."""
 
     steps: tuple[int, ...] = DEFAULT_STEPS
     images_per_category: int = 48
@@ -49,6 +53,7 @@ class EvalConfig:
     sampler: str | None = None
     s_policy: str | None = None
     eta: float | None = None
+    time_shift_mu: float | None = None
     batch_size: int = 96
     grid_per_category: int = 2
 
@@ -61,6 +66,8 @@ class EvalConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.eta is not None and not 0.0 <= self.eta <= 1.0:
             raise ValueError(f"eta must lie in [0, 1], got {self.eta}")
+        if self.time_shift_mu is not None and not math.isfinite(self.time_shift_mu):
+            raise ValueError(f"time_shift_mu must be finite, got {self.time_shift_mu}")
 
 
 def generate_images(
@@ -76,10 +83,28 @@ def generate_images(
         chunk = [p.caption for p in prompts[start : start + config.batch_size]]
         generator = torch.Generator(device=pipe.device).manual_seed(first_seed + k)
         kwargs = {} if config.guidance is UNSET else {"guidance": config.guidance}
-        result = pipe(chunk, steps=steps, generator=generator, output_type="np", sampler=config.sampler,
-                      s_policy=config.s_policy, eta=config.eta, **kwargs)  # fmt: skip
+        with _time_shift(pipe, config.time_shift_mu):
+            result = pipe(chunk, steps=steps, generator=generator, output_type="np", sampler=config.sampler,
+                          s_policy=config.s_policy, eta=config.eta, **kwargs)  # fmt: skip
         out.append((np.asarray(result.images) * 255).round().clip(0, 255).astype(np.uint8))
     return np.concatenate(out)
+
+
+@contextmanager
+def _time_shift(pipe: Any, mu: float | None) -> Iterator[None]:
+    """The pipeline samples on a grid shifted by `mu` inside the block (None: its own). The grid's shift is
+    one of the pipeline's sampler defaults, not a call argument, so it is set and restored around the call."""
+    if mu is None:
+        yield
+        return
+    from selfe.schedule import TimeShift
+
+    saved = pipe.sampler_defaults
+    pipe.sampler_defaults = dataclasses.replace(saved, time_shift=TimeShift(mu=mu))
+    try:
+        yield
+    finally:
+        pipe.sampler_defaults = saved
 
 
 def evaluate(
@@ -177,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="s_k (default: the model's; next: s = t_{k+1}; current: s = t, flow matching)",
     )  # fmt: skip
     p.add_argument("--eta", type=float, default=None, help="DDIM noise share in [0, 1] (default: the model's)")
+    p.add_argument(
+        "--time-shift-mu", type=float, default=None,
+        help="mu of the sampling grid's time shift (default: the model's; 0: no shift)",
+    )  # fmt: skip
     p.add_argument("--batch-size", type=int, default=EvalConfig.batch_size)
     p.add_argument("--out", type=Path, default=Path("runs/eval-shapes"), help="folder for the JSON and grids")
     p.add_argument("--device", default=None)
@@ -199,6 +228,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
             sampler=args.sampler,
             s_policy=args.s_policy,
             eta=args.eta,
+            time_shift_mu=args.time_shift_mu,
             batch_size=args.batch_size,
         )
     except ValueError as err:

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from selfe.sampler import SamplerConfig
+from selfe.schedule import TimeShift
 from selfe.shapes import scene
 from selfe.shapes.evaluate import EvalConfig, build_parser, evaluate
 
@@ -62,27 +64,33 @@ def test_samples_per_prompt_is_validated():
 
 
 def test_a_validation_set_has_its_own_prompts_and_the_sampler_settings_reach_the_pipeline():
+    """--prompt-seed picks another prompt list; --eta and --time-shift-mu reach the sampler for the run only."""
     calls = []
 
     class RecordingPipe:
         device = torch.device("cpu")
+        sampler_defaults = SamplerConfig(time_shift=TimeShift(mu=1.0))
 
         def __call__(self, prompts, steps, generator, output_type, **kwargs):
-            calls.append((list(prompts), kwargs))
+            calls.append((list(prompts), {**kwargs, "mu": self.sampler_defaults.time_shift.mu}))
             return SimpleNamespace(images=np.zeros((len(prompts), 32, 32, 3)))
 
     def run(**overrides):
         calls.clear()
-        evaluate(RecordingPipe(), EvalConfig(steps=(2,), images_per_category=4, batch_size=24, **overrides))
+        pipe = RecordingPipe()
+        evaluate(pipe, EvalConfig(steps=(2,), images_per_category=4, batch_size=24, **overrides))
+        assert pipe.sampler_defaults.time_shift.mu == 1.0  # the pipeline's own grid again after the run
         return calls[0]
 
     held_out, kwargs = run()
-    assert kwargs["eta"] is None  # the model's own default
-    validation, kwargs = run(prompt_seed=1, eta=0.0)
-    assert kwargs["eta"] == 0.0
+    assert kwargs["eta"] is None and kwargs["mu"] == 1.0  # the model's own defaults
+    validation, kwargs = run(prompt_seed=1, eta=0.0, time_shift_mu=0.25)
+    assert kwargs["eta"] == 0.0 and kwargs["mu"] == 0.25
     assert validation == [p.caption for p in scene.evaluation_prompts(4, 1)] != held_out
-    args = build_parser().parse_args(["shapes", "--prompt-seed", "5", "--eta", "0.5"])
-    assert (args.prompt_seed, args.eta) == (5, 0.5)
+    args = build_parser().parse_args(["shapes", "--prompt-seed", "5", "--eta", "0.5", "--time-shift-mu", "0"])
+    assert (args.prompt_seed, args.eta, args.time_shift_mu) == (5, 0.5, 0.0)
     assert build_parser().parse_args(["shapes"]).prompt_seed == EvalConfig.prompt_seed
     with pytest.raises(ValueError, match="eta must lie in"):
         EvalConfig(eta=1.5)
+    with pytest.raises(ValueError, match="time_shift_mu must be finite"):
+        EvalConfig(time_shift_mu=float("nan"))
