@@ -9,6 +9,7 @@ import sys
 # Subcommands that own their argument parsers: name -> (module, function, one-line help).
 DELEGATED = {
     "train": ("selfe.train.cli", "train_main", "train a Self-E model (FSDP2; under torchrun or plain python)"),
+    "export": ("selfe.train.export", "export_main", "export a training checkpoint's EMA weights for sampling"),
     "generate": ("selfe.generate", "generate_main", "sample images from a trained model at any step counts"),
     "cache": ("selfe.train.cache", "cache_main", "precompute latents and text states into safetensors shards"),
     "data": ("selfe.train.shapes_data", "data_main", "make a built-in data set (ShapesEval: `selfe data shapes`)"),

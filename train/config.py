@@ -157,6 +157,9 @@ class CheckpointConfig:
     every: int = 1000  # steps between checkpoints (one is also written at the end); 0: only at the end
     keep: int = 3  # complete checkpoints kept (oldest removed first)
     resume: bool = True  # continue from the newest complete checkpoint in run_dir/checkpoints
+    # Start the live and EMA weights from an export folder or a .safetensors file instead of the random init
+    # (continued training, fine-tuning); optimizer, schedule and step start fresh. A checkpoint to resume wins.
+    init_from: str | None = None
     export_at_end: bool = True  # EMA weights -> run_dir/export (model.safetensors + config.json)
     # Copy data.t5_path / clip_path into the export (text_encoder/, text_encoder_2/) so it loads on its own;
     # for small encoders (ShapesEval's), not for T5-XXL.

@@ -88,3 +88,44 @@ def export_ema(ema_model: nn.Module, config: TrainConfig, out_dir: str | os.Path
     os.rename(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+def export_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Export the EMA weights of a DCP checkpoint (a step_* folder, or a run folder: its newest complete
+    checkpoint) as a pipeline directory, in one process, e.g. to evaluate a run while it trains."""
+    import torch.distributed.checkpoint as dcp
+
+    from selfe.model import MMDiT
+    from selfe.train.checkpoint import Checkpointer
+    from selfe.train.config import load_config
+
+    path = Path(source)
+    if not (path / "meta.json").is_file():  # not a checkpoint: a run folder
+        latest = Checkpointer(path / "checkpoints", keep=1).latest()
+        if latest is None:
+            raise FileNotFoundError(f"{path} is neither a complete checkpoint nor a run folder with one")
+        path = latest
+    config = load_config(path / "config.json")
+    net = MMDiT(config.model)
+    state = {"ema": net.state_dict()}
+    dcp.load(state, checkpoint_id=str(path), no_dist=True)  # one process; reads only the EMA entries
+    net.load_state_dict(state["ema"])
+    return export_ema(net, config, out_dir)
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    """Entry point of `selfe export`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="selfe export", description="Export a training checkpoint's EMA weights for sampling."
+    )
+    parser.add_argument("checkpoint", help="RUN_DIR/checkpoints/step_* or a run folder (its newest checkpoint)")
+    parser.add_argument("--out", required=True, type=Path, help="pipeline folder to write (replaced atomically)")
+    args = parser.parse_args(argv)
+    try:
+        out = export_checkpoint(args.checkpoint, args.out)
+    except (FileNotFoundError, ValueError) as err:
+        parser.exit(2, f"selfe export: {err}\n")
+    print(f"selfe export: {args.checkpoint} -> {out}")
+    return 0

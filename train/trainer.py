@@ -45,6 +45,7 @@ from selfe.schedule import tau_at
 from selfe.train.checkpoint import Checkpointer, rng_state, set_rng_state
 from selfe.train.config import TrainConfig, save_config
 from selfe.train.ema import EMA
+from selfe.train.initial_weights import load_initial_weights
 from selfe.train.lr import build_optimizer, build_scheduler
 from selfe.train.metrics import MetricsLogger, memory_stats, nvtx_range, self_eval_samples, step_flops
 from selfe.train.parallelize import parallelize, reshard_all
@@ -127,10 +128,16 @@ class Trainer:
         if rank == 0:
             save_config(config, self.run_dir / "config.json")
 
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", config.checkpoint.keep, rank, world)
+        self.checkpointer.clean_partial()
+        resume_from = self.checkpointer.latest() if config.checkpoint.resume else None
+
         torch.manual_seed(config.seed)  # the same initial weights on every rank
         with torch.device(device):
             model = MMDiT(config.model)
         model.validate_inputs = False  # t, s come from the objective; the checks would sync every pass
+        if config.checkpoint.init_from and resume_from is None:  # before the EMA copy: both start from it
+            load_initial_weights(model, config.checkpoint.init_from, config.model)
         self.ema = EMA(model, config.ema.decay, config.ema.warmup)  # copied before sharding: sharded alike
         mesh = init_device_mesh(device.type, (world,))
         # FP8 (if any) converts the live network only, inside parallelize before AC/compile/FSDP2; the EMA
@@ -142,7 +149,6 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, config.optim, config.steps)
         self.loss_fn = SelfELoss(config.objective)
         self.source = build_source(config.data, config.model, rank, world, config.optim.grad_accum, device)
-        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", config.checkpoint.keep, rank, world)
         self.metrics = MetricsLogger(
             self.run_dir,
             config.steps,
@@ -159,13 +165,10 @@ class Trainer:
         self.before_commit = None  # a hook inside the checkpoint write, after the data, before the rename
         if config.fault.kill_in_checkpoint_step is not None:
             self.before_commit = self._kill_in_checkpoint
-        self.checkpointer.clean_partial()
         self._resumed_step = -1
-        if config.checkpoint.resume:
-            latest = self.checkpointer.latest()
-            if latest is not None:
-                self.load(latest)
-                self._resumed_step = self.step
+        if resume_from is not None:
+            self.load(resume_from)
+            self._resumed_step = self.step
 
     # ------------------------------------------------------------------------------------------
     # Checkpoint state

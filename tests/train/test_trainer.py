@@ -17,6 +17,7 @@ from selfe.train.config import OptimConfig, apply_overrides, config_from_dict, l
 from selfe.train.lr import lr_at
 from selfe.train.metrics import step_flops
 from selfe.train.trainer import NonFiniteLossError, Trainer
+from selfe.weights import StateDictMismatchError
 from tests.helpers_data import make_procedural_dataset
 from tests.train.helpers_trainer import read_metrics, tiny_config
 
@@ -135,6 +136,75 @@ def test_export_loads_into_the_model_and_pipeline_config(tmp_path):
     assert read_pipeline_config(out)["model"] == config.model
     model = MMDiT(config.model)
     model.load_state_dict(load_file(out / "model.safetensors"), strict=True)
+
+
+def test_selfe_export_writes_a_checkpoints_ema_like_the_runs_own_export(tmp_path):
+    from selfe.cli import main
+
+    _run(tiny_config(tmp_path / "run", 4, "checkpoint.every=2", "checkpoint.keep=3"))
+    _run(tiny_config(tmp_path / "short", 2))  # decay_steps is fixed, so its 2 steps are the run's first 2
+    cases = {  # what `selfe export` is given -> the export it must equal
+        tmp_path / "run": tmp_path / "run" / "export",  # a run folder: its newest checkpoint (step 4)
+        tmp_path / "run" / "checkpoints" / f"step_{2:09d}": tmp_path / "short" / "export",
+    }
+    for i, (source, expected) in enumerate(cases.items()):
+        out = tmp_path / f"exported{i}"
+        assert main(["export", str(source), "--out", str(out)]) == 0
+        assert json.loads((out / "config.json").read_text()) == json.loads((expected / "config.json").read_text())
+        got, want = load_file(out / "model.safetensors"), load_file(expected / "model.safetensors")
+        assert got.keys() == want.keys()
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", str(tmp_path / "short" / "export"), "--out", str(tmp_path / "x")])
+    assert exit_info.value.code == 2
+
+
+def _full_weights(net) -> dict[str, torch.Tensor]:
+    return {k: v.full_tensor().clone() for k, v in net.state_dict().items()}
+
+
+def test_init_from_an_export_starts_live_and_ema_there_and_a_resume_wins(tmp_path):
+    _run(tiny_config(tmp_path / "base", 3))
+    export = tmp_path / "base" / "export"
+    exported = load_file(export / "model.safetensors")
+    seen = {}
+
+    def capture(trainer):
+        seen["live"], seen["ema"] = _full_weights(trainer.model), _full_weights(trainer.ema.model)
+
+    config = tiny_config(tmp_path / "tune", 2, f"checkpoint.init_from={export}")
+    _run(config, capture)
+    for net in ("live", "ema"):
+        assert seen[net].keys() == exported.keys()
+        for key in exported:
+            torch.testing.assert_close(seen[net][key], exported[key], rtol=0, atol=0)
+    # The run's own checkpoint (step 2) wins over init_from when it is restarted with more steps.
+    restarted = Trainer(tiny_config(tmp_path / "tune", 4, f"checkpoint.init_from={export}"))
+    try:
+        assert restarted.step == 2
+        tuned = load_file(tmp_path / "tune" / "export" / "model.safetensors")
+        for key, value in _full_weights(restarted.ema.model).items():
+            torch.testing.assert_close(value, tuned[key], rtol=0, atol=0)
+        assert any(not torch.equal(tuned[k], exported[k]) for k in exported)  # it trained: the weights moved
+    finally:
+        restarted.close()
+
+
+def test_init_from_refuses_another_model_or_a_missing_file(tmp_path):
+    _run(tiny_config(tmp_path / "base", 1))
+    export = tmp_path / "base" / "export"
+    # the same names and shapes, another function: caught from the export's config.json
+    with pytest.raises(ValueError, match="another model.*rope_theta"):
+        Trainer(tiny_config(tmp_path / "theta", 1, f"checkpoint.init_from={export}", "model.rope_theta=500"))
+    with pytest.raises(StateDictMismatchError):  # a bare file is checked name by name
+        Trainer(
+            tiny_config(
+                tmp_path / "deeper", 1, f"checkpoint.init_from={export / 'model.safetensors'}", "model.depth_single=2"
+            )
+        )
+    with pytest.raises(FileNotFoundError, match="init_from.*does not exist"):
+        Trainer(tiny_config(tmp_path / "none", 1, f"checkpoint.init_from={tmp_path / 'nothing'}"))
 
 
 def test_smoke_config_trains_and_its_loss_falls(tmp_path):

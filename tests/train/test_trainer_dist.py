@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from selfe.train.checkpoint import Checkpointer
+from selfe.train.export import export_checkpoint
 from tests.train.helpers_trainer import REPO, child_env, read_metrics, run_train, tiny_overrides, train_command
 
 pytestmark = pytest.mark.dist
@@ -43,6 +44,10 @@ def test_two_ranks_equal_one_rank_with_accumulation(tmp_path):
     assert live["one"].keys() == live["two"].keys() and len(live["one"]) == len(wa)
     for key in live["one"]:
         torch.testing.assert_close(live["two"][key], live["one"][key], rtol=1e-5, atol=1e-6)
+    # `selfe export` of the 2-rank checkpoint, in one process, writes the EMA weights the run exported
+    exported = load_file(export_checkpoint(tmp_path / "two", tmp_path / "two-exported") / "model.safetensors")
+    for key in wb:
+        torch.testing.assert_close(exported[key], wb[key], rtol=0, atol=0)
 
 
 def _wait_for_steps(proc: subprocess.Popen, run_dir, steps: int, timeout: float = 90) -> None:
