@@ -15,9 +15,9 @@ from pathlib import Path
 from torch import nn
 
 from selfe.config import MMDiTConfig
+from selfe.pipeline_files import CONFIG_FILE, MODEL_FILE, read_pipeline_config
 from selfe.weights import load_safetensors_into
 
-WEIGHTS_FILE = "model.safetensors"
 RUN_TIME_FIELDS = ("attention_backend", "kernel_backend")  # how the model runs, not what it computes
 
 
@@ -29,12 +29,10 @@ def initial_weights_file(source: str | os.PathLike, model: MMDiTConfig) -> Path:
         raise FileNotFoundError(f"checkpoint.init_from: {path} does not exist")
     if not path.is_dir():
         return path
-    weights = path / WEIGHTS_FILE
+    weights = path / MODEL_FILE
     if not weights.is_file():
-        raise FileNotFoundError(f"checkpoint.init_from: {path} is a folder without {WEIGHTS_FILE}")
-    if (path / "config.json").is_file():
-        from selfe.pipeline_files import read_pipeline_config
-
+        raise FileNotFoundError(f"checkpoint.init_from: {path} is a folder without {MODEL_FILE}")
+    if (path / CONFIG_FILE).is_file():
         exported = read_pipeline_config(path)["model"]
         diff = {
             f.name: (getattr(exported, f.name), getattr(model, f.name))
