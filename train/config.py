@@ -160,6 +160,9 @@ class CheckpointConfig:
     # Start the live and EMA weights from an export folder or a .safetensors file instead of the random init
     # (continued training, fine-tuning); optimizer, schedule and step start fresh. A checkpoint to resume wins.
     init_from: str | None = None
+    # With init_from: the run's model may have more double/single blocks than the source's (model growth).
+    # The source's blocks come first in each stack; the new ones keep their adaLN-Zero init (identity).
+    init_grow: bool = False
     export_at_end: bool = True  # EMA weights -> run_dir/export (model.safetensors + config.json)
     # Copy data.t5_path / clip_path into the export (text_encoder/, text_encoder_2/) so it loads on its own;
     # for small encoders (ShapesEval's), not for T5-XXL.
@@ -173,6 +176,8 @@ class CheckpointConfig:
     def __post_init__(self) -> None:
         if self.every < 0 or self.keep < 1:
             raise ValueError(f"checkpoint.every must be >= 0 and keep >= 1, got {self.every}, {self.keep}")
+        if self.init_grow and not self.init_from:
+            raise ValueError("checkpoint.init_grow grows the model of checkpoint.init_from, which is not set")
 
 
 @dataclass

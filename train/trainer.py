@@ -137,7 +137,7 @@ class Trainer:
             model = MMDiT(config.model)
         model.validate_inputs = False  # t, s come from the objective; the checks would sync every pass
         if config.checkpoint.init_from and resume_from is None:  # before the EMA copy: both start from it
-            load_initial_weights(model, config.checkpoint.init_from, config.model)
+            load_initial_weights(model, config.checkpoint.init_from, config.model, config.checkpoint.init_grow)
         self.ema = EMA(model, config.ema.decay, config.ema.warmup)  # copied before sharding: sharded alike
         mesh = init_device_mesh(device.type, (world,))
         # FP8 (if any) converts the live network only, inside parallelize before AC/compile/FSDP2; the EMA

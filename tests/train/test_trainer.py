@@ -207,6 +207,33 @@ def test_init_from_refuses_another_model_or_a_missing_file(tmp_path):
         Trainer(tiny_config(tmp_path / "none", 1, f"checkpoint.init_from={tmp_path / 'nothing'}"))
 
 
+def test_init_grow_trains_a_deeper_model_from_an_export(tmp_path):
+    _run(tiny_config(tmp_path / "base", 2))
+    export = tmp_path / "base" / "export"
+    exported = load_file(export / "model.safetensors")
+    base_depth = json.loads((export / "config.json").read_text())["model"]["depth_single"]
+    seen = {}
+
+    def capture(trainer):
+        seen["ema"] = _full_weights(trainer.ema.model)
+
+    grow = (f"checkpoint.init_from={export}", "checkpoint.init_grow=true", f"model.depth_single={base_depth + 1}")
+    _run(tiny_config(tmp_path / "grown", 2, *grow), capture)
+    new = set(seen["ema"]) - set(exported)
+    assert new and all(name.startswith(f"single_blocks.{base_depth}.") for name in new)
+    for key in exported:
+        torch.testing.assert_close(seen["ema"][key], exported[key], rtol=0, atol=0)
+    grown_export = tmp_path / "grown" / "export"
+    assert json.loads((grown_export / "config.json").read_text())["model"]["depth_single"] == base_depth + 1
+    assert set(load_file(grown_export / "model.safetensors")) == set(seen["ema"])
+    # From an export, its config.json still guards every other field, and growth never drops blocks.
+    with pytest.raises(ValueError, match="another model.*rope_theta"):
+        Trainer(tiny_config(tmp_path / "theta", 1, *grow, "model.rope_theta=500"))
+    shrink = (f"checkpoint.init_from={grown_export}", "checkpoint.init_grow=true")  # the base's depth
+    with pytest.raises(ValueError, match="only adds blocks.*depth_single"):
+        Trainer(tiny_config(tmp_path / "shrunk", 1, *shrink))
+
+
 def test_smoke_config_trains_and_its_loss_falls(tmp_path):
     config = apply_overrides(
         preset("smoke"),
