@@ -9,7 +9,13 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from selfe.checkout import install_kernels_finder
+
 __version__ = "0.1.0"
+
+# From a source checkout's root the bare name `kernels` would find our kernels/ folder before the installed
+# `kernels` package that transformers imports; see selfe.checkout.
+install_kernels_finder()
 
 _EXPORTS = {
     "MMDiTConfig": "selfe.config",

@@ -11,6 +11,10 @@ import os
 import pytest
 import torch
 
+# Before any test module imports transformers: from the repo root, selfe steers the bare name `kernels` to the
+# installed package rather than our kernels/ folder (selfe.checkout).
+import selfe  # noqa: F401
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

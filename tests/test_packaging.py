@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import ast
+import importlib.metadata
 import importlib.util
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = {"engine": "selfe", "kernels": "selfe.kernels", "train": "selfe.train"}
@@ -29,13 +32,37 @@ def test_every_installed_package_lives_under_selfe():
     assert set(setup.PACKAGE_DIRS) == set(FOLDERS.values())
 
 
+def _bare_names_inside_repo(cwd: Path, prelude: str = "") -> list[str]:
+    """The bare folder names that resolve to this checkout's folders, for Python run in `cwd`."""
+    code = (
+        f"{prelude}import importlib.util as u, pathlib; root = pathlib.Path({str(ROOT)!r}).resolve(); "
+        "specs = {n: u.find_spec(n) for n in ('engine', 'kernels', 'train')}; "
+        "print([n for n, s in specs.items() if s and s.origin and pathlib.Path(s.origin).resolve().is_relative_to(root / n)])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, check=True)
+    return eval(out.stdout.strip())
+
+
 def test_bare_folder_names_do_not_import_outside_the_repo(tmp_path):
-    code = "import importlib.util as u; print([n for n in ('engine', 'kernels', 'train') if u.find_spec(n)])"
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    # Another distribution may own a bare name (Hugging Face's `kernels`, a transformers dependency): only
+    # our folders must not be reachable under one.
+    assert _bare_names_inside_repo(tmp_path) == []
     out = subprocess.run([sys.executable, "-c", "import selfe.kernels, selfe.train; print('ok')"], cwd=tmp_path,
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "ok"
+
+
+def test_installed_kernels_wins_over_the_kernels_folder_from_the_repo_root():
+    """From the checkout's root, `import selfe` steers `kernels` to the installed package (selfe.checkout)."""
+    try:
+        importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("no installed `kernels` distribution for the kernels/ folder to hide")
+    # engine/ and train/ shadow nothing installed; they stay reachable from the root, as any folder there.
+    assert "kernels" not in _bare_names_inside_repo(ROOT, prelude="import selfe; ")
+    code = "import selfe, transformers.integrations.hub_kernels, selfe.kernels.dispatch; print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
 def _imports(path: Path) -> set[str]:

@@ -1,0 +1,63 @@
+"""Import hygiene for a source checkout: the checkout's kernels/ folder must not hide an installed `kernels`.
+
+In the repository, kernels/ is selfe.kernels. But Python run from the checkout's root (`python -m pytest`,
+`python -c`, a bench script that puts the root on sys.path) also finds that folder under the bare name
+`kernels`, ahead of site-packages. Hugging Face's `kernels` package, which transformers imports at load
+time (a hard dependency from transformers 5.x), then resolves to our folder and transformers fails with
+"cannot import name ... from 'kernels'".
+
+The finder below answers for the top-level name `kernels` alone, and searches sys.path without the checkout's
+root; where no installed `kernels` exists it defers to the normal search. It is installed only when selfe is
+imported from a source checkout (engine/ next to kernels/), never from an installed wheel.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import sys
+from pathlib import Path
+
+SHADOWED_NAME = "kernels"
+
+
+def checkout_root() -> Path | None:
+    """The repository root when selfe runs from a source checkout (this file in engine/), else None."""
+    engine_dir = Path(__file__).resolve().parent
+    root = engine_dir.parent
+    if engine_dir.name == "engine" and (root / SHADOWED_NAME / "dispatch.py").is_file():
+        return root
+    return None
+
+
+def _resolves_to(entry: str, root: Path) -> bool:
+    try:
+        return Path(entry or ".").resolve() == root
+    except OSError:  # an entry that cannot be resolved is not the root
+        return False
+
+
+class InstalledKernelsFinder(importlib.abc.MetaPathFinder):
+    """Finds the top-level `kernels` on sys.path with the checkout's root left out."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != SHADOWED_NAME or path is not None:
+            return None
+        search = [entry for entry in sys.path if not _resolves_to(entry, self.root)]
+        return importlib.machinery.PathFinder.find_spec(fullname, search)
+
+
+def install_kernels_finder() -> InstalledKernelsFinder | None:
+    """Put the finder first on sys.meta_path (once) when running from a checkout; return it, or None."""
+    root = checkout_root()
+    if root is None:
+        return None
+    for finder in sys.meta_path:
+        if isinstance(finder, InstalledKernelsFinder):
+            return finder
+    finder = InstalledKernelsFinder(root)
+    sys.meta_path.insert(0, finder)
+    return finder
