@@ -37,7 +37,8 @@ def _bare_names_inside_repo(cwd: Path, prelude: str = "") -> list[str]:
     code = (
         f"{prelude}import importlib.util as u, pathlib; root = pathlib.Path({str(ROOT)!r}).resolve(); "
         "specs = {n: u.find_spec(n) for n in ('engine', 'kernels', 'train')}; "
-        "print([n for n, s in specs.items() if s and s.origin and pathlib.Path(s.origin).resolve().is_relative_to(root / n)])"
+        "inside = lambda n, s: s and s.origin and pathlib.Path(s.origin).resolve().is_relative_to(root / n); "
+        "print([n for n, s in specs.items() if inside(n, s)])"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, check=True)
     return eval(out.stdout.strip())
