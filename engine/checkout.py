@@ -1,14 +1,16 @@
 """Import hygiene for a source checkout: the checkout's kernels/ folder must not hide an installed `kernels`.
 
-In the repository, kernels/ is selfe.kernels. But Python run from the checkout's root (`python -m pytest`,
-`python -c`, a bench script that puts the root on sys.path) also finds that folder under the bare name
-`kernels`, ahead of site-packages. Hugging Face's `kernels` package, which transformers imports at load
-time (a hard dependency from transformers 5.x), then resolves to our folder and transformers fails with
-"cannot import name ... from 'kernels'".
+In the repository, kernels/ is selfe.kernels and bench/kernels.py is the kernel benchmark. But Python run from
+the checkout's root (`python -m pytest`, `python -c`) finds that folder under the bare name `kernels`, and a
+bench script (`python bench/x.py`, which puts bench/ first on sys.path) finds bench/kernels.py, both ahead of
+site-packages. Hugging Face's `kernels` package, which transformers imports at load time (a hard dependency
+from transformers 5.x), then resolves to our file and transformers fails with "cannot import name ... from
+'kernels'".
 
 The finder below answers for the top-level name `kernels` alone, and searches sys.path without the checkout's
-root; where no installed `kernels` exists it defers to the normal search. It is installed only when selfe is
-imported from a source checkout (engine/ next to kernels/), never from an installed wheel.
+folders that hold a `kernels` of their own; where no installed `kernels` exists it defers to the normal search.
+It is installed only when selfe is imported from a source checkout (engine/ next to kernels/), never from an
+installed wheel.
 """
 
 from __future__ import annotations
@@ -30,23 +32,34 @@ def checkout_root() -> Path | None:
     return None
 
 
-def _resolves_to(entry: str, root: Path) -> bool:
+def shadowing_folders(root: Path) -> frozenset[Path]:
+    """The checkout's folders whose own `kernels` (package or module) would answer the bare name."""
+    candidates = (root, root / "bench")
+    return frozenset(
+        folder
+        for folder in candidates
+        if (folder / SHADOWED_NAME / "__init__.py").is_file() or (folder / f"{SHADOWED_NAME}.py").is_file()
+    )
+
+
+def _resolves_into(entry: str, folders: frozenset[Path]) -> bool:
     try:
-        return Path(entry or ".").resolve() == root
-    except OSError:  # an entry that cannot be resolved is not the root
+        return Path(entry or ".").resolve() in folders
+    except OSError:  # an entry that cannot be resolved is none of ours
         return False
 
 
 class InstalledKernelsFinder(importlib.abc.MetaPathFinder):
-    """Finds the top-level `kernels` on sys.path with the checkout's root left out."""
+    """Finds the top-level `kernels` on sys.path with the checkout's shadowing folders left out."""
 
     def __init__(self, root: Path):
         self.root = root
+        self.skipped = shadowing_folders(root)
 
     def find_spec(self, fullname, path=None, target=None):
         if fullname != SHADOWED_NAME or path is not None:
             return None
-        search = [entry for entry in sys.path if not _resolves_to(entry, self.root)]
+        search = [entry for entry in sys.path if not _resolves_into(entry, self.skipped)]
         return importlib.machinery.PathFinder.find_spec(fullname, search)
 
 

@@ -41,7 +41,7 @@ def _bare_names_inside_repo(cwd: Path, prelude: str = "") -> list[str]:
         "print([n for n, s in specs.items() if inside(n, s)])"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, check=True)
-    return eval(out.stdout.strip())
+    return ast.literal_eval(out.stdout.strip())
 
 
 def test_bare_folder_names_do_not_import_outside_the_repo(tmp_path):
@@ -62,6 +62,10 @@ def test_installed_kernels_wins_over_the_kernels_folder_from_the_repo_root():
     # engine/ and train/ shadow nothing installed; they stay reachable from the root, as any folder there.
     assert "kernels" not in _bare_names_inside_repo(ROOT, prelude="import selfe; ")
     code = "import selfe, transformers.integrations.hub_kernels, selfe.kernels.dispatch; print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+    # A bench script runs with bench/ first on sys.path, next to bench/kernels.py.
+    code = f"import sys; sys.path.insert(0, {str(ROOT / 'bench')!r}); {code}"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
