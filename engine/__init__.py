@@ -13,8 +13,8 @@ from selfe.checkout import install_kernels_finder
 
 __version__ = "0.1.0"
 
-# From a source checkout's root the bare name `kernels` would find our kernels/ folder before the installed
-# `kernels` package that transformers imports; see selfe.checkout.
+# In a source checkout the bare name `kernels` would find our kernels/ folder (or bench/kernels.py) before the
+# installed `kernels` package that transformers imports; see selfe.checkout.
 install_kernels_finder()
 
 _EXPORTS = {
