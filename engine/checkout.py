@@ -33,13 +33,8 @@ def checkout_root() -> Path | None:
 
 
 def shadowing_folders(root: Path) -> frozenset[Path]:
-    """The checkout's folders whose own `kernels` (package or module) would answer the bare name."""
-    candidates = (root, root / "bench")
-    return frozenset(
-        folder
-        for folder in candidates
-        if (folder / SHADOWED_NAME / "__init__.py").is_file() or (folder / f"{SHADOWED_NAME}.py").is_file()
-    )
+    """The checkout's folders that hold a `kernels` of their own: kernels/ in the root, bench/kernels.py."""
+    return frozenset((root, root / "bench"))
 
 
 def _resolves_into(entry: str, folders: frozenset[Path]) -> bool:
@@ -53,7 +48,6 @@ class InstalledKernelsFinder(importlib.abc.MetaPathFinder):
     """Finds the top-level `kernels` on sys.path with the checkout's shadowing folders left out."""
 
     def __init__(self, root: Path):
-        self.root = root
         self.skipped = shadowing_folders(root)
 
     def find_spec(self, fullname, path=None, target=None):
