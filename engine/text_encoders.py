@@ -17,7 +17,9 @@ inference tensor cannot be saved for backward.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -110,10 +112,43 @@ def check_tokenizer_dir(path: str | Path, what: str, alternatives: tuple[tuple[s
     return path
 
 
-def _from_pretrained(cls: Any, path: Path, what: str, **kwargs: Any) -> Any:
-    """cls.from_pretrained on a checked local folder; never touches a hub."""
+# Loggers that speak when transformers' loading code first imports an optional package it found installed
+# (torchao, from the `fp8`/`dev` extras): its native libraries built for another Python or CUDA fail to load
+# and its enums hit a torch deprecation, none of which concerns a text encoder. Their own imports elsewhere
+# (selfe.fp8) are not quieted.
+_INCIDENTAL_IMPORT_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' progress bars ("Loading weights", "Writing model shards") off and the incidental import
+    warnings above held back, for one load or save; both restored after, so an embedding application keeps
+    its own settings. Also a decorator."""
+    from transformers.utils import logging as hf_logging
+
+    loggers = [logging.getLogger(name) for name in _INCIDENTAL_IMPORT_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    hf_logging.disable_progress_bar()
     try:
-        return cls.from_pretrained(str(path), local_files_only=True, **kwargs)
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
+
+
+def _from_pretrained(class_name: str, path: Path, what: str, **kwargs: Any) -> Any:
+    """transformers.<class_name>.from_pretrained on a checked local folder; never touches a hub. The class
+    is looked up inside the quiet block: that lookup is what imports transformers' modelling code."""
+    import transformers
+
+    try:
+        with quiet_transformers():
+            return getattr(transformers, class_name).from_pretrained(str(path), local_files_only=True, **kwargs)
     except (OSError, ValueError) as err:
         raise OSError(f"could not load the {what} from {str(path)!r}: {err}") from err
 
@@ -126,8 +161,8 @@ def _dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
 
 
-def _load_model(cls: Any, path: Path, what: str, device: torch.device, dtype: torch.dtype) -> Any:
-    model = _from_pretrained(cls, path, what, use_safetensors=True, **_dtype_kwarg(dtype))
+def _load_model(class_name: str, path: Path, what: str, device: torch.device, dtype: torch.dtype) -> Any:
+    model = _from_pretrained(class_name, path, what, use_safetensors=True, **_dtype_kwarg(dtype))
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
@@ -230,10 +265,8 @@ def load_t5_encoder(
     tok_dir = check_tokenizer_dir(tokenizer_path or model_dir, "T5", T5_TOKENIZER_FILES)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    import transformers
-
-    tokenizer = _from_pretrained(transformers.T5TokenizerFast, tok_dir, "T5 tokenizer")
-    model = _load_model(transformers.T5EncoderModel, model_dir, "T5 encoder", device, dtype)
+    tokenizer = _from_pretrained("T5TokenizerFast", tok_dir, "T5 tokenizer")
+    model = _load_model("T5EncoderModel", model_dir, "T5 encoder", device, dtype)
     return T5TextEncoder(model, tokenizer, max_length=max_length, attention_mask=attention_mask)
 
 
@@ -250,10 +283,8 @@ def load_clip_encoder(
     tok_dir = check_tokenizer_dir(tokenizer_path or model_dir, "CLIP", CLIP_TOKENIZER_FILES)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    import transformers
-
-    tokenizer = _from_pretrained(transformers.CLIPTokenizerFast, tok_dir, "CLIP tokenizer")
-    model = _load_model(transformers.CLIPTextModel, model_dir, "CLIP text model", device, dtype)
+    tokenizer = _from_pretrained("CLIPTokenizerFast", tok_dir, "CLIP tokenizer")
+    model = _load_model("CLIPTextModel", model_dir, "CLIP text model", device, dtype)
     return CLIPTextEncoder(model, tokenizer, max_length=max_length)
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from selfe.text_encoders import quiet_transformers
+
 # Words a test prompt is likely to use; anything else still tokenizes (letters are in both vocabs).
 DEFAULT_WORDS = ("a", "photo", "of", "cat", "dog", "red", "blue", "fake", "image", "on", "the", "table")
 _CHARS = string.ascii_lowercase + string.digits + ",.!?'-"
@@ -81,6 +83,7 @@ def clip_tokenizer():
     )
 
 
+@quiet_transformers()
 def make_t5_snapshot(
     directory: str | Path,
     *,
@@ -157,6 +160,7 @@ def _bias_heads_to_word_order(model, strength: float) -> None:
         attention.relative_attention_bias.weight.copy_(table)
 
 
+@quiet_transformers()
 def make_clip_snapshot(
     directory: str | Path,
     *,

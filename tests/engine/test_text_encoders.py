@@ -5,6 +5,8 @@ from __future__ import annotations
 import ast
 import importlib.util
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -208,6 +210,25 @@ def test_transformers_imported_lazily(module: str) -> None:
         elif isinstance(node, ast.ImportFrom) and node.module:
             top_level.add(node.module.split(".")[0])
     assert top_level.isdisjoint({"transformers", "tokenizers", "huggingface_hub"}), top_level
+
+
+def test_loading_is_quiet_and_restores_settings(snapshots: tuple[Path, Path], tmp_path: Path) -> None:
+    """In a fresh process (where transformers first imports its modelling code and, if installed, torchao),
+    loading the encoders writes nothing to stderr: no "Loading weights" bar, no warnings from packages
+    transformers imports on the way. The caller's logger levels and transformers' bar setting come back."""
+    script = f"""
+import logging
+from transformers.utils import logging as hf_logging
+from selfe.text_encoders import TextEncoders
+for name in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(name).setLevel(logging.INFO)
+TextEncoders.from_snapshots({str(snapshots[0])!r}, {str(snapshots[1])!r}, t5_max_length=8, device="cpu")
+assert [logging.getLogger(n).level for n in ("torchao", "torch.utils._pytree")] == [logging.INFO] * 2
+assert hf_logging.is_progress_bar_enabled()
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == "", done.stderr
 
 
 @pytest.mark.gpu
