@@ -1,4 +1,4 @@
-"""Analytical FLOPs of the MMDiT, for MFU.
+"""Analytical FLOPs of the MMDiT, and the peak of the device, for MFU.
 
 Counted: every matmul as 2*m*n*k (the linears, biases ignored), and attention as 4*B*H*L^2*Dh
 (QK^T and PV over the joint sequence, padded keys included: kernels compute them). Not counted:
@@ -8,6 +8,8 @@ backward is 3x forward.
 """
 
 from __future__ import annotations
+
+import torch
 
 from selfe.config import MMDiTConfig
 
@@ -59,3 +61,42 @@ def mmdit_forward_flops(config: MMDiTConfig, batch: int, img_tokens: int, txt_to
 def mmdit_forward_backward_flops(config: MMDiTConfig, batch: int, img_tokens: int, txt_tokens: int) -> int:
     """Forward + backward (backward = 2x forward, the usual convention): 3x `mmdit_forward_flops`."""
     return 3 * mmdit_forward_flops(config, batch, img_tokens, txt_tokens)
+
+
+# Dense bf16 tensor-core peaks per GPU, FLOP/s (vendor datasheets; the "with sparsity" figures are twice
+# these). MFU is taken against the bf16 peak whatever the recipe (FP8 included), so runs compare. Matched
+# as substrings of torch.cuda.get_device_name() in this order: the more specific names first.
+DENSE_BF16_PEAK_FLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("GH200", 989e12),
+    ("H200", 989e12),
+    ("H100", 989e12),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("H800", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+)
+
+
+def peak_flops_of(device_name: str) -> float | None:
+    """The dense bf16 peak of a GPU by its name (DENSE_BF16_PEAK_FLOPS); None when the name is not listed."""
+    for key, peak in DENSE_BF16_PEAK_FLOPS:
+        if key in device_name:
+            return peak
+    return None
+
+
+def device_peak_flops(device: torch.device | str | None = None) -> float | None:
+    """The dense bf16 peak of a CUDA device (default: the current one); None on a CPU or an unlisted GPU,
+    where MFU has no meaningful denominator (pass one explicitly: `metrics.peak_flops`, `--peak-flops`)."""
+    device = torch.device("cuda" if device is None else device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return peak_flops_of(torch.cuda.get_device_name(device))
+
+
+def format_mfu(mfu: float | None) -> str:
+    """An MFU for a table or log line: a percentage, or "n/a" where the device's peak is unknown."""
+    return "n/a" if mfu is None else f"{100 * mfu:.1f}%"

@@ -183,13 +183,15 @@ class CheckpointConfig:
 @dataclass
 class MetricsConfig:
     log_every: int = 10  # progress line period (JSONL gets every step)
-    peak_flops: float = 989e12  # per device: H100 SXM bf16 dense
+    # per device FLOP/s for MFU; None: the GPU's dense bf16 peak (selfe.flops.DENSE_BF16_PEAK_FLOPS), and no
+    # MFU where it is unknown (a CPU, an unlisted GPU): the progress line then shows TFLOP/s per device
+    peak_flops: float | None = None
     tensorboard: bool = True  # only if tensorboard is installed
     nvtx: bool = True
 
     def __post_init__(self) -> None:
-        if self.log_every < 1 or not self.peak_flops > 0:
-            raise ValueError("metrics.log_every must be >= 1 and metrics.peak_flops > 0")
+        if self.log_every < 1 or not (self.peak_flops is None or self.peak_flops > 0):
+            raise ValueError("metrics.log_every must be >= 1 and metrics.peak_flops > 0 (or None: the device's)")
 
 
 @dataclass

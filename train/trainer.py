@@ -38,6 +38,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import init_device_mesh
 
+from selfe.flops import device_peak_flops
 from selfe.fp8 import fp8_autocast_context, post_optimizer_step
 from selfe.model import MMDiT
 from selfe.objective import SelfELoss
@@ -153,7 +154,7 @@ class Trainer:
             self.run_dir,
             config.steps,
             config.metrics.log_every,
-            config.metrics.peak_flops,
+            config.metrics.peak_flops or device_peak_flops(device),
             world,
             enabled=rank == 0,
             tensorboard=config.metrics.tensorboard,
