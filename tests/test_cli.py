@@ -35,3 +35,17 @@ def test_cache_routes_to_its_own_parser(capsys):
         main(["cache", "--help"])
     assert exit_info.value.code == 0
     assert "--manifest" in capsys.readouterr().out
+
+
+def test_train_without_its_data_says_so_in_one_line(tmp_path, monkeypatch, capsys):
+    """A missing manifest is exit 2 and one line naming it (and, for ShapesEval, the command that makes it),
+    not a traceback; the failed start leaves no process group behind."""
+    import torch.distributed as dist
+
+    monkeypatch.chdir(tmp_path)  # no data/ here
+    argv = ["train", "shapes-selfe-ae", "data.manifest=missing/train.tsv", f"run_dir={tmp_path / 'run'}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "missing/train.tsv does not exist" in err and "Traceback" not in err
+    assert "`selfe data shapes --autoencoder trained`" in err and "run that first" in err
+    assert not dist.is_initialized()

@@ -4,7 +4,8 @@ Runs under torchrun (one process per GPU) and under plain python (world size 1):
     torchrun --nproc-per-node 8 -m selfe.train.cli 2b data.cache_dir=/data/cache run_dir=runs/2b
     selfe train smoke
 Exit status 0 when the run finished or stopped on SIGTERM/SIGINT after checkpointing; 2 for a bad
-config; 3 when it aborted on a streak of non-finite steps.
+config or a missing input (manifest, cache, autoencoder, text encoders); 3 when it aborted on a streak of
+non-finite steps.
 """
 
 from __future__ import annotations
@@ -38,7 +39,11 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
     from selfe.train.trainer import NonFiniteLossError, Trainer
 
-    trainer = Trainer(config)
+    try:
+        trainer = Trainer(config)
+    except (FileNotFoundError, ValueError) as err:  # a missing input or a config the data contradicts
+        print(f"selfe train: cannot start {config.name!r}: {err}{_setup_hint(config.name)}", file=sys.stderr)
+        return 2
     try:
         result = trainer.train()
     except NonFiniteLossError as err:
@@ -50,6 +55,13 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         how = "stopped by signal" if result.stopped_by_signal else "finished"
         print(f"selfe train: {how} at step {result.step} ({result.skipped} skipped); checkpoint {result.checkpoint}")
     return 0
+
+
+def _setup_hint(name: str) -> str:
+    if name.startswith("shapes-"):
+        trained = " --autoencoder trained" if name.endswith("-ae") else ""
+        return f" (the {name} preset reads `selfe data shapes{trained}`'s output in data/shapes: run that first)"
+    return ""
 
 
 if __name__ == "__main__":

@@ -124,6 +124,13 @@ class Trainer:
     def __init__(self, config: TrainConfig):
         self.config = config
         self.dist = init_distributed(config)
+        try:
+            self._build(config)
+        except BaseException:
+            self.close()  # a failed start (a missing input, a bad config) leaves no process group behind
+            raise
+
+    def _build(self, config: TrainConfig) -> None:
         rank, world, device = self.dist.rank, self.dist.world_size, self.dist.device
         self.run_dir = Path(config.run_dir)
         if rank == 0:
