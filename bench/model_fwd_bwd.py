@@ -1,7 +1,7 @@
 """Forward + backward throughput of the MMDiT with random weights and inputs.
 
 Prints image tokens/s, peak memory and MFU (analytical FLOPs from selfe.flops over the GPU's dense bf16
-peak, `selfe.flops.DENSE_BF16_PEAK_FLOPS`, or --peak-flops; no MFU on a CPU). CPU smoke run:
+peak, `selfe.flops.device_peak_flops`: H100's where the device is not listed, or --peak-flops). CPU smoke run:
 
     python bench/model_fwd_bwd.py --preset tiny --resolution 64 --txt-tokens 16 --batch 2 --iters 2
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from selfe.config import mmdit_preset
-from selfe.flops import device_peak_flops, format_mfu, mmdit_forward_backward_flops
+from selfe.flops import device_peak_flops, mmdit_forward_backward_flops
 from selfe.model import MMDiT
 
 VAE_DOWNSAMPLE = 8  # FLUX autoencoder: 512 px -> 64 latent -> 32x32 = 1024 tokens with 2x2 patches
@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument(
-        "--peak-flops", type=float, default=None, help="device peak FLOP/s for MFU (default: the GPU's dense bf16)"
+        "--peak-flops", type=float, default=None, help="device peak FLOP/s for MFU (default: the GPU's, selfe.flops)"
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
         "flops_per_step": flops,
         "tflops_per_s": flops / seconds / 1e12,
         "peak_flops": peak,
-        "mfu": flops / seconds / peak if peak else None,
+        "mfu": flops / seconds / peak,
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
         "torch": torch.__version__,
     }
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"  step {result['step_ms']:.2f} ms  |  {result['img_tokens_per_s']:.0f} img tokens/s  "
         f"({result['tokens_per_s']:.0f} incl. text)  |  {result['tflops_per_s']:.2f} TFLOP/s  "
-        f"MFU {format_mfu(result['mfu'])}" + (f" of {peak:.3g}" if peak else "") + f"  |  peak memory {memory}"
+        f"MFU {100 * result['mfu']:.1f}% of {peak:.3g}  |  peak memory {memory}"
     )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

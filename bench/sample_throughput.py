@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))  # tests/helpers_text for the offline tokenizers
 from bench.fp8 import relative_error  # noqa: E402
 from selfe.autoencoder import AUTOENCODER_PRESETS, AutoEncoder  # noqa: E402
 from selfe.config import mmdit_preset  # noqa: E402
-from selfe.flops import device_peak_flops, format_mfu, mmdit_forward_flops  # noqa: E402
+from selfe.flops import device_peak_flops, mmdit_forward_flops  # noqa: E402
 from selfe.fp8 import FP8Config, converted_modules, fp8_autocast_context, fp8_copy  # noqa: E402
 from selfe.graphs import FastPathConfig, FastSampler  # noqa: E402
 from selfe.model import MMDiT  # noqa: E402
@@ -77,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile-mode", default=None, help="e.g. max-autotune-no-cudagraphs")
     parser.add_argument("--iters", type=int, default=5, help="timed repeats per point (median reported)")
     parser.add_argument(
-        "--peak-flops", type=float, default=None, help="device peak FLOP/s (default: the GPU's dense bf16; none on CPU)"
+        "--peak-flops", type=float, default=None, help="device peak FLOP/s (default: the GPU's dense bf16, selfe.flops)"
     )
     parser.add_argument("--fp8", choices=("none", "torchao", "te"), default="none", help="also sample in FP8, compared")
     parser.add_argument("--fp8-scaling", choices=("tensorwise", "rowwise"), default="tensorwise", help="torchao only")
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
                         "images_per_s": batch / seconds,
                         "e2e_images_per_s": batch / (seconds + enc_s + dec_s),
                         "tflops_per_s": flops_step / per_step / 1e12,
-                        "mfu": flops_step / per_step / peak if peak else None,
+                        "mfu": flops_step / per_step / peak,
                         "warmup_s": warm_s,
                     }
                     if on:  # against the high-precision row of the same point
@@ -303,7 +303,7 @@ def denoiser_error(nets: dict[str, nn.Module], config: FP8Config, x: torch.Tenso
 def _row_md(r: dict) -> str:
     return (
         f"| {r['batch']} | {_label(r)} | {r['steps']} | {r['latency_ms']:.2f} | {r['step_ms']:.2f} | "
-        f"{r['images_per_s']:.2f} | {format_mfu(r['mfu'])} | {r['warmup_s']:.1f} |"
+        f"{r['images_per_s']:.2f} | {100 * r['mfu']:.1f}% | {r['warmup_s']:.1f} |"
     )
 
 
@@ -314,14 +314,12 @@ def _label(r: dict) -> str:
 
 
 def markdown(result: dict) -> str:
-    peak = result["peak_flops"]
     lines = [
         f"{result['preset']} ({result['params'] / 1e6:.1f}M params), {result['resolution']}², "
         f"{result['img_tokens']} image + {result['txt_tokens']} text tokens, {result['dtype']}, "
         f"CFG {result['guidance']}, {result['sampler']}, {result['device']}, torch {result['torch']}. "
-        "Denoiser only; "
-        + (f"MFU over peak {peak / 1e12:.0f} TFLOP/s" if peak else "no MFU (the device's peak is unknown)")
-        + "; warm-up = compile (+ capture), paid once per shape.",
+        "Denoiser only; MFU over peak "
+        f"{result['peak_flops'] / 1e12:.0f} TFLOP/s; warm-up = compile (+ capture), paid once per shape.",
         "",
         HEADER,
         "|---|---|---|---|---|---|---|---|",

@@ -9,7 +9,7 @@ with its self-evaluation passes on the s < t half), one run per variant:
     compile+ac
 MFU counts every pass (main fwd+bwd, the two no-grad self-eval forwards, and with --aux the fake
 no-grad forward and fwd+bwd), activation-checkpointing recomputation excluded, over the GPU's dense bf16
-peak (`selfe.flops.DENSE_BF16_PEAK_FLOPS`) or --peak-flops; none on a CPU.
+peak (`selfe.flops.device_peak_flops`: H100's where the device is not listed) or --peak-flops.
 tau is 1 from the start (tau_warmup=0) so the self-eval passes run at full size.
 With --fp8 torchao|te every variant also runs with the live network's large linears in FP8
 (`fp8.recipe=...`), reported against the high-precision run of the same variant (throughput ratio),
@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variants", default="eager,compile,ac", help=f"comma list of {list(VARIANTS)}")
     parser.add_argument("--aux", action="store_true", help="auxiliary fake-score term on (2 more passes)")
     parser.add_argument(
-        "--peak-flops", type=float, default=None, help="per device (default: the GPU's bf16 peak; none on a CPU)"
+        "--peak-flops", type=float, default=None, help="per device (default: the GPU's dense bf16 peak, selfe.flops)"
     )
     parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
     parser.add_argument("--attention-backend", default=None)
@@ -90,7 +90,7 @@ def run_variant(args: argparse.Namespace, variant: str, run_dir: Path, fp8: str 
         "checkpoint.resume=false",
         "metrics.tensorboard=false",
         f"metrics.log_every={10**9}",
-        *([f"metrics.peak_flops={args.peak_flops}"] if args.peak_flops else []),
+        f"metrics.peak_flops={args.peak_flops}",
         f"parallel.precision={args.precision}",
         "device=auto",
         *VARIANTS[variant],
@@ -126,7 +126,7 @@ def run_variant(args: argparse.Namespace, variant: str, run_dir: Path, fp8: str 
         "images_per_s": first["images_per_s"] * first["step_time"] / step_time,
         "tokens_per_s": first["tokens_per_s"] * first["step_time"] / step_time,
         "tflops_per_device": first["tflops_per_step"] / world / step_time,
-        "mfu": first["tflops_per_step"] * 1e12 / world / step_time / args.peak_flops if args.peak_flops else None,
+        "mfu": first["tflops_per_step"] * 1e12 / world / step_time / args.peak_flops,
         "tflops_per_step": first["tflops_per_step"],
         "max_reserved_gib": mem,
         "loss_finite": all(r["loss"] == r["loss"] for r in records),
@@ -216,14 +216,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _print(label: str, result: dict) -> None:
-    from selfe.flops import format_mfu
-
     mem = f"{result['max_reserved_gib']:.1f} GiB" if result["max_reserved_gib"] is not None else "-"
     ratio = result.get("speedup_vs_high_precision")
     print(
         f"{label:19s} step {result['step_time_s'] * 1e3:8.1f} ms | {result['images_per_s']:8.2f} img/s | "
         f"{result['tokens_per_s']:10.0f} tok/s | {result['tflops_per_device']:7.2f} TFLOP/s | "
-        f"MFU {format_mfu(result['mfu'])} | mem {mem}" + (f" | x{ratio:.2f} vs high precision" if ratio else ""),
+        f"MFU {100 * result['mfu']:5.1f}% | mem {mem}" + (f" | x{ratio:.2f} vs high precision" if ratio else ""),
         flush=True,
     )
 

@@ -78,6 +78,8 @@ DENSE_BF16_PEAK_FLOPS: tuple[tuple[str, float], ...] = (
     ("A800", 312e12),
     ("L40S", 362e12),
 )
+# Where the device is not listed (a CPU included, where MFU is only a relative figure): the H100 SXM's.
+DEFAULT_PEAK_FLOPS = 989e12
 
 
 def peak_flops_of(device_name: str) -> float | None:
@@ -88,15 +90,10 @@ def peak_flops_of(device_name: str) -> float | None:
     return None
 
 
-def device_peak_flops(device: torch.device | str | None = None) -> float | None:
-    """The dense bf16 peak of a CUDA device (default: the current one); None on a CPU or an unlisted GPU,
-    where MFU has no meaningful denominator (pass one explicitly: `metrics.peak_flops`, `--peak-flops`)."""
+def device_peak_flops(device: torch.device | str | None = None) -> float:
+    """The peak MFU is taken against on `device` (default: the current CUDA device): a listed GPU's dense
+    bf16 peak, else DEFAULT_PEAK_FLOPS. `metrics.peak_flops` / `--peak-flops` override it."""
     device = torch.device("cuda" if device is None else device)
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return None
-    return peak_flops_of(torch.cuda.get_device_name(device))
-
-
-def format_mfu(mfu: float | None) -> str:
-    """An MFU for a table or log line: a percentage, or "n/a" where the device's peak is unknown."""
-    return "n/a" if mfu is None else f"{100 * mfu:.1f}%"
+    if device.type == "cuda" and torch.cuda.is_available():
+        return peak_flops_of(torch.cuda.get_device_name(device)) or DEFAULT_PEAK_FLOPS
+    return DEFAULT_PEAK_FLOPS

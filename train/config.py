@@ -183,8 +183,8 @@ class CheckpointConfig:
 @dataclass
 class MetricsConfig:
     log_every: int = 10  # progress line period (JSONL gets every step)
-    # per device FLOP/s for MFU; None: the GPU's dense bf16 peak (selfe.flops.DENSE_BF16_PEAK_FLOPS), and no
-    # MFU where it is unknown (a CPU, an unlisted GPU): the progress line then shows TFLOP/s per device
+    # per device FLOP/s for MFU; None: the GPU's dense bf16 peak (selfe.flops.DENSE_BF16_PEAK_FLOPS), the
+    # H100's 989e12 where the device is not listed (a CPU included)
     peak_flops: float | None = None
     tensorboard: bool = True  # only if tensorboard is installed
     nvtx: bool = True

@@ -106,7 +106,7 @@ class MetricsLogger:
         run_dir: str | os.PathLike,
         total_steps: int,
         log_every: int,
-        peak_flops: float | None,
+        peak_flops: float,
         world_size: int,
         enabled: bool = True,
         tensorboard: bool = True,
@@ -130,14 +130,12 @@ class MetricsLogger:
         """Rates of one step over the whole job (images, tokens and flops summed over ranks)."""
         step_time = max(step_time, 1e-9)
         tflops_per_device = flops / step_time / self.world_size / 1e12
-        rates = {
+        return {
             "images_per_s": images / step_time,
             "tokens_per_s": tokens / step_time,
             "tflops_per_device": tflops_per_device,
+            "mfu": tflops_per_device * 1e12 / self.peak_flops,
         }
-        if self.peak_flops is not None:  # no MFU against a made-up peak
-            rates["mfu"] = tflops_per_device * 1e12 / self.peak_flops
-        return rates
 
     def log(self, step: int, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -157,14 +155,11 @@ class MetricsLogger:
             rate = (step - self._last_print[0]) / max(now - self._last_print[1], 1e-9)
             self._last_print = (step, now)
             eta = (self.total_steps - step) / rate if rate > 0 else float("inf")
-            if "mfu" in record:
-                compute = f"MFU {100 * record['mfu']:.1f}%"
-            else:
-                compute = f"{record.get('tflops_per_device', 0):.3g} TFLOP/s"
             print(
                 f"step {step}/{self.total_steps} | loss {record.get('loss', float('nan')):.4f} | "
                 f"{rate:.2f} it/s | {record.get('images_per_s', 0):.1f} img/s | "
-                f"{compute} | lr {record.get('lr', 0):.2e} | ETA {format_eta(eta)}",
+                f"{record.get('tflops_per_device', 0):.3g} TFLOP/s | MFU {100 * record.get('mfu', 0):.1f}% | "
+                f"lr {record.get('lr', 0):.2e} | ETA {format_eta(eta)}",
                 file=sys.stderr,
                 flush=True,
             )

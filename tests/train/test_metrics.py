@@ -1,4 +1,4 @@
-"""MFU against the device's own peak: the peak table, and the metrics logger with and without a peak."""
+"""MFU against the device's own peak: the peak table, its default, and the metrics logger's records and line."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from selfe.flops import device_peak_flops, peak_flops_of
+from selfe.flops import DEFAULT_PEAK_FLOPS, device_peak_flops, peak_flops_of
 from selfe.train.metrics import MetricsLogger
 
 
@@ -28,20 +28,18 @@ def test_peak_by_device_name(name, peak):
     assert peak_flops_of(name) == peak
 
 
-def test_no_peak_on_cpu():
-    assert device_peak_flops("cpu") is None
+def test_unlisted_device_falls_back_to_the_h100_peak():
+    assert device_peak_flops("cpu") == DEFAULT_PEAK_FLOPS == 989e12
 
 
-@pytest.mark.parametrize("peak", [None, 2e12])
-def test_mfu_only_against_a_known_peak(tmp_path, capsys, peak):
-    logger = MetricsLogger(tmp_path, total_steps=1, log_every=1, peak_flops=peak, world_size=2)
+def test_records_and_progress_line_carry_tflops_and_mfu(tmp_path, capsys):
+    logger = MetricsLogger(tmp_path, total_steps=1, log_every=1, peak_flops=2e12, world_size=2)
     rates = logger.throughput(step_time=0.5, images=8, tokens=64, flops=4e12)
     assert rates["tflops_per_device"] == pytest.approx(4.0)  # 4e12 FLOPs in 0.5 s over 2 devices
+    assert rates["mfu"] == pytest.approx(2.0)
     logger.log(1, {"loss": 1.0, **rates})
     logger.close()
     record = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert record["mfu"] == pytest.approx(2.0)
     line = capsys.readouterr().err
-    if peak is None:
-        assert "mfu" not in record and "MFU" not in line and "4 TFLOP/s" in line
-    else:
-        assert record["mfu"] == pytest.approx(4e12 / peak) and "MFU 200.0%" in line
+    assert "| 4 TFLOP/s | MFU 200.0% |" in line
