@@ -83,7 +83,7 @@ def test_resume_equals_uninterrupted_run(tmp_path):
 
 
 def test_nan_batch_is_skipped_and_counted(tmp_path):
-    # a CPU has no peak in the table: one given explicitly makes the records carry MFU
+    # an explicit peak overrides the device's (a CPU would get the H100's): MFU = TFLOP/s per device / 1
     config = tiny_config(tmp_path / "nan", 4, "fault.inject_nan_steps=2", "metrics.peak_flops=1e12")
     snapshots = {}
 
