@@ -1,9 +1,9 @@
 """The kernel backend switch: one name picks the implementation of every fused op.
 
 Backends: `torch` (reference.py, runs anywhere), `triton`, `cuda`, and `auto` (torch on CPU; on
-CUDA the fastest available per op). The choice comes from the caller (a config field) or else from
-the SELFE_KERNEL_BACKEND environment variable. An implementation the user asked for by name that
-cannot run raises; `auto` falls back quietly.
+CUDA the fastest available per op). A name the caller gives (a config field) wins; where the caller
+leaves it to `auto` (the config default) or None, the SELFE_KERNEL_BACKEND environment variable
+decides. An implementation the user asked for by name that cannot run raises; `auto` falls back quietly.
 
 Each op's provider module is imported on its own, on first request, so one module that cannot load
 (a missing extension, a Triton feature an old version lacks) costs only the ops it provides.
@@ -58,8 +58,8 @@ def register(op: str, backend: str) -> Callable[[Callable], Callable]:
 
 
 def resolve_backend(backend: str | None = None) -> str:
-    """The backend name from the argument, else the environment, else `auto`; validated."""
-    name = backend or os.environ.get(ENV_VAR) or "auto"
+    """The backend named by the argument; for None or `auto`, the environment's, else `auto`; validated."""
+    name = backend if backend not in (None, "auto") else os.environ.get(ENV_VAR) or "auto"
     if name not in BACKENDS:
         raise ValueError(f"kernel backend must be one of {BACKENDS}, got {name!r} (from {ENV_VAR} or config)")
     return name

@@ -31,6 +31,9 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError) as err:
         print(f"selfe train: bad config: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a config.json that is missing or unreadable
+        print(f"selfe train: cannot read config {args.config!r}: {err.strerror or err}", file=sys.stderr)
+        return 2
     if args.print_config:
         import json
 

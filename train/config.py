@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -430,7 +431,16 @@ def save_config(config: TrainConfig, path: str | os.PathLike) -> None:
 
 
 def load_config(path: str | os.PathLike) -> TrainConfig:
-    return config_from_dict(json.loads(Path(path).read_text()))
+    """A saved config.json; a missing file is FileNotFoundError, bad JSON or values a ValueError naming it."""
+    text = Path(path).read_text()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    try:
+        return config_from_dict(data)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{path}: {err}") from None
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -505,11 +515,39 @@ def _build(cls: type, data: Any, where: str) -> Any:
         sub = _dataclass_of(hints[name])
         if sub is not None and isinstance(value, dict):
             kwargs[name] = _build(sub, value, f"{where}.{name}".lstrip("."))
-        elif typing.get_origin(hints[name]) is tuple and isinstance(value, list):
-            kwargs[name] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
         else:
-            kwargs[name] = value
+            kwargs[name] = _checked(value, hints[name], f"{where}.{name}".lstrip("."))
     return cls(**kwargs)
+
+
+def _checked(value: Any, tp: Any, key: str) -> Any:
+    """`value` (from JSON or a parsed override) as field type `tp`, or a ValueError naming `key`: a
+    hand-edited config.json with "lr": "abc" must fail here, not deep inside the optimizer."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (option,) = (a for a in args if a is not type(None))  # fields are X or X | None
+        return _checked(value, option, key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"config key {key!r} must be a list ({_type_name(tp)}), got {value!r}")
+        if args and args[-1] is Ellipsis:
+            return tuple(_checked(v, args[0], key) for v in value)
+        if len(value) != len(args):
+            raise ValueError(f"config key {key!r} needs {len(args)} values ({_type_name(tp)}), got {value!r}")
+        return tuple(_checked(v, a, key) for v, a in zip(value, args))
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):  # no field means anything by inf or nan; None switches things off
+            raise ValueError(f"config key {key!r} must be finite, got {value!r}")
+        return float(value)
+    if tp in (bool, int, str) and type(value) is tp:
+        return value
+    raise ValueError(f"config key {key!r} must be {_type_name(tp)}, got {value!r}")
+
+
+def _type_name(tp: Any) -> str:
+    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
 
 
 def _to_jsonable(value: Any) -> Any:

@@ -83,7 +83,7 @@ def init_distributed(config: TrainConfig) -> DistInfo:
     """Join torchrun's process group (env RANK/WORLD_SIZE) or make a world of one; pick the device."""
     use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
     if config.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device='cuda' but CUDA is not available")
+        raise ValueError("device='cuda' but this torch has no CUDA device (use device=auto or cpu)")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:

@@ -109,6 +109,19 @@ def test_dispatch_returns_triton_and_reference():
         assert dispatch.get_op(op, "torch", DEVICE) is getattr(reference, op)
 
 
+def test_environment_picks_the_backend_where_the_config_leaves_it_to_auto(monkeypatch):
+    """The config default is `auto`; SELFE_KERNEL_BACKEND then decides. A name in the config wins."""
+    from selfe.kernels import modulation
+
+    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+    for asked in (None, "auto"):
+        assert dispatch.get_op("layer_norm_modulate", asked, DEVICE) is modulation.layer_norm_modulate
+    assert dispatch.get_op("layer_norm_modulate", "torch", DEVICE) is reference.layer_norm_modulate
+    monkeypatch.setenv(dispatch.ENV_VAR, "fastest")
+    with pytest.raises(ValueError, match="SELFE_KERNEL_BACKEND"):
+        dispatch.get_op("layer_norm_modulate", "auto", DEVICE)
+
+
 def test_opcheck_custom_ops():
     _impl("layer_norm_modulate", "triton")  # registers the ops
     gen = _seed("opcheck")

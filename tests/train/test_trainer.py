@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,9 +46,35 @@ def test_presets_round_trip_and_overrides_are_checked(tmp_path):
         ("optim=1", "is a section"),
         ("data.source=web", "data.source"),
         ("steps", "key=value"),
+        ("optim.lr=nan", "must be finite"),
+        ("optim.grad_clip=inf", "must be finite"),
     ]:
         with pytest.raises(ValueError, match=message):
             apply_overrides(preset("smoke"), [bad])
+
+
+def test_a_saved_config_is_type_checked_and_named_in_errors(tmp_path):
+    """A hand-edited config.json fails on load, naming the file and the key, not later in the optimizer."""
+    good = preset("smoke").to_dict()
+    good["optim"]["lr"] = 1  # a JSON int is a fine float
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(good))
+    assert load_config(path).optim.lr == 1.0 and isinstance(load_config(path).optim.lr, float)
+    for section, key, value, message in [
+        ("optim", "lr", "abc", "'optim.lr' must be float"),
+        ("optim", "betas", [0.9], "'optim.betas' needs 2 values"),
+        ("optim", "grad_clip", "none", "'optim.grad_clip' must be float"),
+        (None, "steps", True, "'steps' must be int"),
+        ("fault", "inject_nan_steps", [1, "2"], "'fault.inject_nan_steps' must be int"),
+    ]:
+        bad = json.loads(json.dumps(good))
+        (bad[section] if section else bad)[key] = value
+        path.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=f"{path}.*{message}"):
+            load_config(path)
+    path.write_text("{")
+    with pytest.raises(ValueError, match=f"{path} is not valid JSON"):
+        load_config(path)
 
 
 def test_lr_warmup_then_linear_decay():
@@ -325,6 +352,17 @@ def test_cli_rejects_a_bad_config(capsys):
     assert "cannot parse" in capsys.readouterr().err
     assert train_main(["smoke", "--print-config", "steps=7"]) == 0
     assert json.loads(capsys.readouterr().out)["steps"] == 7
+    assert train_main([str(Path("no") / "such.json"), "--print-config"]) == 2
+    assert "cannot read config" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cli_says_in_one_line_that_there_is_no_cuda(tmp_path, capsys):
+    from selfe.train.cli import train_main
+
+    assert train_main(["smoke", "device=cuda", f"run_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "no CUDA device" in err and "Traceback" not in err
 
 
 def test_compiled_blocks_train_like_eager_ones(tmp_path):
