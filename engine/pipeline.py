@@ -297,7 +297,8 @@ class SelfEPipeline:
         """Generate images for one prompt or a list.
 
         steps (alias num_inference_steps): any count >= 1, default from the pipeline's config (2).
-        guidance (alias guidance_scale): omega of energy-preserving CFG (default 5.0); None: no CFG.
+        guidance (alias guidance_scale): omega >= 0 of energy-preserving CFG; None: no CFG; default the
+            pipeline's config (the training run's export_guidance; the shipped ShapesEval model has none).
         height / width: pixels, multiples of `size_multiple`; None: `default_size` (the config's resolution).
         seed or generator: the noise source (both: error). sampler: "ddim" (eta-DDIM) or "euler".
         s_policy / s_fixed / eta: see SamplerConfig. fast: the compiled / graphed step (False: the
@@ -365,8 +366,14 @@ class SelfEPipeline:
         guidance = _alias("guidance", guidance, ..., "guidance_scale", guidance_scale)
         guidance = defaults.guidance if guidance is ... else guidance
         if guidance is not None:
-            if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
-                raise ValueError(f"guidance must be a finite number or None (no CFG), got {guidance!r}")
+            # omega < 0 would push away from the prompt: a typo, not a setting (0 is unconditional, 1 is no CFG)
+            if (
+                isinstance(guidance, bool)
+                or not isinstance(guidance, (int, float))
+                or not math.isfinite(guidance)
+                or guidance < 0
+            ):
+                raise ValueError(f"guidance must be a finite number >= 0 or None (no CFG), got {guidance!r}")
         method = defaults.method if sampler is None else sampler
         _check_choice("sampler", method, METHODS)
         policy = defaults.s_policy if s_policy is None else s_policy

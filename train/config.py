@@ -179,6 +179,8 @@ class CheckpointConfig:
             raise ValueError(f"checkpoint.every must be >= 0 and keep >= 1, got {self.every}, {self.keep}")
         if self.init_grow and not self.init_from:
             raise ValueError("checkpoint.init_grow grows the model of checkpoint.init_from, which is not set")
+        if self.export_guidance is not None and self.export_guidance < 0:  # the pipeline refuses it too
+            raise ValueError(f"checkpoint.export_guidance must be >= 0 or none, got {self.export_guidance}")
 
 
 @dataclass

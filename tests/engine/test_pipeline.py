@@ -197,6 +197,7 @@ def test_graph_replay_bookkeeping(pipeline_dir: Path, monkeypatch: pytest.Monkey
         (dict(guidance=float("nan")), "guidance"),
         (dict(guidance_scale=float("inf")), "guidance"),
         (dict(guidance="5"), "guidance"),
+        (dict(guidance=-1.0), "guidance must be a finite number >= 0"),
         (dict(height=30), "height"),
         (dict(width=0), "width"),
         (dict(width=SIZE * 1000), "width"),

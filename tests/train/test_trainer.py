@@ -48,6 +48,7 @@ def test_presets_round_trip_and_overrides_are_checked(tmp_path):
         ("steps", "key=value"),
         ("optim.lr=nan", "must be finite"),
         ("optim.grad_clip=inf", "must be finite"),
+        ("checkpoint.export_guidance=-2", "export_guidance must be >= 0"),
     ]:
         with pytest.raises(ValueError, match=message):
             apply_overrides(preset("smoke"), [bad])
