@@ -27,3 +27,17 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_json(path: str | os.PathLike, payload: Any, indent: int = 1) -> None:
     atomic_write_bytes(path, (json.dumps(payload, indent=indent) + "\n").encode())
+
+
+def folder_problem(folder: str | os.PathLike) -> str | None:
+    """Why `folder` cannot be made (`mkdir -p`) and written into, or None. Commands check their output
+    folder with this before long work, so a bad path fails in a second rather than after the run."""
+    folder = Path(folder)
+    nearest = folder
+    while not nearest.exists() and nearest != nearest.parent:  # the folder `mkdir -p` would write into
+        nearest = nearest.parent
+    if not nearest.is_dir():
+        return f"{nearest} is a file, not a folder"
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        return f"{nearest} is not writable"
+    return None

@@ -14,9 +14,12 @@ upscaled (nearest neighbour, --upscale) so that small ones (ShapesEval's 32x32) 
 from __future__ import annotations
 
 import argparse
+import io
 import math
 import sys
 from pathlib import Path
+
+from selfe.atomic import folder_problem
 
 NO_MODEL_HELP = """selfe generate: error: no model given; pass --model DIR.
 (This install lacks the shipped ShapesEval model, selfe/assets/shapes-selfe/, that is used by default.)
@@ -28,6 +31,7 @@ DIR is a pipeline directory holding:
   text_encoder/, text_encoder_2/    local T5-XXL encoder and CLIP ViT-L/14 text snapshots, or pass --t5 / --clip
 Nothing is downloaded: every path must be local."""
 AUTO_UPSCALE_MIN_SIDE = 128  # --upscale auto: the smallest integer factor that makes the image side >= this
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit seed
 
 
 def upscale_factor(value: str) -> int | str:
@@ -41,6 +45,56 @@ def upscale_factor(value: str) -> int | str:
     if factor < 1:
         raise argparse.ArgumentTypeError(f"must be 'auto' or an integer >= 1, got {value!r}")
     return factor
+
+
+def positive_int(value: str) -> int:
+    """argparse type of --height / --width: an integer >= 1."""
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value!r}")
+    return number
+
+
+def out_problem(out: Path) -> str | None:
+    """Why the grid (and its single images beside it) cannot be written to `out`, or None when they can.
+    Checked before the model loads, so a bad --out does not cost a whole sampling run."""
+    from PIL import Image
+
+    if out.is_dir():
+        return f"--out {str(out)!r} is a directory; pass the grid's file path, e.g. {str(out / 'grid.png')!r}"
+    image_format = Image.registered_extensions().get(out.suffix.lower())
+    try:  # a registered suffix can still lack a writer for RGB (.xbm, .pfm, stub formats)
+        if image_format is None:
+            raise ValueError("no image format")
+        Image.new("RGB", (8, 8)).save(io.BytesIO(), format=image_format)
+    except (OSError, ValueError, KeyError):
+        kind = repr(out.suffix) if out.suffix else "a file without a suffix"
+        return f"--out {str(out)!r}: PIL cannot write an RGB image as {kind}; use .png, .jpg or .webp"
+    problem = folder_problem(out.parent)  # mkdir runs after sampling
+    return None if problem is None else f"--out {str(out)!r}: {problem}"
+
+
+def device_problem(device: str) -> str | None:
+    """Why torch cannot run on `device` ("cuda", "cuda:1", "cpu", ...), or None when it can."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        return f"--device {device!r} is not a torch device; use cpu, cuda or cuda:N"
+    if parsed.type == "meta":
+        return "--device meta holds no data; use cpu or cuda"
+    backend = getattr(torch, parsed.type, None)  # torch.cuda, torch.mps, torch.xpu
+    if callable(getattr(backend, "is_available", None)):
+        if not backend.is_available():
+            return f"--device {device}: this torch has no {parsed.type.upper()} device"
+        count = backend.device_count() if callable(getattr(backend, "device_count", None)) else None
+        if parsed.index is not None and count is not None and parsed.index >= count:
+            return f"--device {device}: this machine has {count} {parsed.type.upper()} device(s)"
+    return None
 
 
 def auto_upscale(height: int, width: int, min_side: int = AUTO_UPSCALE_MIN_SIDE) -> int:
@@ -62,13 +116,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--prompt", nargs="+", default=None, help="one or more prompts")
     parser.add_argument("--steps", nargs="+", type=int, default=[1, 2, 4, 8], help="step counts (default 1 2 4 8)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--guidance", type=float, default=None, help="CFG omega (default: the model's, 5.0)")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed, 0 to 2^64 - 1 (default 0)")
+    parser.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="EP-CFG omega >= 0 (0: unconditional, 1: conditional). Default: the model's config.json "
+        "sampler.guidance, written at export from checkpoint.export_guidance (null, no CFG, for the shipped model)",
+    )
     parser.add_argument("--no-guidance", action="store_true", help="sample without CFG (one forward per step)")
     parser.add_argument("--sampler", choices=("ddim", "euler"), default=None)
-    parser.add_argument("--s-policy", default=None, help="next | current | midpoint | fixed")
-    parser.add_argument("--height", type=int, default=None, help="pixels (default: the model's resolution, else 512)")
-    parser.add_argument("--width", type=int, default=None, help="pixels (default: the model's resolution, else 512)")
+    parser.add_argument("--s-policy", choices=("next", "current", "midpoint", "fixed"), default=None)
+    parser.add_argument(
+        "--height", type=positive_int, default=None, help="pixels (default: the model's resolution, else 512)"
+    )
+    parser.add_argument(
+        "--width", type=positive_int, default=None, help="pixels (default: the model's resolution, else 512)"
+    )
     parser.add_argument(
         "--upscale",
         type=upscale_factor,
@@ -100,8 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def generate_main(argv: list[str] | None = None) -> int:
-    """Entry point of `selfe generate`; returns the exit code (0 ok, 2 bad arguments, 1 load failure)."""
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    """Entry point of `selfe generate`; returns the exit code (0 ok, 2 bad arguments, 1 load or write failure).
+    Argument errors found by argparse or the up-front checks exit 2 through SystemExit, as argparse does."""
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.model is None:
         from selfe.shapes import shipped_model_dir
 
@@ -116,6 +182,10 @@ def generate_main(argv: list[str] | None = None) -> int:
     if any(s < 1 for s in args.steps):
         print(f"selfe generate: error: --steps must all be >= 1, got {args.steps}", file=sys.stderr)
         return 2
+    # Every argument is checked here, before the model loads and samples (a bad one: one line, exit 2).
+    problem = argument_problem(args)
+    if problem is not None:
+        parser.exit(2, f"selfe generate: error: {problem}\n")
 
     import torch
     from tqdm import tqdm
@@ -169,17 +239,46 @@ def generate_main(argv: list[str] | None = None) -> int:
     width, height = columns[0][0].size
     factor = auto_upscale(height, width) if args.upscale == "auto" else args.upscale
     columns = [[upscale(image, factor) for image in column] for column in columns]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     paths = []
-    for steps, images in zip(args.steps, columns):
-        for i, image in enumerate(images):
-            path = args.out.with_name(f"{args.out.stem}_p{i:02d}_{steps}steps.png")
-            image.save(path)
-            paths.append(path)
-    image_grid(columns).save(args.out)
+    try:  # checked up front, but the disk can still fill or the folder change meanwhile
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        for steps, images in zip(args.steps, columns):
+            for i, image in enumerate(images):
+                path = args.out.with_name(f"{args.out.stem}_p{i:02d}_{steps}steps.png")
+                image.save(path)
+                paths.append(path)
+        image_grid(columns).save(args.out)
+    except OSError as err:
+        print(f"selfe generate: error: could not write the images: {err}", file=sys.stderr)
+        return 1
     scaled = f", upscaled {factor}x from {width}x{height}" if factor > 1 else ""
     print(f"wrote {len(paths)} images and the grid {args.out} (rows: prompts, columns: steps {args.steps}{scaled})")
     return 0
+
+
+def argument_problem(args: argparse.Namespace) -> str | None:
+    """The first thing wrong with the parsed arguments that needs no model to see, or None.
+    (Sizes that are not a multiple of the model's patch are caught by the pipeline, before sampling.)"""
+    if args.guidance is not None:
+        if args.no_guidance:
+            return "--guidance and --no-guidance contradict each other; pass one"
+        if not math.isfinite(args.guidance) or args.guidance < 0:
+            return f"--guidance must be a finite number >= 0 (or pass --no-guidance), got {args.guidance}"
+    if not 0 <= args.seed <= MAX_SEED:
+        return f"--seed must be in [0, 2^64 - 1], got {args.seed}"
+    problem = out_problem(args.out)
+    if problem is None and args.device is not None:
+        problem = device_problem(args.device)
+    if problem is None and args.dtype is not None:
+        import torch
+
+        from selfe.text_encoders import resolve_dtype
+
+        try:
+            resolve_dtype(args.dtype, torch.device("cpu"))
+        except ValueError:
+            problem = f"--dtype must be bf16, fp16 or fp32, got {args.dtype!r}"
+    return problem
 
 
 def upscale(image, factor: int):

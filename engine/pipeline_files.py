@@ -15,6 +15,7 @@ from selfe.config import MMDiTConfig
 from selfe.pixel_autoencoder import AUTOENCODER_TYPE as SPACE_TO_DEPTH
 from selfe.pixel_autoencoder import SpaceToDepthConfig
 from selfe.sampler import SamplerConfig
+from selfe.text_encoders import CLIP_MODEL_TYPES, T5_MODEL_TYPES, snapshot_model_type
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -95,13 +96,6 @@ def required_file(path: Path, what: str) -> Path:
     return path
 
 
-def _model_type(folder: Path) -> str:
-    try:
-        return str(json.loads((folder / "config.json").read_text()).get("model_type", ""))
-    except (OSError, json.JSONDecodeError):
-        return ""
-
-
 def _tokenizer_dir(encoder_dir: Path) -> Path | None:
     """The encoder folder if it holds tokenizer files, else the diffusers sibling tokenizer[_2]."""
     if any((encoder_dir / name).is_file() for name in ("tokenizer.json", "spiece.model", "vocab.json")):
@@ -115,13 +109,13 @@ def text_encoder_dirs(
 ) -> tuple[Path, Path | None, Path, Path | None]:
     """(t5 dir, t5 tokenizer dir or None, clip dir, clip tokenizer dir or None)."""
     found: dict[str, Path] = {}
-    for name in TEXT_DIRS:
+    for name in TEXT_DIRS if t5_path is None or clip_path is None else ():  # both given: the folders are unused
         folder = root / name
         if folder.is_dir():
-            kind = _model_type(folder)
-            if kind.startswith("t5") or kind == "umt5":
+            kind = snapshot_model_type(folder)
+            if kind.startswith(T5_MODEL_TYPES):
                 found.setdefault("t5", folder)
-            elif kind.startswith("clip"):
+            elif kind.startswith(CLIP_MODEL_TYPES):
                 found.setdefault("clip", folder)
     t5 = Path(t5_path) if t5_path is not None else found.get("t5")
     clip = Path(clip_path) if clip_path is not None else found.get("clip")
@@ -132,3 +126,19 @@ def text_encoder_dirs(
                 f"{TEXT_DIRS[1]}/ whose config.json has a {what.lower()} model_type, or pass {arg}="
             )
     return t5, _tokenizer_dir(t5), clip, _tokenizer_dir(clip)
+
+
+def check_pipeline_dir(root: str | Path) -> dict[str, Any]:
+    """What `SelfEPipeline.from_pretrained(root)` reads, checked without loading any weights: the folder,
+    config.json (parsed, returned as `read_pipeline_config` does), the model and autoencoder files and the
+    two text-encoder folders. Raises FileNotFoundError or ValueError naming what is missing or broken; for
+    commands that load several models one after the other and should not fail on the second after the first."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"pipeline directory {str(root)!r} does not exist or is not a directory")
+    meta = read_pipeline_config(root)
+    required_file(root / MODEL_FILE, "model weights")
+    if not isinstance(meta["autoencoder"], SpaceToDepthConfig):  # the weightless one has no file
+        required_file(root / AE_FILE, "autoencoder weights")
+    text_encoder_dirs(root, None, None)
+    return meta

@@ -18,6 +18,7 @@ inference tensor cannot be saved for backward.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -72,8 +73,31 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torc
     return dtype
 
 
-def check_model_dir(path: str | Path, what: str) -> Path:
-    """A local snapshot folder with config.json and safetensors weights, or a clear error."""
+# config.json model_type prefixes of each encoder (T5EncoderModel also loads UMT5/mT5 snapshots).
+T5_MODEL_TYPES = ("t5", "umt5", "mt5")
+CLIP_MODEL_TYPES = ("clip",)
+
+
+def snapshot_model_type(folder: str | Path) -> str:
+    """config.json's model_type; "" without a readable config.json. One that is there but broken is a
+    ValueError naming it."""
+    path = Path(folder) / "config.json"
+    try:
+        text = path.read_text()
+    except OSError:
+        return ""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return str(data.get("model_type", ""))
+
+
+def check_model_dir(path: str | Path, what: str, model_types: tuple[str, ...] = ()) -> Path:
+    """A local snapshot folder with config.json and safetensors weights (whose model_type, where it says
+    one, starts with one of `model_types`: a CLIP folder passed as T5 fails here, not inside encode)."""
     expected = "a local directory with config.json and *.safetensors weights"
     path = Path(path).expanduser()
     if not path.is_dir():
@@ -94,6 +118,9 @@ def check_model_dir(path: str | Path, what: str) -> Path:
         raise FileNotFoundError(
             f"{what} snapshot {str(path)!r} lacks {', '.join(missing)}; expected {expected}"
         )
+    kind = snapshot_model_type(path)
+    if kind and model_types and not kind.startswith(model_types):
+        raise ValueError(f"{what} snapshot {str(path)!r} holds a {kind!r} model (config.json model_type)")
     return path
 
 
@@ -145,11 +172,12 @@ def _from_pretrained(class_name: str, path: Path, what: str, **kwargs: Any) -> A
     """transformers.<class_name>.from_pretrained on a checked local folder; never touches a hub. The class
     is looked up inside the quiet block: that lookup is what imports transformers' modelling code."""
     import transformers
+    from safetensors import SafetensorError
 
     try:
         with quiet_transformers():
             return getattr(transformers, class_name).from_pretrained(str(path), local_files_only=True, **kwargs)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, SafetensorError) as err:  # SafetensorError: a truncated or corrupt weight file
         raise OSError(f"could not load the {what} from {str(path)!r}: {err}") from err
 
 
@@ -261,7 +289,7 @@ def load_t5_encoder(
     dtype: torch.dtype | str | None = None,
 ) -> T5TextEncoder:
     """A T5 encoder (`T5EncoderModel`) and its tokenizer from local folders (tokenizer: path if not given)."""
-    model_dir = check_model_dir(path, "T5 encoder")
+    model_dir = check_model_dir(path, "T5 encoder", T5_MODEL_TYPES)
     tok_dir = check_tokenizer_dir(tokenizer_path or model_dir, "T5", T5_TOKENIZER_FILES)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
@@ -279,7 +307,7 @@ def load_clip_encoder(
     dtype: torch.dtype | str | None = None,
 ) -> CLIPTextEncoder:
     """A CLIP text model (`CLIPTextModel`; a full CLIPModel snapshot works too) and its tokenizer."""
-    model_dir = check_model_dir(path, "CLIP text")
+    model_dir = check_model_dir(path, "CLIP text", CLIP_MODEL_TYPES)
     tok_dir = check_tokenizer_dir(tokenizer_path or model_dir, "CLIP", CLIP_TOKENIZER_FILES)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)

@@ -68,6 +68,10 @@ class EvalConfig:
             raise ValueError(f"eta must lie in [0, 1], got {self.eta}")
         if self.time_shift_mu is not None and not math.isfinite(self.time_shift_mu):
             raise ValueError(f"time_shift_mu must be finite, got {self.time_shift_mu}")
+        if isinstance(self.guidance, (int, float)) and not (math.isfinite(self.guidance) and self.guidance >= 0):
+            raise ValueError(f"guidance must be a finite number >= 0, got {self.guidance}")
+        if self.seed < 0 or self.prompt_seed < 0:
+            raise ValueError(f"seed and prompt_seed must be >= 0, got {self.seed}, {self.prompt_seed}")
 
 
 def generate_images(
@@ -182,7 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="selfe eval", description="Evaluate models on a built-in benchmark.")
     sub = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     p = sub.add_parser("shapes", help="ShapesEval: GenEval-style scores per category at several step counts")
-    p.add_argument("--model", type=Path, nargs="+", default=None, help="pipeline directories (default: the shipped)")
+    p.add_argument(  # extend: `--model A B` and `--model A --model B` both evaluate A and B
+        "--model", type=Path, nargs="+", action="extend", default=None,
+        help="pipeline directories (default: the shipped)",
+    )  # fmt: skip
     p.add_argument("--steps", type=int, nargs="+", default=list(DEFAULT_STEPS))
     p.add_argument("--images-per-category", type=int, default=EvalConfig.images_per_category)
     p.add_argument(
@@ -210,6 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/eval-shapes"), help="folder for the JSON and grids")
     p.add_argument("--device", default=None)
     return parser
+
+
+def _fail(parser: argparse.ArgumentParser, message: str) -> None:
+    """One line and exit 2 (parser.error would print the long usage first)."""
+    parser.exit(2, f"selfe eval: error: {message}\n")
 
 
 def eval_main(argv: Sequence[str] | None = None) -> int:
@@ -241,13 +253,28 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
         if shipped is None:
             parser.error("no --model given and this install has no shipped ShapesEval model")
         models = [shipped]
+    # Every model folder and the other arguments are checked before the first model is evaluated, so a typo
+    # in the last --model does not surface only after the others have run.
+    from selfe.generate import device_problem
+    from selfe.pipeline_files import check_pipeline_dir
+
+    for path in models:
+        try:
+            check_pipeline_dir(path)
+        except (OSError, ValueError, TypeError) as err:
+            _fail(parser, f"--model {str(path)!r}: {err}")
+    if args.device is not None and (problem := device_problem(args.device)) is not None:
+        _fail(parser, problem)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        _fail(parser, f"--out {str(args.out)!r}: cannot make the folder: {err}")
 
     from PIL import Image
 
     from selfe.graphs import FastPathConfig
     from selfe.pipeline import SelfEPipeline
 
-    args.out.mkdir(parents=True, exist_ok=True)
     all_results: dict[str, dict] = {}
     taken: set[str] = set()
     for path in models:

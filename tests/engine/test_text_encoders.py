@@ -294,3 +294,24 @@ def test_guard_refuses_network_and_unpickling(tmp_path: Path) -> None:
         torch.load(tmp_path / "x.pt", weights_only=True)
     with pytest.raises(AssertionError, match="unpickling"):
         pickle.loads(b"")
+
+
+@pytest.mark.parametrize("load, which, what", [(load_t5_encoder, 0, "T5 encoder"), (load_clip_encoder, 1, "CLIP")])
+def test_truncated_weights_are_an_oserror_naming_the_folder(
+    load, which: int, what: str, snapshots: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """safetensors' own SafetensorError (not an OSError) becomes the loaders' OSError, like a missing file."""
+    broken = Path(shutil.copytree(snapshots[which], tmp_path / "cut"))
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(OSError, match=f"could not load the {what}.*'{broken}'.*deserializing header"):
+        load(broken)
+
+
+def test_a_snapshot_of_the_other_encoder_is_refused_before_loading(snapshots: tuple[Path, Path]) -> None:
+    """A CLIP folder passed as T5 (or the reverse) loaded without complaint and failed inside encode."""
+    t5, clip = snapshots
+    with pytest.raises(ValueError, match=f"T5 encoder snapshot '{clip}' holds a 'clip.*' model"):
+        load_t5_encoder(clip, tokenizer_path=t5)
+    with pytest.raises(ValueError, match=f"CLIP text snapshot '{t5}' holds a 't5' model"):
+        load_clip_encoder(t5, tokenizer_path=clip)

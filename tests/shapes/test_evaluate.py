@@ -94,3 +94,55 @@ def test_a_validation_set_has_its_own_prompts_and_the_sampler_settings_reach_the
         EvalConfig(eta=1.5)
     with pytest.raises(ValueError, match="time_shift_mu must be finite"):
         EvalConfig(time_shift_mu=float("nan"))
+    with pytest.raises(ValueError, match="guidance must be a finite number >= 0"):
+        EvalConfig(guidance=-1.0)
+    with pytest.raises(ValueError, match="seed and prompt_seed must be >= 0"):
+        EvalConfig(seed=-1)
+
+
+def test_every_model_is_checked_before_the_first_is_evaluated(tmp_path, monkeypatch, capsys):
+    """A missing or broken later --model is a one-line error (exit 2) before any model loads or samples."""
+    from pathlib import Path
+
+    import selfe.pipeline
+    import selfe.shapes.evaluate as evaluate_module
+    from selfe.shapes import shipped_model_dir
+
+    good = shipped_model_dir()
+    if good is None:
+        pytest.skip("this install lacks the shipped ShapesEval model")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded or evaluated before every --model was checked")
+
+    monkeypatch.setattr(selfe.pipeline.SelfEPipeline, "from_pretrained", classmethod(refuse))
+    monkeypatch.setattr(evaluate_module, "evaluate", refuse)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model": {')
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text((good / "config.json").read_text())
+    out = ["--out", str(tmp_path / "eval"), "--steps", "1"]
+
+    def refused(*argv: str) -> str:
+        with pytest.raises(SystemExit) as exit_info:
+            evaluate_module.eval_main(["shapes", *argv, *out])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        return err
+
+    assert "'/nope'" in refused("--model", str(good), "--model", "/nope")  # the flag repeated
+    assert "'/nope'" in refused("--model", str(good), "/nope")  # several after one flag
+    assert f"{broken / 'config.json'} is not valid JSON" in refused("--model", str(good), str(broken))
+    assert "model weights not found" in refused("--model", str(good), str(no_weights))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "--device cuda: this torch has no CUDA device" in refused("--model", str(good), "--device", "cuda")
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_module.eval_main(["shapes", "--model", str(good), "--out", str(tmp_path / "a_file")])
+    assert exit_info.value.code == 2 and "--out" in capsys.readouterr().err
+    args = build_parser().parse_args(["shapes", "--model", "a", "b", "--model", "c"])
+    assert args.model == [Path("a"), Path("b"), Path("c")]  # a repeated --model adds, never replaces
+    assert build_parser().parse_args(["shapes"]).model is None  # the shipped model
