@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import os
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
+from selfe.atomic import folder_problem
 from selfe.train.toy2d.data import RingMixture, load_npz, split_holdout
 from selfe.train.toy2d.experiment import Toy2DConfig, run_experiment
 from selfe.train.toy2d.report import markdown_table, write_results_json, write_sample_files, write_scatter_png
@@ -48,47 +51,87 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class UsageError(SystemExit):
+    """A bad argument: exit status 2. str() keeps the message (already printed by `_fail`) for callers that catch it."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.code = 2
+
+
+def _fail(message: str) -> NoReturn:
+    """One line on stderr and exit status 2, as argparse does for the errors it catches itself."""
+    print(f"selfe toy2d: error: {message}", file=sys.stderr)
+    raise UsageError(message)
+
+
 def _parse_override(config: Toy2DConfig, item: str) -> tuple[str, object]:
     key, sep, raw = item.partition("=")
-    fields = {f.name: f for f in dataclasses.fields(config)}
-    if not sep or key not in fields or key == "data":
-        raise SystemExit(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(set(fields) - {'data'})}")
+    fields = {f.name: f for f in dataclasses.fields(config) if f.name != "data"}
+    if not sep or key not in fields:
+        _fail(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(fields)}")
     current = getattr(config, key)
     if raw.lower() == "none":
+        if "None" not in str(fields[key].type):  # only the optional fields (`float | None`) take none
+            _fail(f"--set {key}: needs a value, not none")
         return key, None
     if isinstance(current, bool):
         if raw.lower() not in ("true", "false", "1", "0"):
-            raise SystemExit(f"--set {key}: expected true or false, got {raw!r}")
+            _fail(f"--set {key}: expected true or false, got {raw!r}")
         return key, raw.lower() in ("true", "1")
-    if isinstance(current, tuple):
-        return key, tuple(int(v) for v in raw.split(","))
     try:
+        if isinstance(current, tuple):
+            return key, tuple(int(v) for v in raw.split(","))
         return key, (type(current)(raw) if current is not None else float(raw))
     except ValueError as err:
-        raise SystemExit(f"--set {key}: {err}") from None
+        _fail(f"--set {key}: {err}")
 
 
 def config_from_args(args: argparse.Namespace) -> Toy2DConfig:
-    config = Toy2DConfig(
-        iterations=args.iterations,
-        batch_size=args.batch_size,
-        guidance=args.guidance if args.guidance and args.guidance > 0 else None,
-        steps=tuple(args.steps),
-        eval_samples=args.eval_samples,
-        seed=args.seed,
-    )
-    overrides = dict(_parse_override(config, item) for item in args.set)
-    return dataclasses.replace(config, **overrides) if overrides else config
+    # NaN would pass `> 0` as false and silently mean "no CFG"; inf would sample NaNs.
+    if args.guidance is not None and not math.isfinite(args.guidance):
+        _fail(f"--guidance must be a finite number, got {args.guidance}")
+    try:
+        config = Toy2DConfig(
+            iterations=args.iterations,
+            batch_size=args.batch_size,
+            guidance=args.guidance if args.guidance is not None and args.guidance > 0 else None,
+            steps=tuple(args.steps),
+            eval_samples=args.eval_samples,
+            seed=args.seed,
+        )
+        overrides = dict(_parse_override(config, item) for item in args.set)
+        return dataclasses.replace(config, **overrides) if overrides else config
+    except ValueError as err:  # Toy2DConfig's own checks (and those of the configs it builds)
+        _fail(str(err))
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if args.threads is not None and args.threads < 1:
+        _fail(f"--threads must be >= 1, got {args.threads}")
+    if args.jobs < 1:
+        _fail(f"--jobs must be >= 1, got {args.jobs}")
+    problem = folder_problem(args.out)
+    if problem:
+        _fail(f"--out {args.out}: {problem}")
 
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    # Every argument is checked (and --data read) before the first training step.
+    config = config_from_args(args)
+    _check_args(args)
+    user_data = None
+    if args.data is not None:
+        try:
+            user_data = load_npz(args.data)
+        except (OSError, ValueError) as err:
+            _fail(f"--data {err}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = config_from_args(args)
     gen = torch.Generator().manual_seed(config.seed + 100)
-    if args.data is not None:
-        x, y = load_npz(args.data)
+    if user_data is not None:
+        x, y = user_data
         train, heldout = split_holdout(x, y, 0.2, gen)
         modes = None
         log.info(

@@ -8,6 +8,7 @@ far from every mode of its condition.
 from __future__ import annotations
 
 import math
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,25 +56,42 @@ def load_npz(path: str | Path) -> tuple[Tensor, Tensor]:
     """A user's data: arrays `x` (N, 2) float and `y` (N,) integer labels 0..K-1."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--data {path}: no such file")
-    with np.load(path, allow_pickle=False) as arrays:
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        arrays = np.load(path, allow_pickle=False)
+    except ValueError as err:  # numpy's take on a file without the zip or .npy magic: pickled data
+        raise ValueError(f"{path} is not an .npz archive") from err
+    except (OSError, EOFError, zipfile.BadZipFile) as err:  # empty or truncated files
+        raise ValueError(f"{path} is not a readable .npz archive ({err})") from err
+    if not isinstance(arrays, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path} holds a single array (.npy); it needs an .npz with x (N, 2) and y (N,)")
+    with arrays:
         missing = {"x", "y"} - set(arrays.files)
         if missing:
             raise ValueError(f"{path} lacks array(s) {sorted(missing)}; it needs x (N, 2) float and y (N,) int labels")
-        x, y = arrays["x"], arrays["y"]
+        try:
+            x, y = arrays["x"], arrays["y"]
+        except (OSError, EOFError, ValueError, zipfile.BadZipFile) as err:  # object arrays, corrupt members
+            raise ValueError(f"{path}: cannot read x and y ({err})") from err
     if x.ndim != 2 or x.shape[1] != 2:
         raise ValueError(f"{path}: x must have shape (N, 2), got {x.shape}")
     if y.shape != (x.shape[0],):
         raise ValueError(f"{path}: y must have shape ({x.shape[0]},) to match x, got {y.shape}")
+    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+        raise ValueError(f"{path}: x must hold real numbers, got dtype {x.dtype}")
     if not np.issubdtype(y.dtype, np.integer):
         raise ValueError(f"{path}: y must hold integer labels, got dtype {y.dtype}")
-    if y.min() < 0:
-        raise ValueError(f"{path}: labels must be >= 0, got min {y.min()}")
-    if not np.isfinite(x).all():
-        raise ValueError(f"{path}: x holds non-finite values")
     if x.shape[0] < 10:
         raise ValueError(f"{path}: too few points ({x.shape[0]}) to train and evaluate")
-    return torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.int64))
+    # Labels 0..K-1 size the network's label embedding (2K + 1 rows): K above the point count means labels
+    # with no points, and a huge K would allocate gigabytes (or overflow int64).
+    if y.min() < 0 or y.max() >= x.shape[0]:
+        raise ValueError(f"{path}: labels must lie in 0..N-1 (N = {x.shape[0]} points), got {y.min()}..{y.max()}")
+    with np.errstate(over="ignore"):  # values beyond float32 become inf, reported just below
+        x32 = x.astype(np.float32)
+    if not np.isfinite(x32).all():
+        raise ValueError(f"{path}: x holds non-finite values (or values beyond float32's range)")
+    return torch.from_numpy(x32), torch.from_numpy(y.astype(np.int64))
 
 
 def split_holdout(

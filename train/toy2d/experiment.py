@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -57,6 +58,29 @@ class Toy2DConfig:
             raise ValueError(f"need iterations >= 1 and batch_size >= 2, got {self.iterations}, {self.batch_size}")
         if not self.steps or min(self.steps) < 1:
             raise ValueError(f"steps must be a non-empty list of integers >= 1, got {self.steps}")
+        for name in ("width", "depth", "eval_samples", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        # `not x > 0` and friends: NaN fails every comparison, so it lands in the error too.
+        if not (0 < self.lr < math.inf and 0 < self.grad_clip < math.inf):
+            raise ValueError(f"lr and grad_clip must be finite and > 0, got {self.lr}, {self.grad_clip}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"weight_decay must be finite and >= 0, got {self.weight_decay}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
+        # Shares of the run (int(fraction * iterations) overflows on a huge one); aux_start_fraction=None: never.
+        for name in ("tau_warmup_fraction", "aux_start_fraction"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 1:
+                raise ValueError(f"{name} must lie in [0, 1], got {value}")
+        if not abs(self.time_shift_mu) <= 700:  # the shift takes math.exp(mu), which overflows past 709
+            raise ValueError(f"time_shift_mu must lie in [-700, 700], got {self.time_shift_mu}")
+        if not -(2**63) <= self.seed <= 2**64 - 1 - 100:  # seed + 100 seeds a torch.Generator (64 bits)
+            raise ValueError(f"seed must lie in [-2**63, 2**64 - 101], got {self.seed}")
+        # The rest (caption_dropout, aux_k, guidance, sampler_method) is checked by the
+        # configs it feeds, built here so that a bad value fails before training rather than after it.
+        self.objective(self_eval=True)
+        self.sampler("selfe", min(self.steps))
 
     def objective(self, self_eval: bool) -> ObjectiveConfig:
         aux = None if self.aux_start_fraction is None else int(self.aux_start_fraction * self.iterations)
