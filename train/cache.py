@@ -97,9 +97,9 @@ def build_cache(
     """
     config = config or CacheConfig()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
     scanned = scan_manifest(manifest, base_dir, config.checks)
+    out.mkdir(parents=True, exist_ok=True)  # after the scan: a bad manifest leaves no empty folder behind
     classes = [config.buckets.aspect_class(s.width, s.height) for s in scanned.samples]
     plans = plan_shards(classes, config)
     settings = {
@@ -115,7 +115,14 @@ def build_cache(
     done: dict[int, dict[str, Any]] = {}
     null: dict[str, Any] | None = None
     if index_path.exists():
-        previous = json.loads(index_path.read_text(encoding="utf-8"))
+        try:
+            previous = json.loads(index_path.read_text(encoding="utf-8"))
+            if not isinstance(previous, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as err:  # ValueError: not JSON, not UTF-8, or not an object
+            raise CacheMismatchError(
+                f"{index_path} is not a readable cache index ({err}); use a new --out folder or delete it"
+            ) from err
         if previous.get("fingerprint") != fingerprint:
             before = json.loads(json.dumps(previous.get("settings", {}), default=str))
             now = json.loads(json.dumps(settings, default=str))
