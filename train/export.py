@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -66,21 +68,25 @@ def export_ema(ema_model: nn.Module, config: TrainConfig, out_dir: str | os.Path
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    tensors = {  # torchao's FSDP weight wrapper unwrapped; TE's FP8 metadata (`_extra_state`) is run-time state
-        k: plain_tensor(v).detach().to(torch.float32).contiguous()
-        for k, v in full.items()
-        if not k.endswith("_extra_state")
-    }
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(pipeline_config(config), indent=1))
-    if config.checkpoint.export_text_encoders:
-        for name, source in (("text_encoder", config.data.t5_path), ("text_encoder_2", config.data.clip_path)):
-            if not source:
-                raise ValueError(f"checkpoint.export_text_encoders needs data.t5_path and data.clip_path ({name})")
-            shutil.copytree(source, tmp / name)
-    if config.checkpoint.export_autoencoder:
-        shutil.copyfile(_exported_autoencoder(config), tmp / AE_FILE)
-    (tmp / "train_config.json").write_text(json.dumps(config.to_dict(), indent=1))
+    try:
+        tensors = {  # torchao's FSDP weight wrapper unwrapped; TE's FP8 metadata (`_extra_state`) is run-time state
+            k: plain_tensor(v).detach().to(torch.float32).contiguous()
+            for k, v in full.items()
+            if not k.endswith("_extra_state")
+        }
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(pipeline_config(config), indent=1))
+        if config.checkpoint.export_text_encoders:
+            for name, source in (("text_encoder", config.data.t5_path), ("text_encoder_2", config.data.clip_path)):
+                if not source:
+                    raise ValueError(f"checkpoint.export_text_encoders needs data.t5_path and data.clip_path ({name})")
+                shutil.copytree(source, tmp / name)
+        if config.checkpoint.export_autoencoder:
+            shutil.copyfile(_exported_autoencoder(config), tmp / AE_FILE)
+        (tmp / "train_config.json").write_text(json.dumps(config.to_dict(), indent=1))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed export leaves no half-written OUT.tmp behind
+        raise
     old = out.with_name(out.name + ".old")
     if out.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -90,10 +96,45 @@ def export_ema(ema_model: nn.Module, config: TrainConfig, out_dir: str | os.Path
     return out
 
 
+# What pickle.load raises on a damaged DCP .metadata file (found by truncating and garbling one).
+_UNPICKLING_ERRORS = (
+    pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError, KeyError,
+    OverflowError, MemoryError,
+)  # fmt: skip
+
+
+def _describe(err: BaseException) -> str:
+    """'Type: message', or the type alone (EOFError has no message)."""
+    return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+
+
+def check_out_dir(source: str | os.PathLike, checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -> None:
+    """Refuse an output folder that export_ema's replace would turn on what it reads: OUT (or OUT.tmp,
+    OUT.old, which it deletes) being or holding `source` (a run folder or a checkpoint) or the `checkpoint`
+    read from it, or lying inside that checkpoint; or an OUT that is a file or a folder that is not an
+    export (it is replaced wholesale). RUN/export, where the trainer itself exports, is fine."""
+    read, given, out = Path(checkpoint).resolve(), Path(source).resolve(), Path(out_dir).resolve()
+    for path in (out, out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")):
+        if given.is_relative_to(path) or read.is_relative_to(path) or path.is_relative_to(read):
+            raise ValueError(
+                f"--out {out_dir} is, holds or lies inside the checkpoint {checkpoint} (the export replaces it and "
+                "its .tmp/.old siblings wholesale); choose a folder outside it"
+            )
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out_dir} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "model.safetensors").is_file():
+        raise ValueError(
+            f"--out {out_dir} is a non-empty folder but not an export (no model.safetensors); the export would "
+            "replace it wholesale: choose another folder"
+        )
+
+
 def export_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Export the EMA weights of a DCP checkpoint (a step_* folder, or a run folder: its newest complete
-    checkpoint) as a pipeline directory, in one process, e.g. to evaluate a run while it trains."""
+    checkpoint) as a pipeline directory, in one process, e.g. to evaluate a run while it trains.
+    A damaged checkpoint is a ValueError naming the file or folder."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     from selfe.model import MMDiT
     from selfe.train.checkpoint import Checkpointer
@@ -105,10 +146,28 @@ def export_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike) -> 
         if latest is None:
             raise FileNotFoundError(f"{path} is neither a complete checkpoint nor a run folder with one")
         path = latest
-    config = load_config(path / "config.json")
+    check_out_dir(source, path, out_dir)  # before anything is loaded or written
+    config_file = path / "config.json"
+    try:
+        config = load_config(config_file)
+    except ValueError as err:  # bad JSON or values, or not UTF-8 at all; load_config may name the file itself
+        raise ValueError(str(err) if str(config_file) in str(err) else f"{config_file}: {err}") from None
+    # dcp.load falls back on per-rank metadata and logs both tracebacks when .metadata is unreadable:
+    # read it first, so that a damaged one is a one-line error.
+    reader = dcp.FileSystemReader(path)
+    try:
+        reader.read_metadata()
+    except _UNPICKLING_ERRORS as err:
+        raise ValueError(f"{path / '.metadata'} is damaged ({_describe(err)})") from None
     net = MMDiT(config.model)
     state = {"ema": net.state_dict()}
-    dcp.load(state, checkpoint_id=str(path), no_dist=True)  # one process; reads only the EMA entries
+    try:
+        with warnings.catch_warnings():  # one process on purpose (no_dist), not a misconfiguration
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, storage_reader=reader, no_dist=True)  # reads only the EMA entries
+    except CheckpointException as err:  # a BaseException: it wraps each rank's error (a truncated .distcp, ...)
+        cause = next((failure[0] for failure in err.failures.values()), err)
+        raise ValueError(f"cannot read the EMA weights of {path}: {_describe(cause)}") from None
     net.load_state_dict(state["ema"])
     return export_ema(net, config, out_dir)
 
@@ -125,7 +184,7 @@ def export_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         out = export_checkpoint(args.checkpoint, args.out)
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError) as err:  # OSError: a missing file, a full disk, no permission
         parser.exit(2, f"selfe export: {err}\n")
     print(f"selfe export: {args.checkpoint} -> {out}")
     return 0
