@@ -13,25 +13,31 @@ writes into OUT:
 A run (`selfe train shapes-selfe` / `shapes-fm`, or `shapes-selfe-ae` / `shapes-fm-ae` in the trained
 autoencoder's latents) reads its cache, or the images when the cache is absent.
 Sample i is a pure function of (seed, i). The manifest is written last, atomically, after every image;
-the cache resumes by itself, and refuses (naming the mismatch) a folder whose cache came from another
-manifest or other text encoders (`--t5-order-bias 8` writes a T5 whose states carry word order).
+the cache resumes by itself. A rerun with the same arguments completes or repeats the folder (a trained
+autoencoder whose recorded training matches is reused, not retrained); a folder made with another --num,
+--seed, --t5-order-bias (`8` writes a T5 whose states carry word order) or --ae-steps is refused before
+anything is written, as mixing the two would leave e.g. the old cache next to the new T5.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
+import math
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-from selfe.atomic import atomic_write_bytes
+from selfe.atomic import atomic_write_bytes, folder_problem
 from selfe.shapes import PIXEL_FACTOR
 from selfe.shapes.scene import IMAGE_SIZE, random_prompt, render
-from selfe.shapes.text import T5_MAX_LENGTH, T5_ORDER_BIAS, WORD_ORDER_BIAS, write_text_encoders
+from selfe.shapes.text import CLIP_DIR, T5_DIR, T5_MAX_LENGTH, T5_ORDER_BIAS, WORD_ORDER_BIAS, write_text_encoders
 from selfe.train.shapes_autoencoder import AutoEncoderTraining
 
 MANIFEST = "train.tsv"
@@ -41,6 +47,10 @@ AE_FILE = "ae.safetensors"
 AE_REPORT = "ae.json"
 AE_CACHE = "cache-ae"
 AUTOENCODERS = ("pixels", "trained")  # --autoencoder: space-to-depth pixels, or the tiny trained autoencoder
+
+
+class ShapesMismatchError(ValueError):
+    """The output folder holds a data set made with other settings; nothing of it was changed."""
 
 
 def sample(seed: int, index: int, image_size: int = IMAGE_SIZE) -> tuple[str, np.ndarray]:
@@ -69,6 +79,55 @@ def write_images(out: Path, num: int, seed: int, image_size: int = IMAGE_SIZE, p
         rows.append(f"{name}\t{caption}\n")
     atomic_write_bytes(manifest, "".join(rows).encode("utf-8"))
     return manifest
+
+
+def manifest_bytes(num: int, seed: int) -> bytes:
+    """The manifest write_images writes, without rendering: a caption is drawn before its image."""
+    rows = (f"{IMAGES}/{i:06d}.png\t{random_prompt(np.random.default_rng([seed, i])).caption}\n" for i in range(num))
+    return "".join(rows).encode("utf-8")
+
+
+def check_existing(
+    out: Path, num: int, seed: int, t5_order_bias: float, autoencoder: str, ae_training: AutoEncoderTraining
+) -> bool:
+    """Refuse (ShapesMismatchError) a folder whose manifest, text encoders or trained autoencoder came from
+    other settings, before anything is written: rewriting part of it would leave the rest, e.g. its cache,
+    inconsistent. Returns whether out holds an autoencoder trained with `ae_training` (to reuse)."""
+    from selfe.train.data.cached import content_digest
+
+    fix = f"use a new --out folder or delete {out}"
+    manifest = out / MANIFEST
+    if manifest.is_file():
+        have, want = manifest.read_bytes(), manifest_bytes(num, seed)
+        if have != want:
+            rows = have.count(b"\n")
+            setting = f"--num {rows}, not {num}" if rows != num else f"another --seed than {seed}"
+            raise ShapesMismatchError(f"{out} holds a shapes data set made with {setting}; {fix}")
+    weights = [out / folder / "model.safetensors" for folder in (T5_DIR, CLIP_DIR)]
+    if any(path.is_file() for path in weights):
+        with tempfile.TemporaryDirectory() as tmp:  # deterministic and fast (tiny models): compare to a fresh copy
+            write_text_encoders(tmp, t5_order_bias=t5_order_bias)
+            fresh = [Path(tmp) / folder / "model.safetensors" for folder in (T5_DIR, CLIP_DIR)]
+            same = all(a.is_file() and content_digest([a]) == content_digest([b]) for a, b in zip(weights, fresh))
+        if not same:
+            raise ShapesMismatchError(
+                f"{out} holds text encoders made with another --t5-order-bias than {t5_order_bias}; {fix}"
+            )
+    if autoencoder != "trained" or not (out / AE_FILE).is_file() or not (out / AE_REPORT).is_file():
+        return False
+    recorded = json.loads((out / AE_REPORT).read_text(encoding="utf-8")).get("training")
+    if recorded is None:  # written before the training was recorded: retraining would orphan a cache of it
+        if (out / AE_CACHE / "index.json").is_file():
+            raise ShapesMismatchError(f"{out} holds an autoencoder of unrecorded training settings; {fix}")
+        return False
+    wanted = asdict(ae_training)
+    if recorded != wanted:
+        changed = sorted(k for k in wanted.keys() | recorded.keys() if recorded.get(k) != wanted.get(k))
+        setting = f"other autoencoder training settings ({', '.join(changed)})"
+        if changed == ["steps"]:  # the one the command line sets
+            setting = f"--ae-steps {recorded['steps']}, not {ae_training.steps}"
+        raise ShapesMismatchError(f"{out} holds an autoencoder trained with {setting}; {fix}")
+    return True
 
 
 def build_shapes_cache(
@@ -139,14 +198,19 @@ def prepare(
     if autoencoder not in AUTOENCODERS:
         raise ValueError(f"autoencoder must be one of {AUTOENCODERS}, got {autoencoder!r}")
     out = Path(out_dir)
+    ae_training = ae_training or AutoEncoderTraining()
+    reuse_ae = check_existing(out, num, seed, t5_order_bias, autoencoder, ae_training)
     write_images(out, num, seed, progress=progress)
     write_text_encoders(out, t5_order_bias=t5_order_bias)  # deterministic: the same bias rewrites the same bytes
     if autoencoder == "trained":
         from selfe.atomic import atomic_write_json
         from selfe.train.shapes_autoencoder import train_and_save
 
-        report = train_and_save(out / MANIFEST, out / AE_FILE, ae_training, progress=progress, device=device)
-        atomic_write_json(out / AE_REPORT, report)
+        if reuse_ae:  # retraining need not give the same weights (threaded kernels): it would orphan cache-ae/
+            report = json.loads((out / AE_REPORT).read_text(encoding="utf-8"))
+        else:
+            report = train_and_save(out / MANIFEST, out / AE_FILE, ae_training, progress=progress, device=device)
+            atomic_write_json(out / AE_REPORT, {**report, "training": asdict(ae_training)})
         if progress:
             print(f"autoencoder round trip, ShapesEval overall: {report['reconstruction']['overall']:.3f}")
     if cache:
@@ -184,23 +248,39 @@ def data_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.num < 1:
         parser.error(f"--num must be >= 1, got {args.num}")
-    if args.t5_order_bias < 0:
-        parser.error(f"--t5-order-bias must be >= 0, got {args.t5_order_bias}")
+    if args.seed < 0:  # numpy's seed sequences take no negative entropy
+        parser.error(f"--seed must be >= 0, got {args.seed}")
+    if not (math.isfinite(args.t5_order_bias) and args.t5_order_bias >= 0):
+        parser.error(f"--t5-order-bias must be finite and >= 0, got {args.t5_order_bias}")
     if args.ae_steps < 1:
         parser.error(f"--ae-steps must be >= 1, got {args.ae_steps}")
+    if (problem := folder_problem(args.out)) is not None:
+        parser.error(f"--out {args.out}: {problem}")
     import torch
 
+    from selfe.train.cache import CacheMismatchError
+
+    if args.device is not None:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError as err:
+            parser.error(f"--device {args.device}: {err}")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            parser.error(f"--device {args.device}: this torch has no CUDA device")
     start = time.perf_counter()
-    prepare(
-        args.out,
-        args.num,
-        args.seed,
-        cache=not args.no_cache,
-        progress=not args.no_progress,
-        t5_order_bias=args.t5_order_bias,
-        autoencoder=args.autoencoder,
-        ae_training=AutoEncoderTraining(steps=args.ae_steps),
-        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
-    )
+    try:
+        prepare(
+            args.out,
+            args.num,
+            args.seed,
+            cache=not args.no_cache,
+            progress=not args.no_progress,
+            t5_order_bias=args.t5_order_bias,
+            autoencoder=args.autoencoder,
+            ae_training=AutoEncoderTraining(steps=args.ae_steps),
+            device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        )
+    except (ShapesMismatchError, CacheMismatchError) as err:  # CacheMismatchError: e.g. a moved folder
+        p.exit(2, f"selfe data shapes: {err}\n")
     print(f"shapes data: {args.num} samples in {args.out} ({time.perf_counter() - start:.1f} s)")
     return 0

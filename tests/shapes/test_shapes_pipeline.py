@@ -88,9 +88,9 @@ def test_train_export_pipeline_eval_and_generate(shapes_data, tmp_path, capsys):
 
 
 def test_a_cache_made_with_other_text_encoders_is_refused_not_reused(tmp_path):
-    from selfe.train.cache import CacheMismatchError
+    from selfe.train.shapes_data import ShapesMismatchError
 
     out = prepare(tmp_path / "data", 8, seed=1, progress=False)
     prepare(out, 8, seed=1, progress=False)  # the same encoders: the cache is complete and kept
-    with pytest.raises(CacheMismatchError, match="another manifest or config"):
+    with pytest.raises(ShapesMismatchError, match="another --t5-order-bias"):  # up front, nothing rewritten
         prepare(out, 8, seed=1, progress=False, t5_order_bias=8.0)
