@@ -38,6 +38,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import init_device_mesh
 
+from selfe.atomic import folder_problem
 from selfe.flops import device_peak_flops
 from selfe.fp8 import fp8_autocast_context, post_optimizer_step
 from selfe.model import MMDiT
@@ -133,6 +134,8 @@ class Trainer:
     def _build(self, config: TrainConfig) -> None:
         rank, world, device = self.dist.rank, self.dist.world_size, self.dist.device
         self.run_dir = Path(config.run_dir)
+        if (problem := folder_problem(self.run_dir)) is not None:
+            raise ValueError(f"run_dir {config.run_dir!r}: {problem}")
         if rank == 0:
             save_config(config, self.run_dir / "config.json")
 

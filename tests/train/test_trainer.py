@@ -357,6 +357,15 @@ def test_cli_rejects_a_bad_config(capsys):
     assert "cannot read config" in capsys.readouterr().err
 
 
+def test_cli_refuses_a_run_dir_under_a_file_in_one_line(tmp_path, capsys):
+    from selfe.train.cli import train_main
+
+    (tmp_path / "a_file").write_text("")
+    assert train_main(["smoke", f"run_dir={tmp_path / 'a_file' / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert "a_file is a file, not a folder" in err and "Traceback" not in err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 def test_cli_says_in_one_line_that_there_is_no_cuda(tmp_path, capsys):
     from selfe.train.cli import train_main
