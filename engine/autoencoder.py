@@ -14,6 +14,7 @@ Decoder level order: `decoder.up[i]` works at the same resolution as `encoder.do
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, fields
 
@@ -42,6 +43,10 @@ class AutoEncoderConfig:
     shift_factor: float = 0.1159
 
     def __post_init__(self) -> None:
+        if isinstance(self.ch_mult, (str, bytes)) or not isinstance(self.ch_mult, (list, tuple)):
+            raise ValueError(
+                f"AutoEncoderConfig.ch_mult must be a non-empty tuple of positive ints, got {self.ch_mult!r}"
+            )
         self.ch_mult = tuple(self.ch_mult)  # a list from a JSON round trip becomes the tuple again
         for name in (
             "resolution",
@@ -72,6 +77,10 @@ class AutoEncoderConfig:
                 f"AutoEncoderConfig.resolution={self.resolution} must be divisible by the downsample factor "
                 f"{self.downsample_factor}"
             )
+        for name in ("norm_eps", "scale_factor", "shift_factor"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"AutoEncoderConfig.{name} must be a finite number, got {value!r}")
         if not self.norm_eps > 0:
             raise ValueError(f"AutoEncoderConfig.norm_eps must be > 0, got {self.norm_eps!r}")
         if not self.scale_factor > 0:
@@ -429,13 +438,21 @@ CONFIG_METADATA_KEY = "selfe.autoencoder_config"
 
 def config_from_file(path: str | os.PathLike) -> AutoEncoderConfig | None:
     """The AutoEncoderConfig stored in a .safetensors file's metadata by `save_autoencoder`, else None."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(os.fspath(path), framework="pt") as handle:
-        raw = (handle.metadata() or {}).get(CONFIG_METADATA_KEY)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"autoencoder weights not found (or not a file): {os.fspath(path)!r}")
+    try:
+        with safe_open(os.fspath(path), framework="pt") as handle:
+            raw = (handle.metadata() or {}).get(CONFIG_METADATA_KEY)
+    except SafetensorError as err:  # a truncated or non-safetensors file
+        raise ValueError(f"cannot read {os.fspath(path)} as safetensors: {err}") from err
     if raw is None:
         return None
-    entry = json.loads(raw)
+    try:
+        entry = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: metadata {CONFIG_METADATA_KEY!r} is not valid JSON: {err}") from err
     known = {f.name for f in fields(AutoEncoderConfig)}
     if not isinstance(entry, dict) or set(entry) - known:
         raise ValueError(f"{path}: metadata {CONFIG_METADATA_KEY!r} is not an AutoEncoderConfig: {raw[:200]}")
@@ -468,8 +485,8 @@ def load_autoencoder(
         config = config_from_file(path) or flux1()
     if not isinstance(config, AutoEncoderConfig):
         raise TypeError(f"config must be an AutoEncoderConfig, got {type(config).__name__}")
-    if not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
     with torch.device("meta"):
         model = AutoEncoder(config)
     load_safetensors_into(model, path, device=device, dtype=dtype)

@@ -7,6 +7,7 @@ A model is built from an `MMDiTConfig` and nothing else; the config round-trips 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +50,10 @@ class MMDiTConfig:
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
+        if isinstance(self.axes_dim, (str, bytes)) or not isinstance(self.axes_dim, (list, tuple)):
+            raise ValueError(
+                f"MMDiTConfig.axes_dim must be a list or tuple of 3 positive even ints, got {self.axes_dim!r}"
+            )
         self.axes_dim = tuple(self.axes_dim)  # lists from JSON become tuples
         positive_ints = (
             "hidden_size",
@@ -73,7 +78,9 @@ class MMDiTConfig:
             raise ValueError(
                 f"MMDiTConfig.hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
             )
-        if not self.axes_dim or any(not isinstance(d, int) or d <= 0 or d % 2 for d in self.axes_dim):
+        if not self.axes_dim or any(
+            isinstance(d, bool) or not isinstance(d, int) or d <= 0 or d % 2 for d in self.axes_dim
+        ):
             raise ValueError(f"MMDiTConfig.axes_dim must be positive even ints (RoPE pairs), got {self.axes_dim}")
         if sum(self.axes_dim) != self.head_dim:
             raise ValueError(
@@ -84,15 +91,24 @@ class MMDiTConfig:
             raise ValueError(f"MMDiTConfig.axes_dim needs 3 axes (0, row, col) like FLUX ids, got {self.axes_dim}")
         if self.time_embed_dim % 2:
             raise ValueError(f"MMDiTConfig.time_embed_dim must be even (cos/sin halves), got {self.time_embed_dim}")
-        if not self.mlp_ratio > 0:
-            raise ValueError(f"MMDiTConfig.mlp_ratio must be > 0, got {self.mlp_ratio}")
+        for key in ("mlp_ratio", "rope_theta", "time_factor", "time_max_period", "norm_eps"):
+            value = getattr(self, key)
+            # NaN fails `> 0`, inf fails isfinite: either would turn every activation into NaN / inf.
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not (math.isfinite(value) and value > 0)
+            ):
+                raise ValueError(f"MMDiTConfig.{key} must be > 0 and finite, got {value!r}")
+        for key in ("qkv_bias", "zero_init_gap_embedder"):
+            if not isinstance(getattr(self, key), bool):  # JSON "no" / 1 must not pass as a truthy value
+                raise ValueError(f"MMDiTConfig.{key} must be true or false, got {getattr(self, key)!r}")
+        if not isinstance(self.name, str):
+            raise ValueError(f"MMDiTConfig.name must be a string, got {self.name!r}")
         if self.mlp_hidden_dim * 1.0 != self.hidden_size * self.mlp_ratio:
             raise ValueError(
                 f"MMDiTConfig: hidden_size * mlp_ratio = {self.hidden_size * self.mlp_ratio} is not an integer"
             )
-        for key in ("rope_theta", "time_factor", "time_max_period", "norm_eps"):
-            if not getattr(self, key) > 0:
-                raise ValueError(f"MMDiTConfig.{key} must be > 0, got {getattr(self, key)!r}")
         if self.mlp_activation not in MLP_ACTIVATIONS:
             raise ValueError(
                 f"MMDiTConfig.mlp_activation must be one of {MLP_ACTIVATIONS}, got {self.mlp_activation!r}"
@@ -168,11 +184,22 @@ class MMDiTConfig:
 
 
 def strict_from_dict(cls: type, data: dict[str, Any]) -> Any:
-    """Build config dataclass `cls` from a dict; unknown keys are errors (a typo must not fall back to a default)."""
+    """Build config dataclass `cls` from a dict; unknown keys are errors (a typo must not fall back to a
+    default), and so are missing required keys and a value that is not a dict, each named."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{cls.__name__} must be built from a dict (a JSON object), got {type(data).__name__}")
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(set(data) - known, key=str)
     if unknown:
         raise ValueError(f"unknown {cls.__name__} keys: {unknown}; known: {sorted(known)}")
+    required = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    missing = [name for name in required if name not in data]
+    if missing:
+        raise ValueError(f"{cls.__name__} lacks the required keys {missing}")
     return cls(**data)
 
 

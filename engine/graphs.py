@@ -34,6 +34,8 @@ from selfe.sampler import SamplerConfig, denoise_step, s_grid
 from selfe.schedule import sampling_grid
 
 CUDA_GRAPH_MODES = ("auto", "on", "off")
+# torch.compile modes a FastPathConfig accepts (the two that capture CUDA graphs themselves are refused).
+COMPILE_MODES = (None, "default", "max-autotune-no-cudagraphs")
 # What changes from one step to the next of a sampling call; the rest is copied into a graph once per call.
 PER_STEP_INPUTS = ("x", "t_cur", "t_next", "s_cur", "noise")
 
@@ -54,17 +56,36 @@ class FastPathConfig:
     graph_warmup_iters: int = 2
 
     def __post_init__(self) -> None:
-        if self.compile not in (True, False, "auto"):
-            raise ValueError(f"compile must be True, False or 'auto', got {self.compile!r}")
-        if self.cuda_graph not in CUDA_GRAPH_MODES:
-            raise ValueError(f"cuda_graph must be one of {CUDA_GRAPH_MODES}, got {self.cuda_graph!r}")
+        # `1 in (True, False, "auto")` holds in Python, so the bool check is by type.
+        if not (isinstance(self.compile, bool) or self.compile == "auto"):
+            raise ValueError(f"FastPathConfig.compile must be True, False or 'auto', got {self.compile!r}")
+        if not isinstance(self.cuda_graph, str) or self.cuda_graph not in CUDA_GRAPH_MODES:
+            raise ValueError(f"FastPathConfig.cuda_graph must be one of {CUDA_GRAPH_MODES}, got {self.cuda_graph!r}")
         if self.compile_mode in ("reduce-overhead", "max-autotune"):
             raise ValueError(
-                f"compile_mode={self.compile_mode!r} captures its own CUDA graphs; use None, 'default' or "
-                "'max-autotune-no-cudagraphs' (the step is captured by selfe.graphs)"
+                f"FastPathConfig.compile_mode={self.compile_mode!r} captures its own CUDA graphs; use None, "
+                "'default' or 'max-autotune-no-cudagraphs' (the step is captured by selfe.graphs)"
             )
-        if self.graph_warmup_iters < 1:
-            raise ValueError(f"graph_warmup_iters must be >= 1, got {self.graph_warmup_iters}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"FastPathConfig.compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
+        _check_compile_backend(self.compile_backend)
+        warmup = self.graph_warmup_iters
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
+            raise ValueError(f"FastPathConfig.graph_warmup_iters must be an integer >= 1, got {warmup!r}")
+
+
+def _check_compile_backend(backend: Any) -> None:
+    """A torch.compile backend: a callable, or the name of a registered one. Looking a name up imports
+    torch._dynamo (about a second), so the default "inductor" is taken on trust."""
+    if callable(backend) or backend == "inductor":
+        return
+    if not isinstance(backend, str) or not backend:
+        raise ValueError(
+            f"FastPathConfig.compile_backend must be a torch.compile backend name or callable, got {backend!r}"
+        )
+    known = torch.compiler.list_backends(exclude_tags=())
+    if backend not in known:
+        raise ValueError(f"FastPathConfig.compile_backend {backend!r} is not a torch.compile backend; known: {known}")
 
 
 class _Unchecked(nn.Module):
@@ -154,7 +175,9 @@ class FastSampler:
     graph_class = _GraphedStep  # tests swap in a CPU stand-in that re-runs the step on replay
 
     def __init__(self, net: nn.Module, config: FastPathConfig | None = None):
-        self.config = config or FastPathConfig()
+        if config is not None and not isinstance(config, FastPathConfig):
+            raise TypeError(f"fast_path must be a FastPathConfig or None, got {type(config).__name__}")
+        self.config = config if config is not None else FastPathConfig()
         self.net = net
         self._unchecked = _Unchecked(net)
         self._compiled = None
@@ -300,6 +323,8 @@ class FastSampler:
 
         progress: optional callable(k) called after step k (a progress bar's update).
         """
+        if progress is not None and not callable(progress):
+            raise TypeError(f"progress must be a callable taking the step index, got {type(progress).__name__}")
         if config.guidance is not None and null_cond is None:
             raise ValueError("guidance is set but no null condition was given (pass null_cond or guidance=None)")
         b, device = noise.shape[0], noise.device

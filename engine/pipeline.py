@@ -34,6 +34,7 @@ once (the null prompt "" is cached by the text encoders), samples with the fast 
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -49,18 +50,27 @@ from selfe.config import MMDiTConfig
 from selfe.fp8 import FP8Config, convert_for_inference, fp8_autocast_context
 from selfe.graphs import FastPathConfig, FastSampler
 from selfe.model import MMDiT
-from selfe.pipeline_files import (
-    AE_FILE,
-    CONFIG_FILE,
-    MODEL_FILE,
-    read_pipeline_config,
-    required_file,
-    text_encoder_dirs,
+from selfe.pipeline_files import CONFIG_FILE, MODEL_FILE, read_pipeline_config, required_file, text_encoder_dirs
+from selfe.pipeline_inputs import (
+    autoencoder_source,
+    check_choice,
+    check_int,
+    check_prompt,
+    check_text_snapshots,
+    check_text_widths,
+    checked_device,
+    checked_dtype,
+    checked_root,
+    checked_text_options,
+    side_error,
+    warn_truncated,
 )
 from selfe.pixel_autoencoder import SpaceToDepthAutoEncoder, SpaceToDepthConfig
 from selfe.sampler import METHODS, S_POLICIES, SamplerConfig, sample
-from selfe.text_encoders import TextEncoders, resolve_device, resolve_dtype
-from selfe.weights import load_safetensors_into
+from selfe.text_encoders import (
+    TextEncoders,
+)
+from selfe.weights import check_safetensors_file, load_safetensors_into
 
 OUTPUT_TYPES = ("pil", "pt", "np", "latent")
 MAX_SIZE = 4096  # pixels per side accepted by default; RoPE has no hard limit, memory has
@@ -116,19 +126,29 @@ class SelfEPipeline:
                 f"the autoencoder has {autoencoder.config.z_channels} latent channels, the model expects "
                 f"in_channels={model.config.in_channels}"
             )
-        _check_text_widths(text_encoders, model.config)
+        check_text_widths(text_encoders, model.config)
+        if sampler_defaults is not None and not isinstance(sampler_defaults, SamplerConfig):
+            raise TypeError(f"sampler_defaults must be a SamplerConfig or None, got {type(sampler_defaults).__name__}")
+        if fast_path is not None and not isinstance(fast_path, FastPathConfig):
+            raise TypeError(f"fast_path must be a FastPathConfig or None, got {type(fast_path).__name__}")
+        check_int("max_size", max_size, 1)
+        if default_resolution is not None:
+            error = side_error(
+                "default_resolution",
+                default_resolution,
+                autoencoder.downsample_factor,
+                model.config.patch_size,
+                max_size,
+            )
+            if error:
+                raise ValueError(f"default_resolution={default_resolution!r} is not a valid size: {error}")
         self.fp8 = resolve_fp8(fp8)
         self.model = convert_for_inference(model.eval().requires_grad_(False), self.fp8)
         self.autoencoder = autoencoder.eval().requires_grad_(False)
         self.text_encoders = text_encoders
-        self.sampler_defaults = sampler_defaults or SamplerConfig()
+        self.sampler_defaults = sampler_defaults if sampler_defaults is not None else SamplerConfig()
         self.fast = FastSampler(self.model, fast_path)
         self.max_size = max_size
-        if default_resolution is not None:
-            try:
-                self._check_size(default_resolution, default_resolution)
-            except ValueError as err:
-                raise ValueError(f"default_resolution={default_resolution!r} is not a valid size: {err}") from err
         self.default_resolution = default_resolution
 
     @classmethod
@@ -167,31 +187,64 @@ class SelfEPipeline:
         "space_to_depth" autoencoder, which has none.
         fp8: "none", "torchao", "te" or an FP8Config (see `__init__`); the file stays high precision.
         The config's "resolution" becomes `default_resolution`.
+        device: "cpu", "cuda", "cuda:1", a torch.device or None (CUDA when present, else CPU); one that
+        does not parse or is not available here is a ValueError naming `device`.
+        Everything is checked before any weights load: the arguments, config.json (types and values of
+        every entry, the model / autoencoder channel match), and that every file and folder is there.
         """
-        root = Path(path).expanduser()
-        if not root.is_dir():
-            raise FileNotFoundError(
-                f"pipeline directory {str(root)!r} does not exist; expected {MODEL_FILE} + {CONFIG_FILE} "
-                "(as the trainer exports them) and the autoencoder and text encoders"
-            )
-        device = resolve_device(device)
-        dtype = resolve_dtype(torch_dtype, device)
+        # Every argument, config.json entry and file is checked before any weight is read (errors name
+        # the argument, key or file); then the model, the autoencoder and the text encoders load.
+        root = checked_root(path)
+        device = checked_device(device)
+        dtype = checked_dtype("torch_dtype", torch_dtype, device)
+        text_dtype = (
+            dtype if text_encoder_dtype is None else checked_dtype("text_encoder_dtype", text_encoder_dtype, device)
+        )
+        if fast_path is not None and not isinstance(fast_path, FastPathConfig):
+            raise TypeError(f"fast_path must be a FastPathConfig or None, got {type(fast_path).__name__}")
+        check_int("max_size", max_size, 1)
+        fp8 = resolve_fp8(fp8)
+        for name, value in (("autoencoder_path", autoencoder_path), ("t5_path", t5_path), ("clip_path", clip_path)):
+            if value is not None and not isinstance(value, (str, os.PathLike)):
+                raise TypeError(f"{name} must be a path (str or os.PathLike) or None, got {type(value).__name__}")
         meta = read_pipeline_config(root)
-
-        with torch.device("meta"):
-            model = MMDiT(meta["model"])
-        load_safetensors_into(model, required_file(root / MODEL_FILE, "model weights"), device=device, dtype=dtype)
-
-        autoencoder = _load_autoencoder(root, meta["autoencoder"], autoencoder_path, device, dtype)
+        where = str(root / CONFIG_FILE)
+        text = checked_text_options(meta["text"], where)
+        model_config: MMDiTConfig = meta["model"]
+        model_file = required_file(root / MODEL_FILE, "model weights")
+        ae_config, ae_file = autoencoder_source(root, meta["autoencoder"], autoencoder_path)
+        if ae_config.z_channels != model_config.in_channels:
+            raise ValueError(
+                f"{where}: the autoencoder has {ae_config.z_channels} latent channels, the model expects "
+                f"in_channels={model_config.in_channels}"
+            )
+        if meta["resolution"] is not None:
+            error = side_error(
+                "resolution", meta["resolution"], ae_config.downsample_factor, model_config.patch_size, max_size
+            )
+            if error:
+                raise ValueError(f"{where}: 'resolution' is not a valid default size (max_size={max_size}): {error}")
+        with torch.device("meta"):  # shapes only: the weight files' headers are checked against them
+            model = MMDiT(model_config)
+            meta_autoencoder = None if ae_file is None else AutoEncoder(ae_config)
+        check_safetensors_file(model, model_file)
+        if meta_autoencoder is not None:
+            check_safetensors_file(meta_autoencoder, ae_file)
         t5_dir, t5_tok, clip_dir, clip_tok = text_encoder_dirs(root, t5_path, clip_path)
-        text = meta["text"]
+        check_text_snapshots(t5_dir, t5_tok, clip_dir, clip_tok, model_config, text.get("clip_max_length", 77))
+
+        load_safetensors_into(model, model_file, device=device, dtype=dtype)
+        if isinstance(ae_config, SpaceToDepthConfig):
+            autoencoder = SpaceToDepthAutoEncoder(ae_config).to(device).eval()
+        else:
+            autoencoder = load_autoencoder(ae_file, ae_config, device=device, dtype=dtype)
         text_encoders = TextEncoders.from_snapshots(
             t5_dir,
             clip_dir,
             t5_tokenizer_path=t5_tok,
             clip_tokenizer_path=clip_tok,
             device=device,
-            dtype=text_encoder_dtype or dtype,
+            dtype=text_dtype,
             **text,
         )
         return cls(
@@ -245,10 +298,12 @@ class SelfEPipeline:
         batch counts images, not prompts x images. height / width None: `default_resolution` (else 512).
         The first call of a new shape does this by itself.
         """
-        _check_int("batch", batch, 1)
+        check_int("batch", batch, 1)
         height, width = self._resolve_size(height, width)
         self._check_size(height, width)
-        _check_choice("sampler", sampler, METHODS)
+        check_choice("sampler", sampler, METHODS)
+        if not isinstance(guidance, bool):
+            raise TypeError(f"guidance must be a bool (warm up the guided step or not), got {guidance!r}")
         cond, null = self.encode_prompts([""] * batch, guided=guidance)
         x = torch.zeros(batch, *self._latent_shape(height, width), device=self.device)
         with fp8_autocast_context(self.fp8):
@@ -300,21 +355,32 @@ class SelfEPipeline:
         guidance (alias guidance_scale): omega >= 0 of energy-preserving CFG; None: no CFG; default the
             pipeline's config (the training run's export_guidance; the shipped ShapesEval model has none).
         height / width: pixels, multiples of `size_multiple`; None: `default_size` (the config's resolution).
-        seed or generator: the noise source (both: error). sampler: "ddim" (eta-DDIM) or "euler".
+            Each side defaults on its own, as in diffusers: height=64 alone gives 64 x the default width.
+        seed (an int in [0, 2**64)) or generator: the noise source (both: error).
+        sampler: "ddim" (eta-DDIM) or "euler".
         s_policy / s_fixed / eta: see SamplerConfig. fast: the compiled / graphed step (False: the
-        plain eager sampler loop, for reference). progress: called with the step index after each step.
+        plain eager sampler loop, for reference). progress: a callable, called with the step index after
+        each step (on both paths).
+        num_images_per_prompt: images per prompt, prompt-major (prompt 0's images first); the noise of all
+            of them comes from one draw of the seed / generator, so prompt 0's images depend on the batch.
+        output_type "latent": `images` is the (B, C, h, w) latents tensor itself (no decode).
+        Prompts longer than the text encoders take (the config's t5_max_length T5 tokens, clip_max_length
+        CLIP tokens, EOS included) are truncated to that length, as in diffusers; a UserWarning names them.
         """
-        prompts = _check_prompt(prompt)
+        prompts = check_prompt(prompt)
         config = self._sampler_config(
             steps, num_inference_steps, guidance, guidance_scale, sampler, s_policy, s_fixed, eta
         )
         height, width = self._resolve_size(height, width)
         self._check_size(height, width)
-        _check_choice("output_type", output_type, OUTPUT_TYPES)
-        _check_int("num_images_per_prompt", num_images_per_prompt, 1)
+        check_choice("output_type", output_type, OUTPUT_TYPES)
+        check_int("num_images_per_prompt", num_images_per_prompt, 1)
         generator = self._generator(seed, generator)
         if not isinstance(fast, bool):
             raise TypeError(f"fast must be a bool, got {fast!r}")
+        if progress is not None and not callable(progress):
+            raise TypeError(f"progress must be a callable taking the step index, got {type(progress).__name__}")
+        warn_truncated(self.text_encoders, prompts)
 
         timings: dict[str, float] = {}
         clock = _Clock(self.device, timings)
@@ -335,10 +401,7 @@ class SelfEPipeline:
                 latents = self.fast.sample(noise, cond, null, config, num_tokens, _on(generator, noise), progress)
         else:
             with clock("denoise"), fp8_autocast_context(self.fp8):
-                latents = sample(self.model, noise, cond, null, config, num_tokens, _on(generator, noise))
-            if progress is not None:
-                for k in range(config.steps):
-                    progress(k)
+                latents = sample(self.model, noise, cond, null, config, num_tokens, _on(generator, noise), progress)
         if output_type == "latent":
             return SelfEPipelineOutput(images=latents, latents=latents, timings=timings)
         with clock("decode"):
@@ -362,7 +425,7 @@ class SelfEPipeline:
         defaults = self.sampler_defaults
         steps = _alias("steps", steps, None, "num_inference_steps", num_inference_steps)
         steps = defaults.steps if steps is None else steps
-        _check_int("steps", steps, 1)
+        check_int("steps", steps, 1)
         guidance = _alias("guidance", guidance, ..., "guidance_scale", guidance_scale)
         guidance = defaults.guidance if guidance is ... else guidance
         if guidance is not None:
@@ -375,14 +438,14 @@ class SelfEPipeline:
             ):
                 raise ValueError(f"guidance must be a finite number >= 0 or None (no CFG), got {guidance!r}")
         method = defaults.method if sampler is None else sampler
-        _check_choice("sampler", method, METHODS)
+        check_choice("sampler", method, METHODS)
         policy = defaults.s_policy if s_policy is None else s_policy
-        _check_choice("s_policy", policy, S_POLICIES)
+        check_choice("s_policy", policy, S_POLICIES)
         s_fixed = defaults.s_fixed if s_fixed is None else s_fixed
-        if not isinstance(s_fixed, (int, float)) or not 0.0 <= s_fixed <= 1.0:
+        if isinstance(s_fixed, bool) or not isinstance(s_fixed, (int, float)) or not 0.0 <= s_fixed <= 1.0:
             raise ValueError(f"s_fixed must be a number in [0, 1], got {s_fixed!r}")
         eta = defaults.eta if eta is None else eta
-        if not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
             raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
         return SamplerConfig(
             steps=steps,
@@ -400,15 +463,12 @@ class SelfEPipeline:
         return (default_height if height is None else height), (default_width if width is None else width)
 
     def _check_size(self, height: Any, width: Any) -> None:
-        m = self.size_multiple
         for name, value in (("height", height), ("width", width)):
-            _check_int(name, value, m)
-            if value % m or value > self.max_size:
-                raise ValueError(
-                    f"{name} must be a multiple of {m} (autoencoder {self.autoencoder.downsample_factor}x "
-                    f"down, {self.model.config.patch_size}x{self.model.config.patch_size} patches) "
-                    f"between {m} and {self.max_size}, got {value}"
-                )
+            error = side_error(
+                name, value, self.autoencoder.downsample_factor, self.model.config.patch_size, self.max_size
+            )
+            if error:
+                raise ValueError(error)
 
     def _latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         f = self.autoencoder.downsample_factor
@@ -423,33 +483,14 @@ class SelfEPipeline:
             return generator
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
-        _check_int("seed", seed, 0)
+        check_int("seed", seed, 0)
+        if seed >= 2**64:  # torch.Generator.manual_seed takes 64 bits
+            raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
         return torch.Generator(device=self.device).manual_seed(seed)
 
 
 # ----------------------------------------------------------------------------------------------
 # Small helpers
-
-
-def _load_autoencoder(
-    root: Path,
-    config: Any,
-    autoencoder_path: str | Path | None,
-    device: torch.device,
-    dtype: torch.dtype,
-) -> AutoEncoder | SpaceToDepthAutoEncoder:
-    """The pipeline's autoencoder: built directly when weightless, else loaded from ae.safetensors."""
-    if isinstance(config, SpaceToDepthConfig):
-        if autoencoder_path is not None:
-            raise ValueError(
-                f"autoencoder_path={str(autoencoder_path)!r} given, but the pipeline's autoencoder is "
-                "'space_to_depth', which has no weights"
-            )
-        return SpaceToDepthAutoEncoder(config).to(device).eval()
-    ae_file = Path(autoencoder_path) if autoencoder_path is not None else root / AE_FILE
-    return load_autoencoder(
-        required_file(ae_file, "autoencoder weights (pass autoencoder_path=)"), config, device=device, dtype=dtype
-    )
 
 
 def resolve_fp8(fp8: str | FP8Config) -> FP8Config:
@@ -459,35 +500,6 @@ def resolve_fp8(fp8: str | FP8Config) -> FP8Config:
     if isinstance(fp8, str):
         return FP8Config(recipe=fp8)  # validates the name
     raise TypeError(f"fp8 must be 'none', 'torchao', 'te' or an FP8Config, got {type(fp8).__name__}")
-
-
-def _check_text_widths(text_encoders: Any, config: MMDiTConfig) -> None:
-    t5, clip = getattr(text_encoders, "t5", None), getattr(text_encoders, "clip", None)
-    if t5 is not None and t5.width != config.txt_dim:
-        raise ValueError(f"the T5 encoder's width is {t5.width}, the model expects txt_dim={config.txt_dim}")
-    if clip is not None and clip.width != config.vec_dim:
-        raise ValueError(f"the CLIP encoder's width is {clip.width}, the model expects vec_dim={config.vec_dim}")
-
-
-def _check_prompt(prompt: Any) -> list[str]:
-    if isinstance(prompt, str):
-        return [prompt]
-    if not isinstance(prompt, (list, tuple)) or not prompt:
-        raise TypeError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
-    for i, p in enumerate(prompt):
-        if not isinstance(p, str):
-            raise TypeError(f"prompt[{i}] must be a string, got {type(p).__name__}")
-    return list(prompt)
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
 
 
 def _alias(name: str, value: Any, unset: Any, alias: str, alias_value: Any) -> Any:

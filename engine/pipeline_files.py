@@ -91,6 +91,8 @@ def autoencoder_config(entry: Any, where: str = "config.json") -> AutoEncoderCon
 
 
 def required_file(path: Path, what: str) -> Path:
+    if path.is_dir():
+        raise IsADirectoryError(f"{what}: {str(path)!r} is a directory, expected a file")
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {str(path)!r}")
     return path

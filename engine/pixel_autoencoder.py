@@ -11,6 +11,7 @@ size 1, a token is an 8x8 pixel patch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch.nn.functional as F
@@ -33,6 +34,10 @@ class SpaceToDepthConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"SpaceToDepthConfig.{name} must be a positive int, got {value!r}")
+        for name in ("scale_factor", "shift_factor"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"SpaceToDepthConfig.{name} must be a finite number, got {value!r}")
         if not self.scale_factor > 0:
             raise ValueError(f"SpaceToDepthConfig.scale_factor must be > 0, got {self.scale_factor!r}")
 

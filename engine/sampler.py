@@ -7,6 +7,8 @@ graph once per shape and replay it for every step count. `sample` is the plain l
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -14,6 +16,7 @@ import torch
 from torch import Tensor
 
 from selfe import condition_tree
+from selfe.kernels.dispatch import BACKENDS as KERNEL_BACKENDS
 from selfe.objective import DualTimeNetwork
 from selfe.renorm import energy_preserving_cfg
 from selfe.schedule import TimeShift, sampling_grid
@@ -36,25 +39,64 @@ class SamplerConfig:
     kernel_backend: str | None = "auto"
 
     def __post_init__(self) -> None:
-        if isinstance(self.time_shift, dict):
-            self.time_shift = TimeShift(**self.time_shift)
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
-        if self.method not in METHODS:
-            raise ValueError(f"sampler method must be one of {METHODS}, got {self.method!r}")
-        if self.s_policy not in S_POLICIES:
-            raise ValueError(f"s_policy must be one of {S_POLICIES}, got {self.s_policy!r}")
-        if not 0.0 <= self.eta <= 1.0:
-            raise ValueError(f"eta must lie in [0, 1], got {self.eta}")
+        # Each field is checked by type and value, named as SamplerConfig.<field>: a config.json "sampler"
+        # entry lands here, and a string, a bool or a NaN must fail now, not at the first sampling call.
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"SamplerConfig.steps must be an integer >= 1, got {self.steps!r}")
+        if not isinstance(self.method, str) or self.method not in METHODS:
+            raise ValueError(f"SamplerConfig.method (sampler method) must be one of {METHODS}, got {self.method!r}")
+        if not isinstance(self.s_policy, str) or self.s_policy not in S_POLICIES:
+            raise ValueError(f"SamplerConfig.s_policy must be one of {S_POLICIES}, got {self.s_policy!r}")
+        if not _is_number(self.eta) or not 0.0 <= self.eta <= 1.0:
+            raise ValueError(f"SamplerConfig.eta must be a number in [0, 1], got {self.eta!r}")
         if self.guidance is not None and not (
-            float(self.guidance) == float(self.guidance) and abs(self.guidance) < float("inf")
+            _is_number(self.guidance) and math.isfinite(self.guidance) and self.guidance >= 0
         ):
-            raise ValueError(f"guidance must be a finite number or None, got {self.guidance}")
-        if not 0.0 <= self.s_fixed <= 1.0:
-            raise ValueError(f"s_fixed must lie in [0, 1], got {self.s_fixed}")
+            # omega < 0 pushes away from the prompt: a typo, not a setting (0 is unconditional, 1 is no CFG)
+            raise ValueError(
+                f"SamplerConfig.guidance must be a finite number >= 0 or None (no CFG), got {self.guidance!r}"
+            )
+        if not _is_number(self.s_fixed) or not 0.0 <= self.s_fixed <= 1.0:
+            raise ValueError(f"SamplerConfig.s_fixed must be a number in [0, 1], got {self.s_fixed!r}")
+        self.time_shift = _checked_time_shift(self.time_shift)
+        if self.kernel_backend is not None and (
+            not isinstance(self.kernel_backend, str) or self.kernel_backend not in KERNEL_BACKENDS
+        ):
+            raise ValueError(
+                f"SamplerConfig.kernel_backend must be one of {KERNEL_BACKENDS} or None, got {self.kernel_backend!r}"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _is_number(value: Any) -> bool:
+    """A real int or float; True / False are not numbers here."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _checked_time_shift(value: Any) -> TimeShift:
+    """A TimeShift (a dict from config.json is built into one) with numeric anchors and a finite or None mu."""
+    if isinstance(value, dict):
+        try:
+            value = TimeShift(**value)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"SamplerConfig.time_shift is not a valid TimeShift ({err}), got {value!r}") from err
+    if not isinstance(value, TimeShift):
+        raise ValueError(
+            f"SamplerConfig.time_shift must be a TimeShift or a dict of its fields, got {type(value).__name__}"
+        )
+    anchors = value.anchors
+    if not (
+        isinstance(anchors, (list, tuple))
+        and len(anchors) == 2
+        and all(isinstance(a, (list, tuple)) and len(a) == 2 and all(map(_is_number, a)) for a in anchors)
+        and all(math.isfinite(x) for a in anchors for x in a)
+    ):
+        raise ValueError(f"SamplerConfig.time_shift.anchors must be two finite (tokens, mu) pairs, got {anchors!r}")
+    if value.mu is not None and not (_is_number(value.mu) and math.isfinite(value.mu)):
+        raise ValueError(f"SamplerConfig.time_shift.mu must be a finite number or None, got {value.mu!r}")
+    return value
 
 
 def s_grid(t_grid: Tensor, policy: str = "next", s_fixed: float = 0.5) -> Tensor:
@@ -133,11 +175,15 @@ def sample(
     config: SamplerConfig | None = None,
     num_tokens: int | None = None,
     generator: torch.Generator | None = None,
+    progress: Callable[[int], Any] | None = None,
 ) -> Tensor:
     """Run `config.steps` steps from `noise` (x at t = 1) to a clean sample. Deterministic for a given generator.
 
     num_tokens: image tokens per sample for the length shift (unless the config fixes mu).
+    progress: optional callable(k) called after step k (a progress bar's update).
     """
+    if progress is not None and not callable(progress):
+        raise TypeError(f"progress must be a callable taking the step index, got {type(progress).__name__}")
     config = config or SamplerConfig()
     if config.guidance is not None and null_cond is None:
         raise ValueError("guidance is set but no null condition was given (pass null_cond or guidance=None)")
@@ -163,4 +209,6 @@ def sample(
             config.method,
             config.kernel_backend,
         )
+        if progress is not None:
+            progress(k)
     return x

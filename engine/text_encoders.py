@@ -33,7 +33,7 @@ CONDITION_KEYS = ("txt", "txt_mask", "pooled")
 T5_TOKENIZER_FILES = (("tokenizer.json",), ("spiece.model",))
 CLIP_TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
 
-_DTYPE_NAMES = {
+DTYPE_NAMES = {
     "bf16": torch.bfloat16,
     "bfloat16": torch.bfloat16,
     "fp16": torch.float16,
@@ -65,10 +65,10 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torc
     if dtype is None:
         return torch.float32 if device.type == "cpu" else torch.bfloat16
     if isinstance(dtype, str):
-        if dtype not in _DTYPE_NAMES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPE_NAMES)} or a torch.dtype, got {dtype!r}")
-        return _DTYPE_NAMES[dtype]
-    if dtype not in _DTYPE_NAMES.values():
+        if dtype not in DTYPE_NAMES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPE_NAMES)} or a torch.dtype, got {dtype!r}")
+        return DTYPE_NAMES[dtype]
+    if dtype not in DTYPE_NAMES.values():
         raise ValueError(f"text encoders run in bfloat16, float16 or float32, got {dtype}")
     return dtype
 

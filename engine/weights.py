@@ -31,6 +31,7 @@ class StateDictMismatchError(ValueError):
         self.missing = list(mismatch.missing)
         self.unexpected = list(mismatch.unexpected)
         self.shape_mismatched = dict(mismatch.shape_mismatched)
+        self.dtype_mismatched = dict(mismatch.dtype_mismatched)
         super().__init__(mismatch.describe(source))
 
 
@@ -42,10 +43,13 @@ class StateDictMismatch:
     unexpected: list[str] = field(default_factory=list)
     # name -> (shape in the checkpoint, shape the module expects)
     shape_mismatched: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
+    # name -> (dtype in the checkpoint, dtype the module expects), where one is floating point and the
+    # other is not (an int or bool tensor for a weight): no cast makes such a tensor the right one
+    dtype_mismatched: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
-        return not (self.missing or self.unexpected or self.shape_mismatched)
+        return not (self.missing or self.unexpected or self.shape_mismatched or self.dtype_mismatched)
 
     def describe(self, source: str) -> str:
         lines = [f"state dict from {source} does not match the module:"]
@@ -62,6 +66,10 @@ class StateDictMismatch:
         names(
             "shape mismatched (checkpoint vs module)",
             [f"{k} {list(a)} vs {list(b)}" for k, (a, b) in self.shape_mismatched.items()],
+        )
+        names(
+            "dtype mismatched, floating point vs not (checkpoint vs module)",
+            [f"{k} {a} vs {b}" for k, (a, b) in self.dtype_mismatched.items()],
         )
         return "\n".join(lines)
 
@@ -93,8 +101,40 @@ def check_state_dict(
 ) -> None:
     """Raise `StateDictMismatchError` naming every missing, unexpected and mis-shaped key."""
     mismatch = compare_shapes(expected_shapes(module), {k: tuple(v.shape) for k, v in state_dict.items()})
+    mismatch.dtype_mismatched = compare_dtype_kinds(
+        expected_floating(module), {k: (v.is_floating_point(), str(v.dtype)) for k, v in state_dict.items()}
+    )
     if not mismatch.ok:
         raise StateDictMismatchError(mismatch, source)
+
+
+def expected_floating(module: nn.Module) -> dict[str, tuple[bool, str]]:
+    """Name -> (floating point?, dtype name) of every tensor `module.state_dict()` holds (meta modules too)."""
+    return {name: (t.is_floating_point(), str(t.dtype)) for name, t in module.state_dict(keep_vars=True).items()}
+
+
+def compare_dtype_kinds(
+    expected: Mapping[str, tuple[bool, str]], found: Mapping[str, tuple[bool, str]]
+) -> dict[str, tuple[str, str]]:
+    """Names present in both whose tensors differ in kind (floating point or not): name -> (found, expected)."""
+    return {
+        name: (found[name][1], expected[name][1])
+        for name in sorted(expected.keys() & found.keys())
+        if found[name][0] != expected[name][0]
+    }
+
+
+def check_load_dtype(dtype: object) -> None:
+    """`dtype=` of the loaders: None (keep the stored dtypes) or a floating-point torch.dtype."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be None or a floating-point torch.dtype, got {dtype!r}")
+
+
+def _checked_device(device: object) -> torch.device:
+    try:
+        return torch.device(device)  # type: ignore[arg-type]
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise ValueError(f"device={device!r} is not a torch device: {err}") from err
 
 
 def load_safetensors(
@@ -111,7 +151,8 @@ def load_safetensors(
         checkpoints whose layout differs from ours (the FLUX autoencoder needs none).
     """
     path = _checked_path(path)
-    device = torch.device(device)
+    device = _checked_device(device)
+    check_load_dtype(dtype)
     tensors: dict[str, Tensor] = {}
     try:
         # Read on the CPU and move each tensor ourselves: safe_open's device argument does not
@@ -158,6 +199,7 @@ def load_state_dict_into(
     own devices and dtypes win. Raises `StateDictMismatchError` before touching the module if any
     key is missing, unexpected or mis-shaped.
     """
+    check_load_dtype(dtype)
     check_state_dict(module, state_dict, source)
     if dtype is not None:
         state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
@@ -184,17 +226,44 @@ def safetensors_shapes(
     path: str | os.PathLike, key_map: Callable[[str], str | None] | None = None
 ) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor in a .safetensors file, read from its header only (no data)."""
+    return {name: shape for name, (shape, _) in _safetensors_header(path, key_map).items()}
+
+
+def _safetensors_header(
+    path: str | os.PathLike, key_map: Callable[[str], str | None] | None = None
+) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Name -> (shape, safetensors dtype name such as "F32", "BF16", "I64") from the header only."""
     path = _checked_path(path)
-    shapes: dict[str, tuple[int, ...]] = {}
+    header: dict[str, tuple[tuple[int, ...], str]] = {}
     try:
         with safe_open(path, framework="pt", device="cpu") as handle:
             for stored in handle.keys():
                 name = key_map(stored) if key_map is not None else stored
                 if name is not None:
-                    shapes[name] = tuple(handle.get_slice(stored).get_shape())
+                    tensor_slice = handle.get_slice(stored)
+                    header[name] = (tuple(tensor_slice.get_shape()), str(tensor_slice.get_dtype()))
     except SafetensorError as err:
         raise ValueError(f"cannot read {path} as safetensors: {err}") from err
-    return shapes
+    return header
+
+
+def _is_floating_name(name: str) -> bool:
+    """Whether a safetensors dtype name ("F32", "BF16", "F8_E4M3", "I8", "BOOL", ...) is floating point."""
+    return name.startswith(("F", "BF"))
+
+
+def check_safetensors_file(
+    module: nn.Module, path: str | os.PathLike, key_map: Callable[[str], str | None] | None = None
+) -> None:
+    """Check a file's names, shapes and dtype kinds against `module` (a meta-device one will do) from the
+    header alone; raise `StateDictMismatchError` naming every mismatch. No tensor data is read."""
+    header = _safetensors_header(path, key_map)
+    mismatch = compare_shapes(expected_shapes(module), {name: shape for name, (shape, _) in header.items()})
+    mismatch.dtype_mismatched = compare_dtype_kinds(
+        expected_floating(module), {name: (_is_floating_name(kind), kind) for name, (_, kind) in header.items()}
+    )
+    if not mismatch.ok:
+        raise StateDictMismatchError(mismatch, os.fspath(path))
 
 
 def load_safetensors_into(
@@ -206,12 +275,13 @@ def load_safetensors_into(
 ) -> nn.Module:
     """Check a file's header against `module`, then load it: the one call a model loader needs.
 
-    The names and shapes are checked before any tensor data is read, so a wrong file fails fast
-    with every mismatch named.
+    The names, shapes and dtype kinds (an integer tensor for a floating-point weight) are checked
+    before any tensor data is read, so a wrong file fails fast with every mismatch named. dtype: None
+    or a floating-point torch.dtype (floating tensors are cast to it).
     """
     source = os.fspath(path)
-    mismatch = compare_shapes(expected_shapes(module), safetensors_shapes(path, key_map))
-    if not mismatch.ok:
-        raise StateDictMismatchError(mismatch, source)
+    _checked_device(device)
+    check_load_dtype(dtype)
+    check_safetensors_file(module, path, key_map)
     state_dict = load_safetensors(path, device=device, dtype=dtype, key_map=key_map)
     return load_state_dict_into(module, state_dict, source=source)

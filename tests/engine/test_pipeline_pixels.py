@@ -121,7 +121,7 @@ def test_config_errors(pixel_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="resolution"):
         read_pipeline_config(broken)
     write(resolution=36)  # not a multiple of 8
-    with pytest.raises(ValueError, match="default_resolution=36"):
+    with pytest.raises(ValueError, match="config.json: 'resolution' is not a valid default size"):
         SelfEPipeline.from_pretrained(broken)
     write(autoencoder={"type": "space_to_depth", "downsample_factor": 4})  # 48 channels, the model has 192
     with pytest.raises(ValueError, match="in_channels=192"):

@@ -1,0 +1,414 @@
+"""The library API as a demanding user meets it: every bad argument, config.json entry or weight file is an
+error naming the argument / field / key, raised before any weights load or any sampling starts.
+
+Complements tests/engine/test_pipeline.py (whose `test_inputs_are_checked_before_any_work` covers the common
+`__call__` arguments): here `from_pretrained`'s keywords and pipeline folders, the config dataclasses built
+directly, `selfe.weights` and the rarer call paths. Everything runs on the shipped tiny ShapesEval model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import selfe.pipeline
+from selfe.autoencoder import AutoEncoderConfig
+from selfe.config import MMDiTConfig
+from selfe.config import tiny as tiny_mmdit
+from selfe.graphs import FastPathConfig, FastSampler
+from selfe.model import MMDiT
+from selfe.pipeline import SelfEPipeline
+from selfe.pixel_autoencoder import SpaceToDepthConfig
+from selfe.sampler import SamplerConfig
+from selfe.schedule import TimeShift
+from selfe.shapes import shipped_model_dir
+from selfe.weights import StateDictMismatchError, load_safetensors, load_safetensors_into
+from tests.helpers_text import forbid_network_and_unpickling
+
+SHIPPED = shipped_model_dir()
+pytestmark = pytest.mark.skipif(SHIPPED is None, reason="this install lacks the shipped ShapesEval model")
+EAGER = FastPathConfig(compile=False)
+FILES = ("model.safetensors", "ae.safetensors", "text_encoder", "text_encoder_2")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def no_network():
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        forbid_network_and_unpickling(monkeypatch)
+        yield
+
+
+@pytest.fixture(scope="module")
+def pipe() -> SelfEPipeline:
+    return SelfEPipeline.from_pretrained(SHIPPED, fast_path=EAGER)
+
+
+@pytest.fixture
+def no_loading(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any weight loading fails the test: the error under test must come first."""
+
+    def no_work(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("weights started loading before the inputs were checked")
+
+    monkeypatch.setattr(selfe.pipeline, "load_safetensors_into", no_work)
+    monkeypatch.setattr(selfe.pipeline, "load_autoencoder", no_work)
+    monkeypatch.setattr(selfe.pipeline.TextEncoders, "from_snapshots", no_work)
+
+
+def shipped_meta() -> dict[str, Any]:
+    return json.loads((SHIPPED / "config.json").read_text())
+
+
+def variant(root: Path, meta: dict[str, Any] | None = None, copy: tuple[str, ...] = ()) -> Path:
+    """A pipeline folder: the shipped files linked (those in `copy` copied, to be damaged) and config.json `meta`."""
+    root.mkdir(parents=True)
+    for name in FILES:
+        if name in copy:
+            (shutil.copytree if (SHIPPED / name).is_dir() else shutil.copy)(SHIPPED / name, root / name)
+        else:
+            (root / name).symlink_to(SHIPPED / name)
+    (root / "config.json").write_text(json.dumps(shipped_meta() if meta is None else meta))
+    return root
+
+
+# ----------------------------------------------------------------------------------------------
+# from_pretrained's keywords
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(torch_dtype="float64"), "torch_dtype"),
+        (dict(torch_dtype=torch.int8), "torch_dtype"),
+        (dict(torch_dtype=torch.float64), "torch_dtype"),
+        (dict(torch_dtype=3), "torch_dtype"),
+        (dict(text_encoder_dtype=torch.int32), "text_encoder_dtype"),
+        (dict(device="gpu"), "device='gpu'"),
+        (dict(device="cpu:x"), "device='cpu:x'"),
+        (dict(device="cuda:99"), "device='cuda:99'"),  # no CUDA, or not 100 CUDA devices
+        (dict(device="meta"), "device='meta'"),
+        (dict(device=object()), "device must be"),
+        (dict(max_size=0), "max_size"),
+        (dict(max_size="big"), "max_size"),
+        (dict(max_size=16), "'resolution'.*max_size=16"),  # the shipped config's resolution is 32
+        (dict(fast_path={}), "fast_path"),
+        (dict(fast_path="off"), "fast_path"),
+        (dict(fp8=3), "fp8"),
+        (dict(autoencoder_path=SHIPPED), "is a directory"),
+        (dict(t5_path=123), "t5_path"),
+    ],
+)
+def test_from_pretrained_keywords_are_checked_before_any_work(no_loading: None, kwargs: dict, match: str) -> None:
+    with pytest.raises((ValueError, TypeError, OSError), match=match):
+        SelfEPipeline.from_pretrained(SHIPPED, **kwargs)
+
+
+def test_from_pretrained_path_must_be_a_folder(no_loading: None) -> None:
+    with pytest.raises(NotADirectoryError, match="is a file, not a pipeline directory"):
+        SelfEPipeline.from_pretrained(SHIPPED / "model.safetensors")
+    with pytest.raises(TypeError, match="path must be"):
+        SelfEPipeline.from_pretrained(None)  # type: ignore[arg-type]
+
+
+def _set(section: str, key: str, value: Any):
+    def mutate(meta: dict) -> dict:
+        meta[section][key] = value
+        return meta
+
+    return mutate
+
+
+def _drop(section: str, key: str):
+    def mutate(meta: dict) -> dict:
+        del meta[section][key]
+        return meta
+
+    return mutate
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        (_drop("model", "hidden_size"), r"MMDiTConfig lacks the required keys \['hidden_size'\]"),
+        (lambda meta: {**meta, "model": None}, "MMDiTConfig must be built from a dict"),
+        (_set("model", "axes_dim", 8), "MMDiTConfig.axes_dim"),
+        (_set("model", "qkv_bias", "no"), "MMDiTConfig.qkv_bias"),
+        (_set("model", "norm_eps", math.inf), "MMDiTConfig.norm_eps"),
+        (_set("model", "mlp_ratio", "4"), "MMDiTConfig.mlp_ratio"),
+        (_set("model", "txt_dim", 48), "txt_in"),  # the header check names the mismatched weights
+        (_set("sampler", "kernel_backend", "bogus"), "SamplerConfig.kernel_backend"),
+        (_set("sampler", "guidance", -1.0), "SamplerConfig.guidance"),
+        (_set("sampler", "eta", "1"), "SamplerConfig.eta"),
+        (_set("sampler", "steps", True), "SamplerConfig.steps"),
+        (_set("sampler", "time_shift", "x"), "SamplerConfig.time_shift"),
+        (_set("sampler", "time_shift", {"mu": "x"}), "SamplerConfig.time_shift"),
+        (_set("text", "t5_max_length", 16.5), "text.t5_max_length"),
+        (_set("text", "t5_attention_mask", "no"), "text.t5_attention_mask"),
+        (_set("text", "clip_max_length", 1000), "clip_max_length=1000"),
+        (_set("autoencoder", "shift_factor", "x"), "AutoEncoderConfig.shift_factor"),
+        (_set("autoencoder", "z_channels", 16), "16 latent channels, the model expects in_channels=8"),
+        (lambda meta: {**meta, "resolution": 30}, "'resolution'"),
+    ],
+)
+def test_config_json_errors_name_the_key_before_any_work(tmp_path: Path, no_loading: None, mutate, match: str) -> None:
+    root = variant(tmp_path / "pipe", mutate(shipped_meta()))
+    with pytest.raises(ValueError, match=match):
+        SelfEPipeline.from_pretrained(root)
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _int_weight(path: Path) -> None:
+    tensors = load_file(path)
+    tensors["img_in.weight"] = tensors["img_in.weight"].to(torch.int32)
+    save_file(tensors, path)
+
+
+def _folder_for_file(path: Path) -> None:
+    path.unlink()
+    path.mkdir()
+
+
+def _t5_width(path: Path) -> None:
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "d_model": 32}))
+
+
+@pytest.mark.parametrize(
+    ("name", "damage", "drop_ae_config", "error", "match"),
+    [
+        ("model.safetensors", _truncate, False, ValueError, "cannot read .*model.safetensors as safetensors"),
+        ("model.safetensors", _int_weight, False, StateDictMismatchError, "dtype mismatched.*img_in.weight I32"),
+        ("model.safetensors", _folder_for_file, False, IsADirectoryError, "model weights.*is a directory"),
+        ("ae.safetensors", _truncate, True, ValueError, "cannot read .*ae.safetensors as safetensors"),
+        ("text_encoder", _t5_width, False, ValueError, "T5 encoder's width is 32, the model expects txt_dim=64"),
+    ],
+)
+def test_damaged_files_are_named_before_any_work(
+    tmp_path: Path, no_loading: None, name: str, damage, drop_ae_config: bool, error: type, match: str
+) -> None:
+    meta = shipped_meta()
+    if drop_ae_config:  # the autoencoder config is then read from ae.safetensors' metadata
+        del meta["autoencoder"]
+    root = variant(tmp_path / "pipe", meta, copy=(name,))
+    damage(root / name)
+    with pytest.raises(error, match=match):
+        SelfEPipeline.from_pretrained(root)
+
+
+def test_constructor_arguments_are_checked(pipe: SelfEPipeline) -> None:
+    parts = (pipe.model, pipe.autoencoder, pipe.text_encoders)
+    with pytest.raises(TypeError, match="sampler_defaults"):
+        SelfEPipeline.from_components(*parts, sampler_defaults={"steps": 4})
+    with pytest.raises(TypeError, match="fast_path"):
+        SelfEPipeline.from_components(*parts, fast_path="off")
+    with pytest.raises(ValueError, match="max_size"):
+        SelfEPipeline.from_components(*parts, max_size="4096")
+    with pytest.raises(TypeError, match="fast_path"):
+        FastSampler(pipe.model, {"compile": False})  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------------------------
+# The config dataclasses, built directly
+
+
+def _mmdit(**overrides: Any) -> MMDiTConfig:
+    return dataclasses.replace(tiny_mmdit(), **overrides)
+
+
+@pytest.mark.parametrize(
+    ("build", "match"),
+    [
+        (lambda: _mmdit(axes_dim=16), "MMDiTConfig.axes_dim"),
+        (lambda: _mmdit(mlp_ratio="4"), "MMDiTConfig.mlp_ratio"),
+        (lambda: _mmdit(rope_theta=math.inf), "MMDiTConfig.rope_theta"),
+        (lambda: _mmdit(time_factor=math.inf), "MMDiTConfig.time_factor"),
+        (lambda: _mmdit(time_max_period=None), "MMDiTConfig.time_max_period"),
+        (lambda: _mmdit(norm_eps=math.inf), "MMDiTConfig.norm_eps"),
+        (lambda: _mmdit(qkv_bias="false"), "MMDiTConfig.qkv_bias"),
+        (lambda: _mmdit(zero_init_gap_embedder=0), "MMDiTConfig.zero_init_gap_embedder"),
+        (lambda: _mmdit(name=None), "MMDiTConfig.name"),
+        (lambda: MMDiTConfig.from_dict({"hidden_size": 64}), r"lacks the required keys \['num_heads'"),
+        (lambda: MMDiTConfig.from_dict(["hidden_size"]), "must be built from a dict"),
+        (lambda: SamplerConfig(steps=True), "SamplerConfig.steps"),
+        (lambda: SamplerConfig(steps=-3), "SamplerConfig.steps"),
+        (lambda: SamplerConfig(method=None), "SamplerConfig.method"),
+        (lambda: SamplerConfig(eta="1"), "SamplerConfig.eta"),
+        (lambda: SamplerConfig(eta=math.nan), "SamplerConfig.eta"),
+        (lambda: SamplerConfig(guidance=-1.0), "SamplerConfig.guidance"),
+        (lambda: SamplerConfig(guidance="5"), "SamplerConfig.guidance"),
+        (lambda: SamplerConfig(guidance=True), "SamplerConfig.guidance"),
+        (lambda: SamplerConfig(s_fixed=math.nan), "SamplerConfig.s_fixed"),
+        (lambda: SamplerConfig(kernel_backend="fast"), "SamplerConfig.kernel_backend"),
+        (lambda: SamplerConfig(time_shift="x"), "SamplerConfig.time_shift"),
+        (lambda: SamplerConfig(time_shift={"mu": "x"}), "SamplerConfig.time_shift"),
+        (lambda: SamplerConfig(time_shift=TimeShift(anchors=((512, "a"), (4096, 1.15)))), "time_shift.anchors"),
+        (lambda: FastPathConfig(compile=1), "FastPathConfig.compile"),
+        (lambda: FastPathConfig(compile="yes"), "FastPathConfig.compile"),
+        (lambda: FastPathConfig(cuda_graph="maybe"), "FastPathConfig.cuda_graph"),
+        (lambda: FastPathConfig(compile_mode="fastest"), "FastPathConfig.compile_mode"),
+        (lambda: FastPathConfig(compile_mode="reduce-overhead"), "FastPathConfig.compile_mode"),
+        (lambda: FastPathConfig(compile_backend=""), "FastPathConfig.compile_backend"),
+        (lambda: FastPathConfig(compile_backend="no_such_backend"), "FastPathConfig.compile_backend"),
+        (lambda: FastPathConfig(graph_warmup_iters=0), "FastPathConfig.graph_warmup_iters"),
+        (lambda: FastPathConfig(graph_warmup_iters="2"), "FastPathConfig.graph_warmup_iters"),
+        (lambda: FastPathConfig(graph_warmup_iters=2.5), "FastPathConfig.graph_warmup_iters"),
+        (lambda: AutoEncoderConfig(shift_factor=math.inf), "AutoEncoderConfig.shift_factor"),
+        (lambda: AutoEncoderConfig(scale_factor="1"), "AutoEncoderConfig.scale_factor"),
+        (lambda: SpaceToDepthConfig(shift_factor=math.nan), "SpaceToDepthConfig.shift_factor"),
+        (lambda: SpaceToDepthConfig(scale_factor=math.inf), "SpaceToDepthConfig.scale_factor"),
+    ],
+)
+def test_config_dataclasses_name_the_field(build, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        build()
+
+
+def test_valid_configs_still_build_and_ints_are_not_bools() -> None:
+    """The stricter checks keep what is valid (JSON lists, callables, 0, None) and refuse 0 / 1 for a bool."""
+    for compile_flag in (0, 1):
+        with pytest.raises(ValueError, match="FastPathConfig.compile"):
+            FastPathConfig(compile=compile_flag)
+    assert FastPathConfig(compile=True, compile_backend="aot_eager").compile is True
+    assert FastPathConfig(compile_backend=lambda gm, inputs: gm, compile_mode="max-autotune-no-cudagraphs")
+    assert SamplerConfig(time_shift={"anchors": [[512, 0.5], [4096, 1.15]]}).time_shift.mu is None
+    assert SamplerConfig(kernel_backend=None, guidance=0).guidance == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# selfe.weights
+
+
+def test_weight_files_name_every_bad_key(tmp_path: Path) -> None:
+    tensors = {k: v.contiguous() for k, v in MMDiT(tiny_mmdit()).state_dict().items()}
+    del tensors["txt_in.bias"]
+    tensors["extra.weight"] = torch.zeros(2)
+    tensors["img_in.bias"] = torch.zeros(3)
+    tensors["final_layer.linear.weight"] = tensors["final_layer.linear.weight"].to(torch.int8)
+    path = tmp_path / "bad.safetensors"
+    save_file(tensors, path)
+    with torch.device("meta"):
+        model = MMDiT(tiny_mmdit())
+    with pytest.raises(StateDictMismatchError) as info:
+        load_safetensors_into(model, path)
+    message = str(info.value)
+    assert "missing from the checkpoint (1): txt_in.bias" in message
+    assert "unexpected in the checkpoint (1): extra.weight" in message
+    assert "img_in.bias [3] vs [64]" in message
+    assert "final_layer.linear.weight I8 vs torch.float32" in message
+    assert info.value.dtype_mismatched == {"final_layer.linear.weight": ("I8", "torch.float32")}
+    # A materialised module is checked the same way: an integer tensor is never cast into a weight.
+    with pytest.raises(StateDictMismatchError, match="dtype mismatched"):
+        load_safetensors_into(MMDiT(tiny_mmdit()), path)
+
+
+def test_weight_loaders_check_dtype_and_device_first(tmp_path: Path) -> None:
+    path = tmp_path / "ok.safetensors"
+    save_file({k: v.contiguous() for k, v in MMDiT(tiny_mmdit()).state_dict().items()}, path)
+    for bad in (torch.int8, "bf16"):
+        with pytest.raises(ValueError, match="dtype must be None or a floating-point torch.dtype"):
+            load_safetensors(path, dtype=bad)
+        with torch.device("meta"):
+            model = MMDiT(tiny_mmdit())
+        with pytest.raises(ValueError, match="dtype must be None or a floating-point torch.dtype"):
+            load_safetensors_into(model, path, dtype=bad)
+    with pytest.raises(ValueError, match="device='gpu'"):
+        load_safetensors(path, device="gpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# The rarer call paths
+
+
+def test_progress_is_checked_first_and_called_after_each_step(
+    pipe: SelfEPipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with monkeypatch.context() as patched:
+
+        def no_work(*args: Any, **kwargs: Any) -> None:
+            raise AssertionError("text encoding started before progress was checked")
+
+        patched.setattr(pipe.text_encoders, "encode", no_work)
+        for fast in (True, False):
+            with pytest.raises(TypeError, match="progress must be a callable"):
+                pipe("a red circle", steps=2, seed=0, progress=5, fast=fast)
+    forwards = []
+    hook = pipe.model.register_forward_hook(lambda *args: forwards.append(1))
+    try:
+        for fast in (True, False):
+            seen: list[tuple[int, int]] = []
+            record = lambda k, seen=seen: seen.append((k, len(forwards)))  # noqa: E731
+            pipe("a red circle", steps=3, seed=0, guidance=None, fast=fast, progress=record)
+            steps, counts = zip(*seen)
+            # Called during sampling, one forward (no CFG) after another, not all at the end; the fast path's
+            # first call of a shape runs one more forward, its warm-up, before step 0.
+            assert steps == (0, 1, 2) and counts[-1] == len(forwards), f"fast={fast}"
+            assert [b - a for a, b in zip(counts, counts[1:])] == [1, 1], f"fast={fast}: {seen}"
+    finally:
+        hook.remove()
+
+
+def test_rare_call_paths(pipe: SelfEPipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+    side = pipe.default_size[0]
+    encoded: list[list[str]] = []
+    encode = pipe.text_encoders.encode
+    monkeypatch.setattr(
+        pipe.text_encoders, "encode", lambda prompts, **kw: encoded.append(list(prompts)) or encode(prompts, **kw)
+    )
+    # num_images_per_prompt with a list of prompts and a generator: prompt-major, reproducible.
+    first = pipe(
+        ["a red circle", "a blue square"],
+        num_images_per_prompt=2,
+        generator=torch.Generator().manual_seed(7),
+        output_type="pt",
+    )
+    again = pipe(
+        ["a red circle", "a blue square"],
+        num_images_per_prompt=2,
+        generator=torch.Generator().manual_seed(7),
+        output_type="pt",
+    )
+    assert encoded[0] == ["a red circle", "a red circle", "a blue square", "a blue square"]
+    assert first.images.shape == (4, 3, side, side) and torch.equal(first.images, again.images)
+    assert not torch.equal(first.images[0], first.images[1])
+    # output_type="latent": the latents themselves, not decoded.
+    latent = pipe("a red circle", seed=0, output_type="latent")
+    assert latent.images is latent.latents and "decode" not in latent.timings
+    assert latent.images.shape == (1, pipe.model.config.in_channels, side // 4, side // 4)
+    # One side given: the other is the default (diffusers' convention, documented in __call__).
+    assert pipe("a red circle", height=2 * side, seed=0, output_type="pt").images.shape == (1, 3, 2 * side, side)
+    assert pipe("a red circle", width=2 * side, seed=0, output_type="pt").images.shape == (1, 3, side, 2 * side)
+    # Bad values of the rarer arguments, named before any work.
+    for kwargs, match in (
+        (dict(seed=2**64), "seed must be an integer in"),
+        (dict(eta=True), "eta"),
+        (dict(s_fixed=True), "s_fixed"),
+    ):
+        count = len(encoded)
+        with pytest.raises(ValueError, match=match):
+            pipe("a red circle", **kwargs)
+        assert len(encoded) == count
+    with pytest.raises(TypeError, match="guidance must be a bool"):
+        pipe.warmup(1, guidance="yes")
+
+
+def test_long_prompts_are_truncated_with_a_warning(pipe: SelfEPipeline) -> None:
+    t5_limit = pipe.text_encoders.t5.max_length
+    long = " and ".join(["a red circle"] * t5_limit)
+    with pytest.warns(UserWarning, match=rf"prompt\[1\] \(T5, {t5_limit} tokens kept\)"):
+        out = pipe(["a red circle", long], seed=0, output_type="pt")
+    assert out.images.shape[0] == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # prompts that fit: no warning
+        pipe(["a red circle", "a blue square"], seed=0, output_type="latent")
