@@ -8,6 +8,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+# mkstemp makes 0600 files; the result should have the mode a plain open() gives (0666 less the umask),
+# so a results file or config is readable by the user's group as usual. Read once: umask() sets it too.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path`; a reader (or a restart after a kill) sees the old file or the new one, never half."""
@@ -16,6 +21,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_UMASK)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
