@@ -7,6 +7,8 @@ Times `encode` (images -> latents, posterior mean) and `decode` (latents -> imag
 after warm-up, under inference mode. Reports images/s and peak memory per phase: on CUDA the
 allocator's peak allocated and reserved bytes (reset before each phase); on CPU the process's
 peak resident set size, which only grows, so the decode figure includes everything before it.
+Prints a summary to stdout; --json writes every number (to stdout alone with no PATH), --json PATH to a
+file, written whole or not at all. Arguments are checked before the model is built.
 """
 
 from __future__ import annotations
@@ -17,30 +19,36 @@ import platform
 import resource
 import sys
 import time
+from pathlib import Path
 
 import torch
 
+from selfe.atomic import atomic_write_bytes, folder_problem
 from selfe.autoencoder import AUTOENCODER_PRESETS, AutoEncoder
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", choices=sorted(AUTOENCODER_PRESETS), default="flux1")
-    parser.add_argument("--resolution", type=int, default=512, help="image height and width in pixels")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--iters", type=int, default=5, help="timed iterations per phase")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed iterations per phase")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", choices=sorted(AUTOENCODER_PRESETS), default="flux1", help="(default %(default)s)")
+    parser.add_argument(
+        "--resolution", type=int, default=512, help="image height and width in pixels (default %(default)s)"
+    )
+    parser.add_argument("--batch", type=int, default=8, help="images per batch (default %(default)s)")
+    parser.add_argument("--iters", type=int, default=5, help="timed iterations per phase (default %(default)s)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed iterations per phase (default %(default)s)")
+    parser.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda if available, else cpu"
+    )
     parser.add_argument(
         "--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bf16 on CUDA, fp32 on CPU"
     )
     parser.add_argument(
-        "--batch-chunk", type=int, default=None, help="encode/decode this many images at a time"
+        "--batch-chunk", type=int, default=None, help="encode/decode this many images at a time (default: all)"
     )
     parser.add_argument("--channels-last", action="store_true", help="weights and inputs in channels_last")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="(default %(default)s)")
     parser.add_argument(
         "--json",
         nargs="?",
@@ -57,6 +65,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--warmup must be >= 0")
     if args.batch_chunk is not None and args.batch_chunk < 1:
         parser.error("--batch-chunk must be >= 1")
+    # Checked here, not after the run: a bad value should cost a second, not the whole measurement.
+    factor = AUTOENCODER_PRESETS[args.config]().downsample_factor
+    if args.resolution % factor:
+        parser.error(f"--resolution {args.resolution} must be divisible by the downsample factor {factor}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    if args.json not in (None, "-"):
+        path = Path(args.json)
+        problem = "is a directory" if path.is_dir() else folder_problem(path.parent)
+        if problem:
+            parser.error(f"--json {args.json}: {problem}")
     return args
 
 
@@ -82,7 +101,9 @@ def _peak_memory(device: torch.device) -> dict[str, float]:
     return {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / mib}
 
 
-def time_phase(fn, arg: torch.Tensor, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+def time_phase(fn, arg: torch.Tensor, args: argparse.Namespace, device: torch.device, name: str) -> dict[str, float]:
+    # stderr: stdout may be the JSON (--json with no PATH)
+    print(f"# {name}: {args.warmup} warm-up + {args.iters} timed batches", file=sys.stderr, flush=True)
     for _ in range(args.warmup):
         fn(arg)
     _sync(device)
@@ -97,8 +118,6 @@ def time_phase(fn, arg: torch.Tensor, args: argparse.Namespace, device: torch.de
 
 
 def run(args: argparse.Namespace) -> dict:
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda requested but no CUDA device is available")
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -112,10 +131,6 @@ def run(args: argparse.Namespace) -> dict:
     )
     config = AUTOENCODER_PRESETS[args.config]()
     factor = config.downsample_factor
-    if args.resolution % factor:
-        raise SystemExit(
-            f"--resolution {args.resolution} must be divisible by the downsample factor {factor}"
-        )
 
     torch.manual_seed(args.seed)
     with torch.device(device):
@@ -130,8 +145,8 @@ def run(args: argparse.Namespace) -> dict:
     latents = latents.contiguous(memory_format=memory_format)
 
     with torch.inference_mode():
-        encode = time_phase(lambda x: model.encode(x, batch_chunk=args.batch_chunk), images, args, device)
-        decode = time_phase(lambda z: model.decode(z, batch_chunk=args.batch_chunk), latents, args, device)
+        encode = time_phase(lambda x: model.encode(x, batch_chunk=args.batch_chunk), images, args, device, "encode")
+        decode = time_phase(lambda z: model.decode(z, batch_chunk=args.batch_chunk), latents, args, device, "decode")
     return {
         "bench": "autoencoder",
         "config": args.config,
@@ -158,9 +173,8 @@ def main(argv: list[str] | None = None) -> None:
     result = run(args)
     if args.json == "-":
         print(json.dumps(result, indent=2))
-    elif args.json is not None:
-        with open(args.json, "w") as handle:
-            json.dump(result, handle, indent=2)
+    elif args.json is not None:  # temp file then rename: an interrupted run leaves no half-written JSON
+        atomic_write_bytes(args.json, json.dumps(result, indent=2).encode())
     if args.json != "-":
         print(
             f"autoencoder {result['config']} {result['resolution']}^2 batch {result['batch']} "

@@ -10,6 +10,7 @@ is the section for bench/RESULTS.md.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import json
@@ -133,6 +134,7 @@ def run_step(session: Session, step: Step) -> str:
     elif timeout is None:
         status = "skipped (no time left)"
     else:
+        print(f"[{step.name}] running (up to {timeout:.0f} s)", flush=True)  # progress: a step can take minutes
         began, offset = time.monotonic(), session.log.tell()
         status = step.run(session, step, timeout) if step.run else run_command(session, step, timeout)
         session.log.flush()
@@ -267,3 +269,9 @@ def run_session(
             finish(session)
     write_atomic(out / "results.md", results_markdown(results))
     return results
+
+
+if __name__ == "__main__":  # a library, not a command: say so rather than exit silently
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.parse_args()
+    parser.error("no command line of its own: run bench/device_session.py (--help)")

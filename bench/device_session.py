@@ -8,6 +8,9 @@ profile, in priority order, each step capped, the whole run ending inside its bu
     python3 bench/device_session.py --profile engine --plan                      # the steps and their caps
     python3 bench/device_session.py --profile shapes --dry-run --out /tmp/dry    # CPU: same steps, tiny sizes
 
+Without --dry-run it needs an NVIDIA GPU and refuses to start without one (it would install this package
+into the running Python and run the 2b checks on the CPU).
+
 Profiles (the issue each step serves in brackets):
     engine  env, install (with the CUDA extension), GPU tests of kernels and engine [3, 6], the fused-op
             benchmark [3], sampling throughput per step count [6], training MFU [5], model fwd+bwd [2],
@@ -296,13 +299,31 @@ def bundle_shapes(session: Session) -> None:
             os.replace(tmp, session.out / name)
 
 
+def out_problem(out: Path) -> str | None:
+    """Why the results folder cannot be made and written into, or None (standard library only, like this
+    script: selfe may not be installed yet)."""
+    nearest = out
+    while not nearest.exists() and nearest != nearest.parent:  # the folder `mkdir -p` would write into
+        nearest = nearest.parent
+    if not nearest.is_dir():
+        return f"{nearest} is a file, not a folder"
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        return f"{nearest} is not writable"
+    return None
+
+
+def nvidia_gpu_present() -> bool:
+    """Whether this machine shows an NVIDIA GPU: its device files or nvidia-smi (no torch in this process)."""
+    return any(Path("/dev").glob("nvidia*")) or shutil.which("nvidia-smi") is not None
+
+
 PROFILES = {"engine": (engine_steps, None), "shapes": (shapes_steps, bundle_shapes)}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--profile", choices=sorted(PROFILES), default=None)
-    parser.add_argument("--out", type=Path, default=None, help="results folder (the device's $OUT)")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", choices=sorted(PROFILES), default=None, help="the checks to run (required)")
+    parser.add_argument("--out", type=Path, default=None, help="results folder (the device's $OUT), unless --plan")
     parser.add_argument("--budget", type=float, default=540.0, help="seconds the whole run may take (default 540)")
     parser.add_argument("--only", default=None, help="comma list of steps to run (env and install always run)")
     parser.add_argument("--plan", action="store_true", help="print the steps and their caps, run nothing")
@@ -316,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--profile is required")
     if not args.budget > SUMMARY_RESERVE_S + MIN_STEP_S:
         parser.error(f"--budget must exceed {SUMMARY_RESERVE_S + MIN_STEP_S:.0f} s, got {args.budget}")
+    if math.isinf(args.budget):  # the lease is finite; an endless budget would let a hung step hold it
+        parser.error("--budget must be a finite number of seconds")
     make_steps, finish = PROFILES[args.profile]
     steps = make_steps()
     if args.only:
@@ -330,6 +353,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.out is None:
         parser.error("--out is required unless --plan")
+    if problem := out_problem(args.out):  # before any step: the report could not be written after them
+        parser.error(f"--out {args.out}: {problem}")
+    if not args.dry_run and not nvidia_gpu_present():  # else it reinstalls this package and runs the 2b on CPU
+        parser.error("needs an NVIDIA GPU (no /dev/nvidia*, no nvidia-smi here); on CPU use --dry-run")
     work = Path(os.environ.get("SELFE_DEVICE_WORK", "/tmp/selfe-device")) / args.profile
     command = " ".join(["python3", "bench/device_session.py", *(sys.argv[1:] if argv is None else argv)])
     results = run_session(args.profile, steps, args.out, work, args.budget, args.dry_run, command, finish)

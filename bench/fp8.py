@@ -8,7 +8,9 @@ repo root on sys.path), and a stand-alone script:
 
 The baseline and the FP8 model hold the same weights (one is a converted deep copy of the other) and see
 the same inputs, so the error is FP8's alone. On CPU torchao emulates the FP8 GEMM: the error is the real
-one, the timing is not (emulation is slower than the baseline).
+one, the timing is not (emulation is slower than the baseline). The script prints a line per mode to stdout;
+--json PATH writes the comparisons (a list of dicts, written whole or not at all). Arguments, the device and
+the recipe's library are checked before any model is built.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -178,25 +181,65 @@ def denoiser_inputs(
     return x.to(device, dtype), t.to(device), s.to(device), cond
 
 
+RECIPE_LIBRARIES = {"torchao": "torchao", "te": "transformer_engine"}  # selfe.optional's names
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--resolution", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=2)
+    from selfe.atomic import folder_problem
+    from selfe.config import PRESETS, mmdit_preset
+    from selfe.generate import device_problem
+    from selfe.optional import probe, unavailable_reason
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="MMDiT preset (default %(default)s)")
+    parser.add_argument("--resolution", type=int, default=64, help="image side in pixels (default %(default)s)")
+    parser.add_argument("--batch", type=int, default=2, help="(default %(default)s)")
     parser.add_argument("--txt-tokens", type=int, default=None, help="default: 8 for tiny, 512 otherwise")
-    parser.add_argument("--recipe", choices=[r for r in FP8_RECIPES if r != "none"], default="torchao")
-    parser.add_argument("--scaling", choices=TORCHAO_SCALINGS, default="tensorwise")
-    parser.add_argument("--modes", nargs="+", choices=("inference", "training"), default=["inference", "training"])
+    parser.add_argument(
+        "--recipe", choices=[r for r in FP8_RECIPES if r != "none"], default="torchao", help="(default %(default)s)"
+    )
+    parser.add_argument("--scaling", choices=TORCHAO_SCALINGS, default="tensorwise", help="(default %(default)s)")
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=("inference", "training"),
+        default=["inference", "training"],
+        help="no-grad forward and/or forward + backward (default: both)",
+    )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    parser.add_argument("--device", default=default_device, help="cpu, cuda or cuda:N (default %(default)s)")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--iters", type=int, default=3)
-    parser.add_argument("--json", default=None, help="write the results here")
-    return parser.parse_args(argv)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls per model (default %(default)s)")
+    parser.add_argument("--iters", type=int, default=3, help="timed calls per model, median (default %(default)s)")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here (default: stdout only)")
+    args = parser.parse_args(argv)
+    # Checked here, before any model is built: a bad value should cost a second, not a traceback later.
+    for name in ("resolution", "batch", "iters"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.txt_tokens is not None and args.txt_tokens < 1:  # 0 would silently mean the default
+        parser.error(f"--txt-tokens must be >= 1, got {args.txt_tokens}")
+    if args.warmup < 0:
+        parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    multiple = 8 * mmdit_preset(args.preset).patch_size
+    if args.resolution % multiple:
+        parser.error(f"--resolution {args.resolution} must be a multiple of {multiple} for --preset {args.preset}")
+    problem = device_problem(args.device)
+    if problem:
+        parser.error(problem)
+    library = RECIPE_LIBRARIES[args.recipe]
+    if not probe(library).available:
+        parser.error(f"--recipe {args.recipe}: {unavailable_reason(library)}")
+    if args.json is not None:
+        problem = "is a directory" if args.json.is_dir() else folder_problem(args.json.parent)
+        if problem:
+            parser.error(f"--json {args.json}: {problem}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> list[FP8Comparison]:
+    from selfe.atomic import atomic_write_bytes
     from selfe.config import mmdit_preset
     from selfe.model import MMDiT
 
@@ -230,9 +273,8 @@ def main(argv: list[str] | None = None) -> list[FP8Comparison]:
         )
         print(f"{args.preset} {args.resolution}px batch {args.batch} {dtype}: {result.summary()}")
         results.append(result)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump([r.as_dict() for r in results], f, indent=2)
+    if args.json:  # temp file then rename: an interrupted run leaves no half-written JSON
+        atomic_write_bytes(args.json, json.dumps([r.as_dict() for r in results], indent=2).encode())
     return results
 
 

@@ -8,8 +8,9 @@ device's copy bandwidth, measured in the same run with a large `tensor.copy_`. M
 --json PATH writes the rows. The attention cases of bench/kernels_attention_cases.py are added when that
 file exists (its `cases(args)` returns dicts {"op", "impl", "fn", "bytes", "flops"}, as ours do).
 
-Needs a CUDA device; on CPU it says so and exits 0. `--cpu-smoke` instead runs every case once or twice
-on tiny shapes (Triton through the interpreter, wall-clock timer) to check that the harness itself works:
+Needs a CUDA device; without one it says so in one line and exits 2. `--cpu-smoke` instead runs every case
+once or twice on tiny shapes (Triton through the interpreter, wall-clock timer; it replaces the shape,
+--warmup, --iters and --buffers options) to check that the harness itself works:
 
     python bench/kernels.py                     # H100/H200: the real numbers
     python bench/kernels.py --cpu-smoke         # CPU: harness check only, the numbers mean nothing
@@ -43,35 +44,56 @@ SMOKE = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--txt-tokens", type=int, default=512)
-    parser.add_argument("--img-tokens", type=int, default=1024)
-    parser.add_argument("--dim", type=int, default=2048, help="model width D of the modulation ops")
-    parser.add_argument("--heads", type=int, default=16, help="(attention cases)")
-    parser.add_argument("--head-dim", type=int, default=128, help="(attention cases)")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=4, help="(default %(default)s)")
+    parser.add_argument("--txt-tokens", type=int, default=512, help="(default %(default)s)")
+    parser.add_argument("--img-tokens", type=int, default=1024, help="(default %(default)s)")
+    parser.add_argument("--dim", type=int, default=2048, help="model width D of the modulation ops (default 2048)")
+    parser.add_argument("--heads", type=int, default=16, help="(attention cases; default %(default)s)")
+    parser.add_argument("--head-dim", type=int, default=128, help="(attention cases; default %(default)s)")
     parser.add_argument(
-        "--pad-fraction", type=float, default=None, help="(attention cases) masked text share"
+        "--pad-fraction", type=float, default=None, help="(attention cases) masked text share in [0, 1) (default 0.25)"
     )
-    parser.add_argument("--latent", type=int, nargs=3, default=(16, 64, 64), help="C H W of the renorm input")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--iters", type=int, default=100)
     parser.add_argument(
-        "--buffers", type=int, default=4, help="input copies rotated between runs (L2 misses)"
+        "--latent", type=int, nargs=3, default=(16, 64, 64), help="C H W of the renorm input (default 16 64 64)"
+    )
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="(default %(default)s)")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed runs per case (default %(default)s)")
+    parser.add_argument("--iters", type=int, default=100, help="timed runs per case, median (default %(default)s)")
+    parser.add_argument(
+        "--buffers", type=int, default=4, help="input copies rotated between runs (L2 misses) (default %(default)s)"
     )
     parser.add_argument("--only", default=None, help="run only ops whose name contains this string")
     parser.add_argument("--no-attention", action="store_true", help="skip bench/kernels_attention_cases.py")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, default=None, help="write the rows here")
+    parser.add_argument("--seed", type=int, default=0, help="(default %(default)s)")
+    parser.add_argument("--json", type=Path, default=None, help="write the rows here (default: stdout only)")
     parser.add_argument(
         "--cpu-smoke", action="store_true", help="tiny shapes on CPU: checks the harness only"
     )
     args = parser.parse_args(argv)
+    # Checked before any tensor is made: a bad value should cost a second, not a traceback mid-run.
+    counts = ("batch", "txt_tokens", "img_tokens", "dim", "heads", "head_dim", "iters", "buffers")
+    for name in counts:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if min(args.latent) < 1:
+        parser.error(f"--latent sizes must be >= 1, got {' '.join(map(str, args.latent))}")
+    if args.warmup < 0:
+        parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    if args.pad_fraction is not None and not 0 <= args.pad_fraction < 1:  # also refuses nan
+        parser.error(f"--pad-fraction must be in [0, 1), got {args.pad_fraction}")
+    if args.json is not None:
+        from selfe.atomic import folder_problem
+
+        problem = "is a directory" if args.json.is_dir() else folder_problem(args.json.parent)
+        if problem:
+            parser.error(f"--json {args.json}: {problem}")
     if args.cpu_smoke:
         for key, value in SMOKE.items():
             setattr(args, key, value)
         args.warmup, args.iters, args.buffers, args.device = 1, 2, 2, "cpu"
+    elif not torch.cuda.is_available():
+        parser.error("needs a CUDA device (none here); nothing measured. --cpu-smoke checks the harness on CPU")
     else:
         args.device = "cuda"
     return args
@@ -252,13 +274,19 @@ def attention_cases(args: argparse.Namespace) -> list[dict]:
 
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
-    copy_bw = copy_bandwidth(device, args.warmup, args.iters)
     cases = fused_op_cases(args) + attention_cases(args)
     if args.only:
+        ops = sorted({c["op"] for c in cases})
         cases = [c for c in cases if args.only in c["op"]]
+        if not cases:  # before the copy bandwidth is measured: an empty table is no result
+            print(f"kernels.py: error: --only {args.only!r} matches no op; ops: {', '.join(ops)}", file=sys.stderr)
+            raise SystemExit(2)
+    copy_bw = copy_bandwidth(device, args.warmup, args.iters)
     rows = []
-    for case in cases:
+    for i, case in enumerate(cases, 1):
         seconds = time_fn(case["fn"], args.warmup, args.iters, device)
+        # progress on stderr: stdout is the table
+        print(f"# {i}/{len(cases)} {case['op']} {case['impl']}: {seconds * 1e3:.4f} ms", file=sys.stderr, flush=True)
         row = {"op": case["op"], "impl": case["impl"], "ms": seconds * 1e3}
         if case.get("bytes"):
             row["GB/s"] = case["bytes"] / seconds / 1e9
@@ -317,19 +345,16 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from selfe.atomic import atomic_write_bytes
+
     args = parse_args(argv)
     if args.cpu_smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel is defined
         torch.manual_seed(args.seed)
-    elif not torch.cuda.is_available():
-        print("bench/kernels.py needs a CUDA device (none here); nothing measured. "
-              "Use --cpu-smoke to check the harness on tiny CPU shapes.")  # fmt: skip
-        return 0
     result = run(args)
     print(markdown(result))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    if args.json is not None:  # temp file then rename: an interrupted run leaves no half-written JSON
+        atomic_write_bytes(args.json, (json.dumps(result, indent=2) + "\n").encode())
     return 0
 
 

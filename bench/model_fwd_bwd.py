@@ -1,7 +1,9 @@
 """Forward + backward throughput of the MMDiT with random weights and inputs.
 
 Prints image tokens/s, peak memory and MFU (analytical FLOPs from selfe.flops over the GPU's dense bf16
-peak, `selfe.flops.device_peak_flops`: H100's where the device is not listed, or --peak-flops). CPU smoke run:
+peak, `selfe.flops.device_peak_flops`: H100's where the device is not listed, or --peak-flops) to stdout;
+--json PATH writes every number (written whole or not at all). Arguments are checked before the model is
+built. The defaults are the 2b model's on a GPU; on CPU use the smoke run:
 
     python bench/model_fwd_bwd.py --preset tiny --resolution 64 --txt-tokens 16 --batch 2 --iters 2
 """
@@ -10,13 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from selfe.config import mmdit_preset
+from selfe.atomic import atomic_write_bytes, folder_problem
+from selfe.config import PRESETS, mmdit_preset
 from selfe.flops import device_peak_flops, mmdit_forward_backward_flops
+from selfe.generate import device_problem
 from selfe.model import MMDiT
 
 VAE_DOWNSAMPLE = 8  # FLUX autoencoder: 512 px -> 64 latent -> 32x32 = 1024 tokens with 2x2 patches
@@ -24,32 +30,57 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", default="2b")
-    parser.add_argument("--resolution", type=int, default=512, help="image side in pixels (square)")
-    parser.add_argument("--txt-tokens", type=int, default=512)
-    parser.add_argument("--batch", type=int, default=4)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="2b", help="MMDiT preset (default %(default)s)")
+    parser.add_argument(
+        "--resolution", type=int, default=512, help="image side in pixels (square) (default %(default)s)"
+    )
+    parser.add_argument("--txt-tokens", type=int, default=512, help="(default %(default)s)")
+    parser.add_argument("--batch", type=int, default=4, help="(default %(default)s)")
     parser.add_argument(
         "--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU"
     )
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--attention-backend", default="sdpa")
-    parser.add_argument("--kernel-backend", default="auto")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    parser.add_argument("--attention-backend", default="sdpa", help="(default %(default)s)")
+    parser.add_argument("--kernel-backend", default="auto", help="(default %(default)s)")
     parser.add_argument(
         "--pad-fraction",
         type=float,
         default=0.0,
-        help="fraction of text tokens masked as padding (0: no mask, the fast path)",
+        help="fraction of text tokens masked as padding, in [0, 1) (default 0: no mask, the fast path)",
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile each block")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps (default %(default)s)")
+    parser.add_argument("--iters", type=int, default=10, help="timed steps, averaged (default %(default)s)")
     parser.add_argument(
         "--peak-flops", type=float, default=None, help="device peak FLOP/s for MFU (default: the GPU's, selfe.flops)"
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, default=None, help="write the results here")
-    return parser.parse_args(argv)
+    parser.add_argument("--seed", type=int, default=0, help="(default %(default)s)")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here (default: stdout only)")
+    args = parser.parse_args(argv)
+    # Checked before the model is built: a bad value should cost a second, not a traceback mid-run.
+    for name in ("resolution", "txt_tokens", "batch", "iters"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    if not 0 <= args.pad_fraction < 1:  # also refuses nan
+        parser.error(f"--pad-fraction must be in [0, 1), got {args.pad_fraction}")
+    if args.peak_flops is not None and not (math.isfinite(args.peak_flops) and args.peak_flops > 0):
+        parser.error(f"--peak-flops must be a finite number > 0, got {args.peak_flops}")
+    try:
+        config = mmdit_preset(args.preset, attention_backend=args.attention_backend, kernel_backend=args.kernel_backend)
+    except ValueError as err:
+        parser.error(str(err))
+    if args.resolution % (VAE_DOWNSAMPLE * config.patch_size):
+        parser.error(f"--resolution {args.resolution} must be a multiple of {VAE_DOWNSAMPLE * config.patch_size}")
+    if args.device is not None and (problem := device_problem(args.device)):
+        parser.error(problem)
+    if args.json is not None:
+        problem = "is a directory" if args.json.is_dir() else folder_problem(args.json.parent)
+        if problem:
+            parser.error(f"--json {args.json}: {problem}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -61,10 +92,6 @@ def main(argv: list[str] | None = None) -> dict:
         args.preset, attention_backend=args.attention_backend, kernel_backend=args.kernel_backend
     )
     latent = args.resolution // VAE_DOWNSAMPLE
-    if args.resolution % VAE_DOWNSAMPLE or latent % config.patch_size:
-        raise ValueError(
-            f"--resolution {args.resolution} must be a multiple of {VAE_DOWNSAMPLE * config.patch_size}"
-        )
     img_tokens = (latent // config.patch_size) ** 2
     torch.manual_seed(args.seed)
 
@@ -97,6 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
         out.float().square().mean().backward()
         model.zero_grad(set_to_none=True)
 
+    # progress on stderr, outside the timed loop (a 2b step on CPU takes minutes)
+    print(f"# {args.warmup} warm-up + {args.iters} timed steps", file=sys.stderr, flush=True)
     for _ in range(args.warmup):
         step()
     cuda = device.type == "cuda"
@@ -152,9 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"({result['tokens_per_s']:.0f} incl. text)  |  {result['tflops_per_s']:.2f} TFLOP/s  "
         f"MFU {100 * result['mfu']:.1f}% of {peak:.3g}  |  peak memory {memory}"
     )
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    if args.json:  # temp file then rename: an interrupted run leaves no half-written JSON
+        atomic_write_bytes(args.json, (json.dumps(result, indent=2) + "\n").encode())
     return result
 
 

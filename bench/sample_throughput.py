@@ -3,8 +3,10 @@
 For a preset with random weights, a resolution and some batch sizes: the denoiser's latency and
 images/s at each step count (default 1, 2, 4, 8, 50), its MFU per step from the analytical FLOPs
 (selfe.flops; with CFG one step is one forward of 2B samples), the text-encoder and autoencoder time
-apart, and the warm-up (compile / capture) time apart from the steady state. Prints a markdown table;
---json writes every number.
+apart, and the warm-up (compile / capture) time apart from the steady state. Prints each row as it is
+measured, then a markdown table, to stdout; --json PATH writes every number and --markdown PATH the table
+(each written whole or not at all). Arguments are checked before any model is built. The defaults are
+the 2b model's on a GPU (compiled+graph needs CUDA and is skipped without it); on CPU use the smoke run:
 
 Text encoders: real local snapshots with --t5 / --clip, else random ones built in memory: T5-XXL- and
 CLIP-L-shaped for the 0.5b / 2b presets (the width the model expects), tiny ones for the tiny preset
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -36,13 +39,16 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tests/helpers_text for the offline tokenizers
 
-from bench.fp8 import relative_error  # noqa: E402
+from bench.fp8 import RECIPE_LIBRARIES, relative_error  # noqa: E402
+from selfe.atomic import atomic_write_bytes, folder_problem  # noqa: E402
 from selfe.autoencoder import AUTOENCODER_PRESETS, AutoEncoder  # noqa: E402
-from selfe.config import mmdit_preset  # noqa: E402
+from selfe.config import PRESETS, mmdit_preset  # noqa: E402
 from selfe.flops import device_peak_flops, mmdit_forward_flops  # noqa: E402
 from selfe.fp8 import FP8Config, converted_modules, fp8_autocast_context, fp8_copy  # noqa: E402
+from selfe.generate import device_problem  # noqa: E402
 from selfe.graphs import FastPathConfig, FastSampler  # noqa: E402
 from selfe.model import MMDiT  # noqa: E402
+from selfe.optional import probe, unavailable_reason  # noqa: E402
 from selfe.sampler import SamplerConfig  # noqa: E402
 from selfe.text_encoders import CLIPTextEncoder, T5TextEncoder, TextEncoders  # noqa: E402
 
@@ -51,15 +57,17 @@ VARIANTS = ("eager", "compiled", "compiled+graph")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", default="2b")
-    parser.add_argument("--resolution", type=int, default=512, help="image side in pixels (square)")
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
-    parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8, 50])
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
-    parser.add_argument("--guidance", type=float, default=5.0, help="CFG omega; --no-cfg for one forward per step")
-    parser.add_argument("--no-cfg", action="store_true")
-    parser.add_argument("--sampler", choices=("ddim", "euler"), default="ddim")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="2b", help="MMDiT preset (default %(default)s)")
+    parser.add_argument("--resolution", type=int, default=512, help="image side in pixels (default %(default)s)")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="batch sizes (default 1 16)")
+    parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8, 50], help="(default 1 2 4 8 50)")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="(default: all)")
+    parser.add_argument(
+        "--guidance", type=float, default=5.0, help="CFG omega (default %(default)s); --no-cfg for one forward per step"
+    )
+    parser.add_argument("--no-cfg", action="store_true", help="no CFG: one forward per step")
+    parser.add_argument("--sampler", choices=("ddim", "euler"), default="ddim", help="(default %(default)s)")
     parser.add_argument("--txt-tokens", type=int, default=None, help="T5 padded length (default 512; tiny: 64)")
     parser.add_argument(
         "--autoencoder",
@@ -67,24 +75,62 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="default: tiny for the tiny preset, else flux1",
     )
-    parser.add_argument("--t5", type=Path, default=None, help="local T5 snapshot (default: random weights)")
-    parser.add_argument("--clip", type=Path, default=None, help="local CLIP text snapshot (default: random)")
+    parser.add_argument("--t5", type=Path, default=None, help="local T5 snapshot, with --clip (default: random)")
+    parser.add_argument("--clip", type=Path, default=None, help="local CLIP text snapshot, with --t5 (default: random)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--attention-backend", default="sdpa")
-    parser.add_argument("--kernel-backend", default="auto")
-    parser.add_argument("--compile-backend", default="inductor", help="aot_eager skips inductor's C++ build on CPU")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    parser.add_argument("--attention-backend", default="sdpa", help="(default %(default)s)")
+    parser.add_argument("--kernel-backend", default="auto", help="(default %(default)s)")
+    parser.add_argument(
+        "--compile-backend", default="inductor", help="(default inductor); aot_eager skips inductor's C++ build on CPU"
+    )
     parser.add_argument("--compile-mode", default=None, help="e.g. max-autotune-no-cudagraphs")
-    parser.add_argument("--iters", type=int, default=5, help="timed repeats per point (median reported)")
+    parser.add_argument("--iters", type=int, default=5, help="timed repeats per point, median (default %(default)s)")
     parser.add_argument(
         "--peak-flops", type=float, default=None, help="device peak FLOP/s (default: the GPU's dense bf16, selfe.flops)"
     )
     parser.add_argument("--fp8", choices=("none", "torchao", "te"), default="none", help="also sample in FP8, compared")
     parser.add_argument("--fp8-scaling", choices=("tensorwise", "rowwise"), default="tensorwise", help="torchao only")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--seed", type=int, default=0, help="(default %(default)s)")
+    parser.add_argument("--json", type=Path, default=None, help="write every number here")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the table here")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # Checked before any model is built: a bad value should cost a second, not a traceback mid-run.
+    for name in ("batch", "steps"):
+        if min(getattr(args, name)) < 1:
+            parser.error(f"--{name} values must be >= 1, got {' '.join(map(str, getattr(args, name)))}")
+    for name in ("resolution", "iters"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.txt_tokens is not None and args.txt_tokens < 1:  # 0 would silently mean the default
+        parser.error(f"--txt-tokens must be >= 1, got {args.txt_tokens}")
+    if not args.no_cfg and not (math.isfinite(args.guidance) and args.guidance >= 0):
+        parser.error(f"--guidance must be a finite number >= 0, got {args.guidance}")
+    if args.peak_flops is not None and not (math.isfinite(args.peak_flops) and args.peak_flops > 0):
+        parser.error(f"--peak-flops must be a finite number > 0, got {args.peak_flops}")
+    try:
+        config = mmdit_preset(args.preset, attention_backend=args.attention_backend, kernel_backend=args.kernel_backend)
+    except ValueError as err:
+        parser.error(str(err))
+    f = AUTOENCODER_PRESETS[args.autoencoder or ("tiny" if args.preset == "tiny" else "flux1")]().downsample_factor
+    if args.resolution % (f * config.patch_size):
+        parser.error(f"--resolution must be a multiple of {f * config.patch_size}, got {args.resolution}")
+    if (args.t5 is None) != (args.clip is None):  # one alone used to be ignored, random encoders labelled snapshots
+        parser.error("--t5 and --clip go together: pass both snapshots or neither")
+    for name in ("t5", "clip"):
+        if getattr(args, name) is not None and not getattr(args, name).is_dir():
+            parser.error(f"--{name} {getattr(args, name)}: not a directory (a local snapshot folder)")
+    if args.device is not None and (problem := device_problem(args.device)):
+        parser.error(problem)
+    if args.fp8 != "none" and not probe(RECIPE_LIBRARIES[args.fp8]).available:
+        parser.error(f"--fp8 {args.fp8}: {unavailable_reason(RECIPE_LIBRARIES[args.fp8])}")
+    for name in ("json", "markdown"):
+        path = getattr(args, name)
+        if path is not None:
+            problem = "is a directory" if path.is_dir() else folder_problem(path.parent)
+            if problem:
+                parser.error(f"--{name} {path}: {problem}")
+    return args
 
 
 def _sync(device: torch.device) -> None:
@@ -153,8 +199,6 @@ def main(argv: list[str] | None = None) -> dict:
     ae_config = AUTOENCODER_PRESETS[args.autoencoder or ("tiny" if tiny else "flux1")]()
     txt_tokens = args.txt_tokens or (64 if tiny else 512)
     f = ae_config.downsample_factor
-    if args.resolution % (f * config.patch_size):
-        raise SystemExit(f"--resolution must be a multiple of {f * config.patch_size}, got {args.resolution}")
     latent = args.resolution // f
     img_tokens = (latent // config.patch_size) ** 2
     variants = [v for v in args.variants if v != "compiled+graph" or device.type == "cuda"]
@@ -275,10 +319,11 @@ def main(argv: list[str] | None = None) -> dict:
         }
     table = markdown(result)
     print(table)
+    # temp file then rename: an interrupted run leaves no half-written file
     if args.markdown:
-        args.markdown.write_text(table + "\n")
+        atomic_write_bytes(args.markdown, (table + "\n").encode())
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write_bytes(args.json, (json.dumps(result, indent=2) + "\n").encode())
     return result
 
 

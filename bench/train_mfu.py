@@ -20,6 +20,8 @@ one on the same inputs and weights (bench/fp8.py `compare_fp8`).
     python bench/train_mfu.py --preset tiny --resolution 64 --steps 3           # CPU smoke
     python bench/train_mfu.py --preset tiny --resolution 64 --steps 3 --fp8 torchao
 Under torchrun every rank trains; rank 0 prints. Images/s and tokens/s are for the whole job.
+Prints a line per run to stdout as it ends (each run's start to stderr); --json PATH writes every number
+(written whole or not at all). Arguments and trainer overrides are checked before anything trains.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import math
 import os
 import statistics
 import sys
@@ -43,40 +46,75 @@ VARIANTS = {
     "ac": ("parallel.compile=false", "parallel.activation_checkpointing=true"),
     "compile+ac": ("parallel.compile=true", "parallel.activation_checkpointing=true"),
 }
+MODEL_PRESETS = {"tiny": "smoke", "0.5b": "0.5b", "2b": "2b"}  # --preset -> the trainer's preset
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", default="2b", help="MMDiT preset: tiny, 0.5b, 2b")
-    parser.add_argument("--resolution", type=int, default=512)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=list(MODEL_PRESETS), default="2b", help="MMDiT preset (default 2b)")
+    parser.add_argument("--resolution", type=int, default=512, help="image side in pixels (default %(default)s)")
     parser.add_argument("--batch", type=int, default=None, help="per-rank micro-batch (default 8 on CUDA, 2 on CPU)")
     parser.add_argument("--txt-tokens", type=int, default=None, help="default 512 (T5), 16 for tiny")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per variant")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per variant (default %(default)s)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3 on CUDA, 1 on CPU)")
-    parser.add_argument("--variants", default="eager,compile,ac", help=f"comma list of {list(VARIANTS)}")
+    parser.add_argument(
+        "--variants", default="eager,compile,ac", help=f"comma list of {list(VARIANTS)} (default %(default)s)"
+    )
     parser.add_argument("--aux", action="store_true", help="auxiliary fake-score term on (2 more passes)")
     parser.add_argument(
         "--peak-flops", type=float, default=None, help="per device (default: the GPU's dense bf16 peak, selfe.flops)"
     )
-    parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
-    parser.add_argument("--attention-backend", default=None)
+    parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"), help="(default %(default)s)")
+    parser.add_argument("--attention-backend", default=None, help="default: the preset's")
     parser.add_argument("--fp8", default="none", choices=("none", "torchao", "te"), help="also run FP8, compared")
     parser.add_argument("--fp8-scaling", default="tensorwise", choices=("tensorwise", "rowwise"), help="torchao only")
-    parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--json", default=None, help="write the results here (default: stdout only)")
     parser.add_argument("overrides", nargs="*", help="extra trainer key=value overrides")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # Checked before anything trains: a bad value should cost a second, not a traceback after a variant.
+    for name in ("resolution", "steps", "batch", "txt_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:  # 0 would silently mean the default for --batch / --txt-tokens
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.warmup is not None and args.warmup < 0:
+        parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        parser.error(f"--variants: unknown {unknown or 'none given'}; known: {list(VARIANTS)}")
+    if args.peak_flops is not None and not (math.isfinite(args.peak_flops) and args.peak_flops > 0):
+        parser.error(f"--peak-flops must be a finite number > 0, got {args.peak_flops}")
+    if args.fp8 != "none":
+        from selfe.optional import probe, unavailable_reason
 
-
-def run_variant(args: argparse.Namespace, variant: str, run_dir: Path, fp8: str = "none") -> dict:
+        library = {"torchao": "torchao", "te": "transformer_engine"}[args.fp8]
+        if not probe(library).available:
+            parser.error(f"--fp8 {args.fp8}: {unavailable_reason(library)}")
     from selfe.train.config import apply_overrides, preset
-    from selfe.train.trainer import Trainer
 
+    for variant in variants:  # the configs each run will use; building one trains nothing
+        for fp8 in ("none",) if args.fp8 == "none" else ("none", args.fp8):
+            try:
+                apply_overrides(preset(MODEL_PRESETS[args.preset]), trainer_overrides(args, variant, Path("run"), fp8))
+            except ValueError as err:
+                parser.error(str(err))
+    if args.json is not None:
+        from selfe.atomic import folder_problem
+
+        path = Path(args.json)
+        problem = "is a directory" if path.is_dir() else folder_problem(path.parent)
+        if problem:
+            parser.error(f"--json {args.json}: {problem}")
+    return args
+
+
+def trainer_overrides(args: argparse.Namespace, variant: str, run_dir: Path, fp8: str = "none") -> list[str]:
+    """The trainer's key=value overrides for one run."""
     cuda = torch.cuda.is_available()
     batch = args.batch or (8 if cuda else 2)
     txt = args.txt_tokens or (16 if args.preset == "tiny" else 512)
     warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
-    model_preset = {"tiny": "smoke", "0.5b": "0.5b", "2b": "2b"}[args.preset]
-    overrides = [
+    return [
         f"run_dir={run_dir}",
         f"steps={warmup + args.steps}",
         "data.source=synthetic",
@@ -99,7 +137,17 @@ def run_variant(args: argparse.Namespace, variant: str, run_dir: Path, fp8: str 
         *([f"model.attention_backend={args.attention_backend}"] if args.attention_backend else []),
         *args.overrides,
     ]
-    config = apply_overrides(preset(model_preset), overrides)
+
+
+def run_variant(args: argparse.Namespace, variant: str, run_dir: Path, fp8: str = "none") -> dict:
+    from selfe.train.config import apply_overrides, preset
+    from selfe.train.trainer import Trainer
+
+    cuda = torch.cuda.is_available()
+    batch = args.batch or (8 if cuda else 2)
+    txt = args.txt_tokens or (16 if args.preset == "tiny" else 512)
+    warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
+    config = apply_overrides(preset(MODEL_PRESETS[args.preset]), trainer_overrides(args, variant, run_dir, fp8))
     trainer = Trainer(config)
     try:
         records = [trainer.train_step() for _ in range(warmup + args.steps)][warmup:]
@@ -171,11 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     from selfe.flops import device_peak_flops
 
     args = parse_args(argv)
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        print(f"unknown variants {unknown}; known: {list(VARIANTS)}", file=sys.stderr)
-        return 2
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]  # checked by parse_args
     if "RANK" in os.environ and not dist.is_initialized():
         # under torchrun: one process group for all variants (each Trainer joins it, none destroys it)
         if torch.cuda.is_available():
@@ -186,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="selfe-train-mfu-") as tmp:
         for variant in variants:
             for fp8 in ("none",) if args.fp8 == "none" else ("none", args.fp8):
+                if not dist.is_initialized() or dist.get_rank() == 0:  # progress: a compiled 2b run takes minutes
+                    print(f"# {variant} fp8={fp8}: training {args.steps} timed steps", file=sys.stderr, flush=True)
                 result = run_variant(args, variant, Path(tmp) / f"{variant}-{fp8}", fp8)
                 label = variant if fp8 == "none" else f"{variant}+{fp8}"
                 if fp8 != "none":  # against the high-precision run of the same variant, just before
@@ -211,7 +257,10 @@ def main(argv: list[str] | None = None) -> int:
         payload = {"device": device, "torch": torch.__version__, "args": vars(args), "results": results}
         if error is not None:
             payload["fp8_error"] = error
-        Path(args.json).write_text(json.dumps(payload, indent=1))
+        from selfe.atomic import atomic_write_bytes
+
+        # temp file then rename: an interrupted run leaves no half-written JSON
+        atomic_write_bytes(args.json, json.dumps(payload, indent=1).encode())
     return 0
 
 
