@@ -49,14 +49,11 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         result = trainer.train()
-    except NonFiniteLossError as err:  # every rank decides it on the same global loss, at the same step
-        trainer.close()
+    except NonFiniteLossError as err:
         print(f"selfe train: {err}", file=sys.stderr)
         return 3
-    except BaseException:
-        trainer.close(synchronize=False)  # the other ranks may be inside a collective: no barrier to hang on
-        raise
-    trainer.close()
+    finally:
+        trainer.close()
     if trainer.dist.rank == 0:
         how = "stopped by signal" if result.stopped_by_signal else "finished"
         print(f"selfe train: {how} at step {result.step} ({result.skipped} skipped); checkpoint {result.checkpoint}")

@@ -128,7 +128,7 @@ class Trainer:
         try:
             self._build(config)
         except BaseException:
-            self.close(synchronize=False)  # a failed start leaves no process group behind
+            self.close()  # a failed start (a missing input, a bad config) leaves no process group behind
             raise
 
     def _build(self, config: TrainConfig) -> None:
@@ -360,12 +360,7 @@ class Trainer:
         result.step, result.skipped = self.step, self.skipped
         return result
 
-    def close(self, synchronize: bool = True) -> None:
-        """Destroy the process group if this trainer made it. With `synchronize` every rank first waits for
-        the others: a rank that tears gloo down while a peer is still finishing (rank 0 writing the export)
-        can abort at exit ("terminate called without an active exception"). A failed start skips the wait,
-        as the other ranks may never come."""
+    def close(self) -> None:
+        """Destroy the process group if this trainer made it."""
         if self.dist.owns_group and dist.is_initialized():
-            if synchronize and self.dist.world_size > 1:
-                dist.barrier()
             dist.destroy_process_group()
