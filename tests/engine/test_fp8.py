@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import math
+import socket
 import subprocess
 import sys
 import textwrap
@@ -334,9 +335,9 @@ FSDP_SCRIPT = textwrap.dedent(
     import functools, math, os, sys
     import torch, torch.distributed as dist, torch.multiprocessing as mp
 
-    def worker(rank, out_dir):
-        # A file store, not a TCP port: a port found free by the parent can be taken before rank 0 binds it.
-        dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=2)
+    def worker(rank, port, out_dir):
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=2)
         torch.set_num_threads(1)
         from torch.distributed.fsdp import fully_shard
         from torchao.float8.fsdp_utils import WeightWithDynamicFloat8CastTensor
@@ -361,7 +362,7 @@ FSDP_SCRIPT = textwrap.dedent(
         dist.destroy_process_group()
 
     if __name__ == "__main__":
-        mp.spawn(worker, args=(sys.argv[1],), nprocs=2)
+        mp.spawn(worker, args=(int(sys.argv[1]), sys.argv[2]), nprocs=2)
     """
 )
 
@@ -409,6 +410,12 @@ COMMON_SCRIPT = textwrap.dedent(
 )
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @needs_torchao
 @pytest.mark.dist
 def test_fsdp2_two_gloo_ranks_train_with_fp8_all_gather(tmp_path):
@@ -421,7 +428,7 @@ def test_fsdp2_two_gloo_ranks_train_with_fp8_all_gather(tmp_path):
     (tmp_path / "common.py").write_text(COMMON_SCRIPT)
     (tmp_path / "fsdp.py").write_text(FSDP_SCRIPT)
     proc = subprocess.run(
-        [sys.executable, str(tmp_path / "fsdp.py"), str(tmp_path)],
+        [sys.executable, str(tmp_path / "fsdp.py"), str(free_port()), str(tmp_path)],
         cwd=REPO, capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
