@@ -127,13 +127,11 @@ def _real_encoders(
 
 
 def _device(parser: argparse.ArgumentParser, name: str | None) -> torch.device:
-    try:
-        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as err:
-        parser.error(f"--device {name!r}: {err}")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        parser.error(f"--device {name}: no such CUDA device ({torch.cuda.device_count()} visible)")
-    return device
+    from selfe.generate import device_problem  # the one --device check the commands share
+
+    if name is not None and (problem := device_problem(name)) is not None:
+        parser.error(problem)
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def cache_main(argv: Sequence[str] | None = None) -> int:
