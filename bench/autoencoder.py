@@ -25,6 +25,7 @@ import torch
 
 from selfe.atomic import atomic_write_bytes, folder_problem
 from selfe.autoencoder import AUTOENCODER_PRESETS, AutoEncoder
+from selfe.devices import device_problem
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -69,8 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     factor = AUTOENCODER_PRESETS[args.config]().downsample_factor
     if args.resolution % factor:
         parser.error(f"--resolution {args.resolution} must be divisible by the downsample factor {factor}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
+    if args.device != "auto" and (problem := device_problem(args.device)) is not None:
+        parser.error(problem)
     if args.json not in (None, "-"):
         path = Path(args.json)
         problem = "is a directory" if path.is_dir() else folder_problem(path.parent)

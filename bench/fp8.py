@@ -187,7 +187,7 @@ RECIPE_LIBRARIES = {"torchao": "torchao", "te": "transformer_engine"}  # selfe.o
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from selfe.atomic import folder_problem
     from selfe.config import PRESETS, mmdit_preset
-    from selfe.generate import device_problem
+    from selfe.devices import device_problem
     from selfe.optional import probe, unavailable_reason
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -228,13 +228,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     problem = device_problem(args.device)
     if problem:
         parser.error(problem)
-    library = RECIPE_LIBRARIES[args.recipe]
-    if not probe(library).available:
-        parser.error(f"--recipe {args.recipe}: {unavailable_reason(library)}")
     if args.json is not None:
         problem = "is a directory" if args.json.is_dir() else folder_problem(args.json.parent)
         if problem:
             parser.error(f"--json {args.json}: {problem}")
+    library = RECIPE_LIBRARIES[args.recipe]
+    if not probe(library).available:
+        parser.error(f"--recipe {args.recipe}: {unavailable_reason(library)}")
     return args
 
 

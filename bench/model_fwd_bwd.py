@@ -21,8 +21,8 @@ import torch
 
 from selfe.atomic import atomic_write_bytes, folder_problem
 from selfe.config import PRESETS, mmdit_preset
+from selfe.devices import device_problem
 from selfe.flops import device_peak_flops, mmdit_forward_backward_flops
-from selfe.generate import device_problem
 from selfe.model import MMDiT
 
 VAE_DOWNSAMPLE = 8  # FLUX autoencoder: 512 px -> 64 latent -> 32x32 = 1024 tokens with 2x2 patches

@@ -43,9 +43,9 @@ from bench.fp8 import RECIPE_LIBRARIES, relative_error  # noqa: E402
 from selfe.atomic import atomic_write_bytes, folder_problem  # noqa: E402
 from selfe.autoencoder import AUTOENCODER_PRESETS, AutoEncoder  # noqa: E402
 from selfe.config import PRESETS, mmdit_preset  # noqa: E402
+from selfe.devices import device_problem  # noqa: E402
 from selfe.flops import device_peak_flops, mmdit_forward_flops  # noqa: E402
 from selfe.fp8 import FP8Config, converted_modules, fp8_autocast_context, fp8_copy  # noqa: E402
-from selfe.generate import device_problem  # noqa: E402
 from selfe.graphs import FastPathConfig, FastSampler  # noqa: E402
 from selfe.model import MMDiT  # noqa: E402
 from selfe.optional import probe, unavailable_reason  # noqa: E402

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from selfe.atomic import folder_problem
+from selfe.devices import device_problem
 
 NO_MODEL_HELP = """selfe generate: error: no model given; pass --model DIR.
 (This install lacks the shipped ShapesEval model, selfe/assets/shapes-selfe/, that is used by default.)
@@ -75,26 +76,6 @@ def out_problem(out: Path) -> str | None:
         return f"--out {str(out)!r}: PIL cannot write an RGB image as {kind}; use .png, .jpg or .webp"
     problem = folder_problem(out.parent)  # mkdir runs after sampling
     return None if problem is None else f"--out {str(out)!r}: {problem}"
-
-
-def device_problem(device: str) -> str | None:
-    """Why torch cannot run on `device` ("cuda", "cuda:1", "cpu", ...), or None when it can."""
-    import torch
-
-    try:
-        parsed = torch.device(device)
-    except RuntimeError:
-        return f"--device {device!r} is not a torch device; use cpu, cuda or cuda:N"
-    if parsed.type == "meta":
-        return "--device meta holds no data; use cpu or cuda"
-    backend = getattr(torch, parsed.type, None)  # torch.cuda, torch.mps, torch.xpu
-    if callable(getattr(backend, "is_available", None)):
-        if not backend.is_available():
-            return f"--device {device}: this torch has no {parsed.type.upper()} device"
-        count = backend.device_count() if callable(getattr(backend, "device_count", None)) else None
-        if parsed.index is not None and count is not None and parsed.index >= count:
-            return f"--device {device}: this machine has {count} {parsed.type.upper()} device(s)"
-    return None
 
 
 def auto_upscale(height: int, width: int, min_side: int = AUTO_UPSCALE_MIN_SIDE) -> int:

@@ -17,6 +17,7 @@ from selfe.autoencoder import AutoEncoderConfig
 from selfe.autoencoder import config_from_file as autoencoder_config_from_file
 from selfe.autoencoder import flux1 as flux1_autoencoder
 from selfe.config import MMDiTConfig
+from selfe.devices import unavailable_reason
 from selfe.pipeline_files import AE_FILE, CONFIG_FILE, MODEL_FILE, required_file
 from selfe.pixel_autoencoder import SpaceToDepthConfig
 from selfe.text_encoders import (
@@ -60,20 +61,8 @@ def checked_device(device: Any) -> torch.device:
         parsed = torch.device(device)
     except (RuntimeError, TypeError, ValueError) as err:
         raise ValueError(f"device={device!r} is not a device here ({err}); pass e.g. 'cpu' or 'cuda'") from err
-    if parsed.type == "meta":
-        raise ValueError("device='meta' holds no data to sample with; pass e.g. 'cpu' or 'cuda'")
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(
-                f"device={device!r}, but CUDA is not available on this machine (torch {torch.__version__})"
-            )
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise ValueError(f"device={device!r}, but this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif parsed.type != "cpu":
-        try:  # mps, xpu, ...: available only where torch was built for them and the device is present
-            torch.empty(0, device=parsed)
-        except (RuntimeError, AssertionError) as err:
-            raise ValueError(f"device={device!r} is not usable on this machine: {err}") from err
+    if (reason := unavailable_reason(parsed)) is not None:
+        raise ValueError(f"device={device!r}: {reason} (torch {torch.__version__})")
     return parsed
 
 

@@ -127,7 +127,7 @@ def _real_encoders(
 
 
 def _device(parser: argparse.ArgumentParser, name: str | None) -> torch.device:
-    from selfe.generate import device_problem  # the one --device check the commands share
+    from selfe.devices import device_problem  # the one --device check the commands share
 
     if name is not None and (problem := device_problem(name)) is not None:
         parser.error(problem)

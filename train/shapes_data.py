@@ -258,15 +258,11 @@ def data_main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--out {args.out}: {problem}")
     import torch
 
+    from selfe.devices import device_problem
     from selfe.train.cache import CacheMismatchError
 
-    if args.device is not None:
-        try:
-            device = torch.device(args.device)
-        except RuntimeError as err:
-            parser.error(f"--device {args.device}: {err}")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            parser.error(f"--device {args.device}: this torch has no CUDA device")
+    if args.device is not None and (problem := device_problem(args.device)) is not None:
+        parser.error(problem)
     start = time.perf_counter()
     try:
         prepare(

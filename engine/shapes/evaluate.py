@@ -255,7 +255,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
         models = [shipped]
     # Every model folder and the other arguments are checked before the first model is evaluated, so a typo
     # in the last --model does not surface only after the others have run.
-    from selfe.generate import device_problem
+    from selfe.devices import device_problem
     from selfe.pipeline_files import check_pipeline_dir
 
     for path in models:

@@ -86,7 +86,7 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys, monkeypatch):
         (["--seed", "-1"], "--seed must be >= 0"),
         (["--device", "cuda"], "--device cuda: this torch has no CUDA device"),
         (["--device", "cuda:0"], "this torch has no CUDA device"),
-        (["--device", "nonsense"], "--device nonsense: "),
+        (["--device", "nonsense"], "--device 'nonsense' is not a torch device"),
         (["--t5-order-bias", "nan"], "--t5-order-bias must be finite"),
         (["--out", str(tmp_path / "file")], "is a file, not a folder"),
         (["--out", str(tmp_path / "file" / "d")], "is a file, not a folder"),
