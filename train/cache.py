@@ -104,7 +104,9 @@ def build_cache(
     plans = plan_shards(classes, config)
     settings = {
         "manifest_sha256": file_sha256(scanned.path),
-        "base_dir": str(scanned.base_dir.resolve()),
+        # Where the images lie seen from the cache, so a data folder moved whole (images, manifest and
+        # cache together) still resumes; the images' content is not hashed, only the manifest's.
+        "base_dir": os.path.relpath(scanned.base_dir.resolve(), out.resolve()),
         **{k: v for k, v in asdict(config).items() if k not in ("num_threads", "encode_batch_size")},
     }
     for knob in ("scan_workers", "max_logged_per_reason"):  # speed and verbosity, not content

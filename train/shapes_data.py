@@ -276,7 +276,7 @@ def data_main(argv: Sequence[str] | None = None) -> int:
             ae_training=AutoEncoderTraining(steps=args.ae_steps),
             device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
         )
-    except (ShapesMismatchError, CacheMismatchError) as err:  # CacheMismatchError: e.g. a moved folder
+    except (ShapesMismatchError, CacheMismatchError) as err:  # the latter: its cache moved off its images
         p.exit(2, f"selfe data shapes: {err}\n")
     print(f"shapes data: {args.num} samples in {args.out} ({time.perf_counter() - start:.1f} s)")
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -173,6 +174,22 @@ def test_kill_and_resume_equals_uninterrupted_build(tmp_path):
     # A different config in the same folder is refused rather than mixed in.
     with pytest.raises(ValueError, match="another manifest or config"):
         build_cache(data.manifest, out, SmokeImageEncoder(), SmokeTextEncoder(), _config(shard_size=5), progress=False)
+
+
+def test_a_data_folder_moved_whole_resumes_its_cache(tmp_path):
+    data = _dataset(tmp_path / "data")
+    partial = _build(data, tmp_path / "data" / "cache", max_new_shards=2)
+    assert not partial["complete"]
+    kept = {e["file"]: (tmp_path / "data" / "cache" / e["file"]).stat().st_mtime_ns for e in partial["shards"]}
+    shutil.move(tmp_path / "data", tmp_path / "moved")  # images, manifest and cache together
+    moved = dataclasses.replace(data, root=tmp_path / "moved", manifest=tmp_path / "moved" / data.manifest.name)
+    final = _build(moved, tmp_path / "moved" / "cache")
+    assert final["complete"] and final["shards"][:2] == partial["shards"]
+    assert {f: (tmp_path / "moved" / "cache" / f).stat().st_mtime_ns for f in kept} == kept  # resumed, not redone
+    # The cache moved without its images is another data folder as far as it can tell: refused.
+    shutil.move(tmp_path / "moved" / "cache", tmp_path / "cache")
+    with pytest.raises(ValueError, match="differs in: base_dir"):
+        _build(moved, tmp_path / "cache")
 
 
 def test_reader_batches_order_and_resume(tmp_path):

@@ -52,7 +52,7 @@ def test_a_cache_mismatch_is_a_one_line_error(tmp_path, capsys):
     out = tmp_path / "d"
     assert data_main([*BASE, "--out", str(out)]) == 0
     index = json.loads((out / CACHE / "index.json").read_text())
-    index["fingerprint"] = "another"  # the backstop: what the up-front checks cannot see (e.g. a moved folder)
+    index["fingerprint"] = "another"  # the backstop: what the up-front checks cannot see
     (out / CACHE / "index.json").write_text(json.dumps(index))
     err = _fails([*BASE, "--out", str(out)], capsys)
     assert err.startswith("selfe data shapes: ") and len(err.strip().splitlines()) == 1, err
