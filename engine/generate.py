@@ -188,8 +188,9 @@ def generate_main(argv: list[str] | None = None) -> int:
             fp8=args.fp8,
         )
     except (FileNotFoundError, OSError, ValueError, TypeError, RuntimeError) as err:
+        # 2, as for any unusable argument (`selfe eval shapes` checks its --model folders the same way)
         print(f"selfe generate: error: could not load the pipeline from {str(args.model)!r}: {err}", file=sys.stderr)
-        return 1
+        return 2
 
     guidance = None if args.no_guidance else (args.guidance if args.guidance is not None else ...)
     call_kwargs = dict(

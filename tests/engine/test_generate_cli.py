@@ -182,7 +182,7 @@ def test_a_truncated_weight_file_is_a_one_line_load_error(
 ) -> None:
     root = broken_copy(model_copy, tmp_path, name)
     argv = ["--model", str(root), "--prompt", "a", "--steps", "1", "--eager", "--no-progress"]
-    assert generate_main([*argv, "--out", str(tmp_path / "g.png")]) == 1
+    assert generate_main([*argv, "--out", str(tmp_path / "g.png")]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert "could not load the pipeline" in err and named.format(root=root) in err
@@ -197,6 +197,6 @@ def test_a_broken_text_encoder_config_is_named(model_copy: Path, tmp_path: Path,
     # Both encoders given elsewhere: the folder in the model is not read, as before.
     assert text_encoder_dirs(root, model_copy / "text_encoder", model_copy / "text_encoder_2")[0].is_dir()
     argv = ["--model", str(root), "--prompt", "a", "--steps", "1", "--no-progress"]
-    assert generate_main([*argv, "--out", str(tmp_path / "g.png")]) == 1
+    assert generate_main([*argv, "--out", str(tmp_path / "g.png")]) == 2
     err = capsys.readouterr().err
     assert f"{path} is not valid JSON" in err and "no T5 text encoder" not in err and "Traceback" not in err

@@ -295,7 +295,7 @@ def test_generate_cli_without_model_says_how_to_get_one(capsys, monkeypatch: pyt
     assert generate_main(["--prompt", "a cat"]) == 2
     err = capsys.readouterr().err
     assert "--model" in err and "model.safetensors" in err and "export" in err
-    assert generate_main(["--model", "/nonexistent/selfe", "--prompt", "a cat"]) == 1
+    assert generate_main(["--model", "/nonexistent/selfe", "--prompt", "a cat"]) == 2
     assert "pipeline directory" in capsys.readouterr().err
 
 
