@@ -54,6 +54,7 @@ from selfe.pipeline_files import CONFIG_FILE, MODEL_FILE, read_pipeline_config, 
 from selfe.pipeline_inputs import (
     autoencoder_source,
     check_choice,
+    check_engine_options,
     check_int,
     check_prompt,
     check_text_snapshots,
@@ -129,9 +130,7 @@ class SelfEPipeline:
         check_text_widths(text_encoders, model.config)
         if sampler_defaults is not None and not isinstance(sampler_defaults, SamplerConfig):
             raise TypeError(f"sampler_defaults must be a SamplerConfig or None, got {type(sampler_defaults).__name__}")
-        if fast_path is not None and not isinstance(fast_path, FastPathConfig):
-            raise TypeError(f"fast_path must be a FastPathConfig or None, got {type(fast_path).__name__}")
-        check_int("max_size", max_size, 1)
+        check_engine_options(fast_path, max_size)
         if default_resolution is not None:
             error = side_error(
                 "default_resolution",
@@ -200,9 +199,7 @@ class SelfEPipeline:
         text_dtype = (
             dtype if text_encoder_dtype is None else checked_dtype("text_encoder_dtype", text_encoder_dtype, device)
         )
-        if fast_path is not None and not isinstance(fast_path, FastPathConfig):
-            raise TypeError(f"fast_path must be a FastPathConfig or None, got {type(fast_path).__name__}")
-        check_int("max_size", max_size, 1)
+        check_engine_options(fast_path, max_size)
         fp8 = resolve_fp8(fp8)
         for name, value in (("autoencoder_path", autoencoder_path), ("t5_path", t5_path), ("clip_path", clip_path)):
             if value is not None and not isinstance(value, (str, os.PathLike)):

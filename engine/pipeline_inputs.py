@@ -18,6 +18,7 @@ from selfe.autoencoder import config_from_file as autoencoder_config_from_file
 from selfe.autoencoder import flux1 as flux1_autoencoder
 from selfe.config import MMDiTConfig
 from selfe.devices import unavailable_reason
+from selfe.graphs import FastPathConfig
 from selfe.pipeline_files import AE_FILE, CONFIG_FILE, MODEL_FILE, required_file
 from selfe.pixel_autoencoder import SpaceToDepthConfig
 from selfe.text_encoders import (
@@ -208,6 +209,13 @@ def check_prompt(prompt: Any) -> list[str]:
 def check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_engine_options(fast_path: Any, max_size: Any) -> None:
+    """The pipeline's own keywords (shared by __init__ and from_pretrained, which checks them before loading)."""
+    if fast_path is not None and not isinstance(fast_path, FastPathConfig):
+        raise TypeError(f"fast_path must be a FastPathConfig or None, got {type(fast_path).__name__}")
+    check_int("max_size", max_size, 1)
 
 
 def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
