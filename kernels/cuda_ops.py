@@ -24,6 +24,15 @@ except ImportError as err:  # pragma: no cover - depends on the install
     ) from err
 
 
+def _require_cuda(op: str, x: Tensor) -> None:
+    """The ops are registered for CUDA alone; on other tensors say so, not with the dispatcher's key dump."""
+    if x.device.type != "cuda":
+        raise RuntimeError(
+            f"kernel backend 'cuda' runs on CUDA tensors only, and {op} got {x.device.type} ones; "
+            "use kernel_backend 'auto' (torch off CUDA), 'torch' or 'triton' there"
+        )
+
+
 def _triton_backward(module: str, op: str) -> Callable | None:
     """The Triton backward custom op `selfe::<op>`, or None when triton is unavailable."""
     try:
@@ -77,6 +86,7 @@ _layer_norm_modulate_op.register_autograd(_lnm_backward, setup_context=_lnm_setu
 @dispatch.register("layer_norm_modulate", "cuda")
 def layer_norm_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6) -> Tensor:
     """adaLN in CUDA C++: LayerNorm(x) `* (1 + scale) + shift`. x: (B, L, D); shift, scale: (B, D)."""
+    _require_cuda("layer_norm_modulate", x)
     return _layer_norm_modulate_op(x, shift, scale, float(eps))
 
 
@@ -137,6 +147,7 @@ def gated_residual_modulate(
 
     x, y: (B, L, D); gate, shift, scale: (B, D). Returns (x', modulated), both (B, L, D).
     """
+    _require_cuda("gated_residual_modulate", x)
     return _gated_op(x, gate, y, shift, scale, float(eps))
 
 
@@ -178,4 +189,5 @@ _mix_op.register_autograd(_mix_backward, setup_context=_mix_setup)
 @dispatch.register("energy_preserving_mix", "cuda")
 def energy_preserving_mix(p: Tensor, q: Tensor, a: Tensor, b: Tensor, eps: float = 1e-12) -> Tensor:
     """`(a p + b q) * ||p|| / max(||a p + b q||, eps)` per sample in CUDA C++; p, q: (B, ...); a, b: (B,)."""
+    _require_cuda("energy_preserving_mix", p)
     return _mix_op(p, q, a, b, float(eps))

@@ -107,6 +107,12 @@ sys.modules["selfe._C"] = fake
 source = open(sys.argv[1]).read().replace(', device_types="cuda"', "")  # let the ops run on CPU
 module = types.ModuleType("cuda_ops_stand_in")
 exec(compile(source, sys.argv[1], "exec"), module.__dict__)
+try:
+    module.energy_preserving_mix(torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1), torch.ones(1))
+    raise AssertionError("the cuda backend ran on CPU tensors")
+except RuntimeError as err:  # named, not the dispatcher's key dump
+    assert "runs on CUDA tensors only" in str(err) and "energy_preserving_mix got cpu" in str(err), err
+module._require_cuda = lambda op, x: None  # the stand-in runs on CPU
 if sys.argv[2] == "reference":
     module._triton_backward = lambda *args: None  # the fallback for CUDA installs without triton
 torch.manual_seed(0)
