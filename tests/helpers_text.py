@@ -4,6 +4,7 @@ that fails a test on any network access or unpickling.
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import socket
 
@@ -14,7 +15,14 @@ from selfe.text_snapshots import DEFAULT_WORDS, make_clip_snapshot, make_t5_snap
 
 make_tiny_t5_snapshot = make_t5_snapshot
 make_tiny_clip_snapshot = make_clip_snapshot
-__all__ = ["DEFAULT_WORDS", "forbid_network_and_unpickling", "make_tiny_clip_snapshot", "make_tiny_t5_snapshot"]
+__all__ = [
+    "DEFAULT_WORDS",
+    "allow_inductor_unpickling",
+    "forbid_network_and_unpickling",
+    "make_tiny_clip_snapshot",
+    "make_tiny_t5_snapshot",
+]
+PICKLE_LOAD, PICKLE_LOADS = pickle.load, pickle.loads  # before any test replaces them
 
 
 def forbid_network_and_unpickling(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -34,3 +42,14 @@ def forbid_network_and_unpickling(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch, "load", refuse("torch.load"))
     monkeypatch.setattr(pickle, "load", refuse("unpickling"))
     monkeypatch.setattr(pickle, "loads", refuse("unpickling"))
+
+
+@contextlib.contextmanager
+def allow_inductor_unpickling():
+    """Inside forbid_network_and_unpickling: let pickle work again for a compile. Inductor's compile
+    workers hand their Triton kernels back pickled (on CUDA), and its caches are pickles; none of that is a
+    weight or checkpoint file of ours."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(pickle, "load", PICKLE_LOAD)
+        monkeypatch.setattr(pickle, "loads", PICKLE_LOADS)
+        yield

@@ -26,7 +26,7 @@ from selfe.generate import generate_main
 from selfe.graphs import FastPathConfig, FastSampler, _GraphedStep
 from selfe.pipeline import SelfEPipeline, SelfEPipelineOutput
 from tests.helpers_pipeline import random_mmdit, write_pipeline_dir
-from tests.helpers_text import forbid_network_and_unpickling
+from tests.helpers_text import allow_inductor_unpickling, forbid_network_and_unpickling
 
 SIZE = 32  # pixels; the tiny autoencoder downsamples 2x and patches are 2x2, so 16 x 16 latents, 64 tokens
 FAST = FastPathConfig(compile=True, compile_backend="aot_eager")
@@ -306,9 +306,10 @@ def test_cuda_graph_matches_eager_on_gpu(tmp_path: Path) -> None:
     pipe = SelfEPipeline.from_pretrained(
         root, torch_dtype=torch.float32, device="cuda", fast_path=FastPathConfig(compile=True, cuda_graph="on")
     )
-    pipe.warmup(batch=2, height=SIZE, width=SIZE)
+    with allow_inductor_unpickling():  # the weights above loaded under the guard; inductor needs pickle
+        pipe.warmup(batch=2, height=SIZE, width=SIZE)
     assert pipe.fast.num_graphs == 1
-    with torch._dynamo.config.patch(error_on_recompile=True):
+    with torch._dynamo.config.patch(error_on_recompile=True), allow_inductor_unpickling():
         for steps in (1, 2, 4, 8):
             graphed = run(pipe, steps=steps, seed=steps, fast=True)
             eager = run(pipe, steps=steps, seed=steps, fast=False)
