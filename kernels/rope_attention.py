@@ -18,6 +18,7 @@ A sample whose mask keeps no key gets zero outputs and zero gradients.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -30,10 +31,21 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256
 
 
+AUTOTUNE_ENV = "SELFE_TRITON_AUTOTUNE"  # full (default) or quick; read when this module is imported
+
+
 def _configs(gpu: list[tuple[int, int, int, int]]) -> list[triton.Config]:
-    """Autotune candidates (BLOCK_M, BLOCK_N, num_warps, num_stages); one small one under the interpreter."""
+    """Autotune candidates (BLOCK_M, BLOCK_N, num_warps, num_stages); one small one under the interpreter.
+
+    SELFE_TRITON_AUTOTUNE=quick keeps the first (largest) and the last (smallest, fits every case) of each
+    list: both tile paths, a third of the compiles (the GPU tests, where every new shape autotunes)."""
     if interpreting():
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    mode = os.environ.get(AUTOTUNE_ENV, "full")
+    if mode not in ("full", "quick"):
+        raise ValueError(f"{AUTOTUNE_ENV}={mode!r}; use full or quick")
+    if mode == "quick":
+        gpu = [gpu[0], gpu[-1]]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in gpu]
 
 

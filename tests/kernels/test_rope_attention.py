@@ -180,3 +180,17 @@ def test_bad_inputs_raise():
         rope_flash_attention(odd, odd, odd, cos, cos)
     with pytest.raises(ValueError, match="dtype"):
         rope_flash_attention(q, q.double(), q, cos, cos)
+
+
+def test_quick_autotune_keeps_the_largest_and_the_smallest_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    from selfe.kernels import rope_attention
+
+    monkeypatch.setattr(rope_attention, "interpreting", lambda: False)  # the GPU lists, not the interpreter's
+    tiles = [(128, 64, 8, 3), (64, 64, 4, 3), (32, 32, 4, 2)]
+    blocks = lambda configs: [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in configs]
+    assert blocks(rope_attention._configs(tiles)) == tiles
+    monkeypatch.setenv(rope_attention.AUTOTUNE_ENV, "quick")
+    assert blocks(rope_attention._configs(tiles)) == [tiles[0], tiles[-1]]
+    monkeypatch.setenv(rope_attention.AUTOTUNE_ENV, "fast")
+    with pytest.raises(ValueError, match="SELFE_TRITON_AUTOTUNE='fast'; use full or quick"):
+        rope_attention._configs(tiles)
