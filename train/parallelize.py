@@ -50,8 +50,12 @@ def apply_compile(model: nn.Module, fullgraph: bool = True, backend: str = "indu
 def apply_fsdp(
     model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype, reshard_after_forward: bool = True
 ) -> None:
-    """FSDP2 on every block, then the root (embedders, final layer). Gradients are reduced in fp32."""
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    """FSDP2 on every block, then the root (embedders, final layer). Gradients are reduced in fp32.
+
+    Inputs are not cast (cast_forward_inputs=False): the model casts x, txt and pooled to its weights' dtype
+    itself, and keeps t, s and the RoPE tables in fp32, as it does when sampling. FSDP's cast would round t
+    and s to bf16 before the time embeddings (t - s to steps of ~0.004 near t = 1) in training alone."""
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     for blocks, i in blocks_of(model):
         fully_shard(blocks[i], mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     # The root's parameters are used again at once by the next forward: keep them gathered.
