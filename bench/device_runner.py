@@ -2,10 +2,10 @@
 
 Standard library only (it runs before the package is installed). A step is a command (or a function)
 with a cap; the session gives it the cap or what is left of the budget, whichever is less, and skips
-it when that is too short to be worth starting. A command that runs out of time gets SIGTERM, then
-SIGKILL, with its whole process group. Every step's output goes to OUT/session.log; OUT/results.json is
-rewritten after every step (so a run killed from outside still returns what it did) and OUT/results.md
-is the section for bench/RESULTS.md.
+it when that is too short to be worth starting. A command that runs out of time gets SIGTERM (a test
+run SIGINT first), then SIGKILL, with its whole process group. Every step's output goes to
+OUT/session.log; OUT/results.json is rewritten after every step (so a run killed from outside still
+returns what it did) and OUT/results.md is the section for bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from typing import IO
 REPO = Path(__file__).resolve().parent.parent
 SUMMARY_RESERVE_S = 15.0  # kept back from the budget for the report and the bundles
 MIN_STEP_S = 20.0  # a step that would get less than this is skipped rather than started
-KILL_GRACE_S = 10.0  # between SIGTERM (the trainer checkpoints on it) and SIGKILL
+KILL_GRACE_S = 10.0  # after SIGINT (pytest then writes its report) and after SIGTERM (the trainer checkpoints)
+STOP_S = 30.0  # the longest a step takes to stop once its time is up (the ShapesEval pair: 2 x (10 + 5) s)
 
 
 @dataclasses.dataclass
@@ -63,7 +64,8 @@ class Step:
     dry_argv: list[str] | None = None  # the CPU dry run's arguments; None: the same as argv
     run: Callable[[Session, Step, float], str] | None = None
     json: str | None = None
-    junit: str | None = None  # a pytest --junitxml file it writes under {work}, summarised
+    junit: str | None = None  # a pytest --junitxml file it writes under {work}, summarised; set for pytest
+    # steps, which are stopped with SIGINT first: pytest then still prints its summary and writes the file
     env: dict[str, str] = dataclasses.field(default_factory=dict)
     fallback: Step | None = None  # run when this step fails (e.g. the pure-Python install)
     dry_skip: bool = False  # nothing to check on CPU (the install: the dry run uses the installed package)
@@ -76,9 +78,9 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def step_timeout(cap_s: float, left_s: float) -> float | None:
-    """Seconds a step may run: its cap, cut to what is left after the report's reserve; None when that
-    is too short to be worth starting."""
-    usable = min(cap_s, left_s - SUMMARY_RESERVE_S)
+    """Seconds a step may run: its cap, cut to what is left after the report's reserve and the time a
+    step over its limit takes to stop; None when that is too short to be worth starting."""
+    usable = min(cap_s, left_s - SUMMARY_RESERVE_S - STOP_S)
     return usable if usable >= MIN_STEP_S else None
 
 
@@ -94,9 +96,13 @@ def start(argv: list[str], log: IO[str], env: dict[str, str] | None = None) -> s
     )
 
 
-def stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM the process group, then SIGKILL what is left after the grace period."""
-    for sig, wait in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, 5.0)):
+def stop_group(proc: subprocess.Popen, interrupt_first: bool = False) -> None:
+    """SIGTERM the process group (SIGINT first when `interrupt_first`), then SIGKILL what is left, a grace
+    period after each."""
+    signals = [(signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, 5.0)]
+    if interrupt_first:
+        signals.insert(0, (signal.SIGINT, KILL_GRACE_S))
+    for sig, wait in signals:
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
@@ -108,12 +114,12 @@ def stop_group(proc: subprocess.Popen) -> None:
             continue
 
 
-def wait_status(proc: subprocess.Popen, timeout: float) -> str:
+def wait_status(proc: subprocess.Popen, timeout: float, interrupt_first: bool = False) -> str:
     """'ok', 'failed (exit N)' or, past the timeout (the group then stopped), 'timed out'."""
     try:
         code = proc.wait(timeout=max(0.1, timeout))
     except subprocess.TimeoutExpired:
-        stop_group(proc)
+        stop_group(proc, interrupt_first)
         return "timed out"
     return "ok" if code == 0 else f"failed (exit {code})"
 
@@ -123,7 +129,7 @@ def run_command(session: Session, step: Step, timeout: float) -> str:
     argv = [a.replace("{py}", sys.executable).replace("{work}", str(session.work)) for a in argv]
     session.log.write(f"\n===== {step.name}: {' '.join(argv)}\n")
     session.log.flush()
-    return wait_status(start(argv, session.log, step.env), timeout)
+    return wait_status(start(argv, session.log, step.env), timeout, interrupt_first=step.junit is not None)
 
 
 def run_step(session: Session, step: Step) -> str:
@@ -135,11 +141,14 @@ def run_step(session: Session, step: Step) -> str:
         status = "skipped (no time left)"
     else:
         print(f"[{step.name}] running (up to {timeout:.0f} s)", flush=True)  # progress: a step can take minutes
+        for name in (step.json, step.junit):  # a warm machine's earlier call may have left one: not this run's
+            if name:
+                (session.work / name).unlink(missing_ok=True)
         began, offset = time.monotonic(), session.log.tell()
         status = step.run(session, step, timeout) if step.run else run_command(session, step, timeout)
         session.log.flush()
         session.record(step.name, seconds=round(time.monotonic() - began, 1))
-        with open(session.log.name) as f:
+        with open(session.log.name, errors="replace") as f:  # a step may print any bytes
             f.seek(offset)
             report = step_report(f.read())
         if report:
@@ -156,10 +165,13 @@ def merge_outputs(session: Session, step: Step) -> None:
     if step.json and (session.work / step.json).is_file():
         try:
             session.record(step.name, data=json.loads((session.work / step.json).read_text()))
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             session.record(step.name, data_error=f"{step.json}: {err}")
     if step.junit and (session.work / step.junit).is_file():
-        session.record(step.name, tests=junit_summary(session.work / step.junit))
+        try:
+            session.record(step.name, tests=junit_summary(session.work / step.junit))
+        except ET.ParseError as err:  # pytest killed while writing it
+            session.record(step.name, data_error=f"{step.junit}: {err}")
 
 
 def junit_summary(path: Path) -> dict:

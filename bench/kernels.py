@@ -2,7 +2,8 @@
 
 Ops at the 2b model's shapes (B=4, L=512 text + 1024 image tokens, D=2048; the renorm on a (4, 16, 64, 64)
 latent), forward and forward + backward. Each case is timed with CUDA events after a warm-up, median of
---iters runs, inputs rotated over --buffers copies so they do not sit in L2. Achieved GB/s counts the
+--iters runs, each queued behind a 1 GiB zero-fill (L2 flushed, and the GPU kept busy while Python
+launches the op, so the events time the kernels), inputs rotated over --buffers copies. Achieved GB/s counts the
 minimal bytes an op must move (each input read once, each output written once) and is compared to the
 device's copy bandwidth, measured in the same run with a large `tensor.copy_`. Markdown table to stdout;
 --json PATH writes the rows. The attention cases of bench/kernels_attention_cases.py are added when that
@@ -104,6 +105,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------------------------------
 
 
+FLUSH_BYTES = 1 << 30
+
+
 def time_fn(fn: Callable[[], Any], warmup: int, iters: int, device: torch.device) -> float:
     """Median seconds of fn over iters runs after warmup runs (CUDA events on GPU, wall clock on CPU)."""
     for _ in range(warmup):
@@ -115,15 +119,20 @@ def time_fn(fn: Callable[[], Any], warmup: int, iters: int, device: torch.device
             fn()
             times.append(time.perf_counter() - start)
         return statistics.median(times)
+    flush = torch.empty(FLUSH_BYTES // 4, dtype=torch.int32, device=device)
     torch.cuda.synchronize(device)
     events = [
         (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)
     ]
     for start, end in events:
+        # Zeroing 1 GiB evicts L2 and keeps the GPU busy (~0.3 ms) while the CPU queues fn behind it: the
+        # events then time fn's kernels, not the Python and launch overhead of a few-microsecond op.
+        flush.zero_()
         start.record()
         fn()
         end.record()
     torch.cuda.synchronize(device)
+    del flush
     return statistics.median(start.elapsed_time(end) for start, end in events) / 1e3
 
 

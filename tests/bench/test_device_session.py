@@ -26,12 +26,12 @@ def python(code: str) -> list[str]:
     return [sys.executable, "-c", code]
 
 
-def run(steps: list[Step], tmp_path: Path, budget: float = 60.0, finish=None) -> dict:
+def run(steps: list[Step], tmp_path: Path, budget: float = 120.0, finish=None) -> dict:
     return runner.run_session("test", steps, tmp_path / "out", tmp_path / "work", budget, False, "cmd", finish)
 
 
 def test_step_timeout_is_the_cap_cut_to_the_deadline() -> None:
-    reserve, floor = runner.SUMMARY_RESERVE_S, runner.MIN_STEP_S
+    reserve, floor = runner.SUMMARY_RESERVE_S + runner.STOP_S, runner.MIN_STEP_S  # the report; a late stop
     assert runner.step_timeout(100.0, 1000.0) == 100.0
     assert runner.step_timeout(100.0, reserve + 50.0) == pytest.approx(50.0)
     assert runner.step_timeout(float("inf"), reserve + 70.0) == pytest.approx(70.0)
@@ -80,6 +80,7 @@ def test_a_step_past_its_cap_is_stopped_with_its_children(tmp_path: Path, monkey
     monkeypatch.setattr(runner, "MIN_STEP_S", 2.5)
     monkeypatch.setattr(runner, "SUMMARY_RESERVE_S", 0.5)
     monkeypatch.setattr(runner, "KILL_GRACE_S", 1.0)
+    monkeypatch.setattr(runner, "STOP_S", 0.5)
     pid_file = tmp_path / "child.pid"
     hang = (
         "import subprocess, sys, time\n"
@@ -99,6 +100,52 @@ def test_a_step_past_its_cap_is_stopped_with_its_children(tmp_path: Path, monkey
     child = int(pid_file.read_text())
     status = Path(f"/proc/{child}/status")
     assert not status.exists() or "\tZ" in status.read_text()  # the grandchild went with its group
+
+
+def test_a_test_run_past_its_cap_still_reports_what_ran(tmp_path: Path, monkeypatch) -> None:
+    """pytest is stopped with SIGINT first: it prints its summary and writes its junit file."""
+    monkeypatch.setattr(runner, "MIN_STEP_S", 1.0)
+    monkeypatch.setattr(runner, "SUMMARY_RESERVE_S", 0.5)
+    monkeypatch.setattr(runner, "STOP_S", 0.5)
+    tests = tmp_path / "test_sample.py"
+    # test_a writes a file the runner waits for (not a sleep): pytest is past collection and one test in
+    tests.write_text(
+        f"import time\ndef test_a(): open({str(tmp_path / 'ran')!r}, 'w').close()\ndef test_b(): time.sleep(300)\n"
+    )
+    pytest_argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:timeout"]
+    steps = [Step("tests", "1", 60.0, argv=[*pytest_argv, "--junitxml={work}/j.xml", str(tests)], junit="j.xml")]
+    original_wait = runner.wait_status
+
+    def wait_until_a_ran(proc, timeout, interrupt_first=False):
+        while not (tmp_path / "ran").exists() and proc.poll() is None:
+            time.sleep(0.05)  # polling for the child's own signal
+        return original_wait(proc, 1.0, interrupt_first)  # then the cap is up
+
+    monkeypatch.setattr(runner, "wait_status", wait_until_a_ran)
+    got = run(steps, tmp_path, budget=120.0)["steps"]["tests"]
+    assert got["status"] == "timed out"
+    assert got["tests"]["tests"] >= 1 and "data_error" not in got, got
+
+
+def test_stale_or_broken_step_outputs_are_not_reported(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "t.json").write_text('{"stale": 1}')  # left by an earlier call on a warm machine
+    steps = [
+        Step("fails", "1", 30, argv=python("import sys; sys.exit(1)"), json="t.json"),
+        Step(
+            "cut",
+            "2",
+            30,
+            argv=[*python("import sys; open(sys.argv[1], 'w').write('<testsuite')"), "{work}/j.xml"],
+            junit="j.xml",
+        ),  # fmt: skip
+        Step("after", "3", 30, argv=python("print('still runs')")),
+    ]
+    got = run(steps, tmp_path)["steps"]
+    assert got["fails"]["status"] == "failed (exit 1)" and "data" not in got["fails"]
+    assert got["cut"]["status"] == "ok" and "j.xml" in got["cut"]["data_error"]
+    assert got["after"]["status"] == "ok"
 
 
 def test_junit_summary_counts_and_names_failures(tmp_path: Path) -> None:
@@ -151,13 +198,13 @@ def test_dry_run_of_each_profile_passes_every_step(profile: str, tmp_path: Path,
     assert len(files) <= 8 and all(os.path.getsize(out / f) < 16 * 2**20 for f in files)  # what the device returns
     if profile == "engine":
         assert steps["gpu-tests"]["tests"]["tests"] > 0
-        for name in ("kernels", "sample-throughput", "train-mfu", "model-fwd-bwd", "autoencoder"):
+        for name in ("kernels", "sample-b1", "train-mfu", "sample-b16", "model-fwd-bwd", "autoencoder"):
             assert steps[name]["data"], name
     else:
         assert steps["shapes-pair"]["iterations"] == session_cli.DRY_SHAPES.max_steps
         assert set(steps["shapes-eval"]["data"]) == {"shapes-fm", "shapes-selfe"}  # both models scored
         for method in session_cli.METHODS:
-            with tarfile.open(out / f"shapes-{method}-export.tar") as tar:
+            with tarfile.open(out / f"shapes-{method}-export.tar.gz") as tar:
                 assert f"shapes-{method}-export/model.safetensors" in tar.getnames()
-        with tarfile.open(out / "shapes-eval.tar") as tar:
+        with tarfile.open(out / "shapes-eval.tar.gz") as tar:
             assert "shapes-eval/shapes_eval.json" in tar.getnames()
