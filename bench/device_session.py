@@ -13,8 +13,8 @@ into the running Python and run the 2b checks on the CPU).
 
 Profiles (the issue each step serves in brackets):
     engine  env, install (with the CUDA extension), GPU tests of kernels and engine [3, 6], the fused-op
-            benchmark [3], sampling throughput per step count [6], training MFU [5], model fwd+bwd [2],
-            the autoencoder [4]
+            benchmark [3], sampling at batch 1 [6], training MFU [5], sampling at batch 16 [6], model
+            fwd+bwd [2], the autoencoder [4], the kernels' fp32/fp16 tests on the GPU [3]
     shapes  env, install, `selfe data shapes --autoencoder trained`, the flow matching / Self-E pair
             (`shapes-fm-ae` / `shapes-selfe-ae`) trained side by side for as many iterations as the budget
             holds (measured first), `selfe eval shapes` of both at their exports' sampler defaults [8]
@@ -168,6 +168,17 @@ def engine_steps() -> list[Step]:
             dry_argv=py("bench/autoencoder.py", "--config", "tiny", "--resolution", "64", "--batch", "2",
                         "--iters", "1", "--json", "{work}/ae.json"),
             json="ae.json",
+        ),
+        Step(  # the kernels' fp32 / fp16 tests compiled for the GPU (the CPU runs them in the interpreter)
+            "gpu-tests-fp32-fp16", "3", 150,
+            argv=[*py("-m", "pytest", "-m", "not gpu", "-q", "-p", "no:cacheprovider", "--durations=10",
+                      "--junitxml", "{work}/gpu_tests_fp.xml", "--timeout=90", "tests/kernels",
+                      "--ignore=tests/kernels/test_triton_sm90_compile.py",
+                      "--ignore=tests/kernels/test_csrc_compile.py")],
+            dry_argv=[*py("-m", "pytest", "-m", "not gpu", "-q", "-p", "no:cacheprovider",
+                          "--junitxml", "{work}/gpu_tests_fp.xml", "tests/kernels/test_renorm.py")],
+            junit="gpu_tests_fp.xml",
+            env={"SELFE_TRITON_AUTOTUNE": "quick"},
         ),
     ]  # fmt: skip
 
