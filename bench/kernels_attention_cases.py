@@ -74,24 +74,27 @@ def _qk_norm_rope_cases(qkv, weights, cos, sin, grads, device) -> list[dict]:
     return out
 
 
-def _sdpa_backend_fns(q, k, v, grad_out) -> list[tuple[str, Callable, Callable]]:
-    """(name, fwd, fwd+bwd) for each SDPA backend that runs these inputs (pre-rotated, no mask)."""
+def _sdpa_backend_fns(q, k, v, grad_out, mask=None) -> list[tuple[str, Callable, Callable]]:
+    """(name, fwd, fwd+bwd) for each SDPA backend that runs these inputs (pre-rotated; with `mask`, the
+    (B, 1, 1, L) key mask the model passes when text is padded, which rules flash out)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     found = []
+    suffix = "" if mask is None else " (masked)"
     for name, backend in (
         ("sdpa-flash", SDPBackend.FLASH_ATTENTION),
         ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION),
         ("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION),
     ):
+        name += suffix
 
         def forward(backend=backend):
             with sdpa_kernel(backend), torch.no_grad():
-                return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
         def forward_backward(backend=backend):
             with sdpa_kernel(backend):
-                out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+                out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
                 return torch.autograd.grad(out, (q, k, v), grad_out)
 
         try:
@@ -111,9 +114,9 @@ def _attention_cases(q, k, v, cos, sin, key_mask, grad_out, device) -> list[dict
     with torch.no_grad():
         q_rot, k_rot = reference.apply_rope(q, cos, sin), reference.apply_rope(k, cos, sin)
     q_rot, k_rot = q_rot.requires_grad_(), k_rot.requires_grad_()
-    impls += _sdpa_backend_fns(q_rot, k_rot, v, grad_out)
-
     attn_mask = key_mask[:, None, None, :]
+    impls += _sdpa_backend_fns(q_rot, k_rot, v, grad_out)
+    impls += _sdpa_backend_fns(q_rot, k_rot, v, grad_out, attn_mask)  # the model's case: which kernel to pick
 
     def rope_sdpa(mask):
         return torch.nn.functional.scaled_dot_product_attention(

@@ -91,11 +91,11 @@ def forward_backward(model: MMDiT, inputs) -> tuple[Tensor, dict[str, Tensor]]:
     return out.double(), {name: p.grad.double() for name, p in model.named_parameters()}
 
 
-def assert_as_accurate(got: Tensor, ref32: Tensor, oracle: Tensor, what: str) -> None:
-    """|got - oracle| <= 2 |ref32 - oracle| + a float32 rounding floor (all max-abs over the tensor)."""
+def assert_as_accurate(got: Tensor, ref32: Tensor, oracle: Tensor, what: str, eps: float = 2**-23) -> None:
+    """|got - oracle| <= 2 |ref32 - oracle| + a rounding floor of the dtype's `eps` (max-abs over the tensor)."""
     err = (got - oracle).abs().max().item()
     ref_err = (ref32 - oracle).abs().max().item()
-    floor = 4 * torch.finfo(torch.float32).eps * oracle.abs().max().item()
+    floor = 4 * eps * oracle.abs().max().item()
     assert err <= 2 * ref_err + floor, f"{what}: error {err:.3g} vs the reference path's {ref_err:.3g}"
 
 
@@ -134,6 +134,26 @@ def test_triton_rope_attention_matches_sdpa_forward_and_backward() -> None:
     inputs = make_inputs()
     assert not inputs[3]["txt_mask"].all()  # the padded keys must be masked by the kernel too
     assert_model_matches(fused_model, sdpa_model, like(sdpa_model, torch.float64), inputs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)])
+def test_cudnn_first_sdpa_matches_sdpa_forward_and_backward(dtype: torch.dtype) -> None:
+    """sdpa_cudnn changes only which kernel runs (on the GPU: cuDNN's, with the text-padding mask)."""
+    sdpa_model = make_model(kernel_backend="torch", attention_backend="sdpa")
+    inputs = make_inputs()
+    assert not inputs[3]["txt_mask"].all()  # the mask is what keeps flash out
+    if dtype == torch.float32:
+        cudnn_model = like(sdpa_model, attention_backend="sdpa_cudnn")
+        assert_model_matches(cudnn_model, sdpa_model, like(sdpa_model, torch.float64), inputs)
+        return
+    cudnn_model, bf16_sdpa = like(sdpa_model, dtype, attention_backend="sdpa_cudnn"), like(sdpa_model, dtype)
+    out, grads = forward_backward(cudnn_model, inputs)
+    out_ref, grads_ref = forward_backward(bf16_sdpa, inputs)
+    out_64, grads_64 = forward_backward(like(sdpa_model, torch.float64), inputs)
+    eps = torch.finfo(dtype).eps
+    assert_as_accurate(out, out_ref, out_64, "V", eps)
+    for name in grads_64:
+        assert_as_accurate(grads[name], grads_ref[name], grads_64[name], f"d/d {name}", eps)
 
 
 def test_a_registered_rope_backend_gets_normed_unrotated_q_k_and_the_joint_table() -> None:
