@@ -5,13 +5,17 @@ Runs under torchrun (one process per GPU) and under plain python (world size 1):
     selfe train smoke
 Exit status 0 when the run finished or stopped on SIGTERM/SIGINT after checkpointing; 2 for a bad
 config or a missing input (manifest, cache, autoencoder, text encoders); 3 when it aborted on a streak of
-non-finite steps.
+non-finite steps. A rank of a multi-process run ends with os._exit once its process group is destroyed and
+its output flushed: gloo's worker threads can still be releasing the last collective's tensors when Python
+finalises, and a thread that needs the GIL then aborts the process ("terminate called without an active
+exception", seen about once in 15 two-rank runs on CPU).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -47,17 +51,27 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as err:  # a missing input or a config the data contradicts
         print(f"selfe train: cannot start {config.name!r}: {err}{_setup_hint(config.name)}", file=sys.stderr)
         return 2
+    result = None
     try:
         result = trainer.train()
     except NonFiniteLossError as err:
         print(f"selfe train: {err}", file=sys.stderr)
-        return 3
     finally:
         trainer.close()
-    if trainer.dist.rank == 0:
+    if result is not None and trainer.dist.rank == 0:
         how = "stopped by signal" if result.stopped_by_signal else "finished"
         print(f"selfe train: {how} at step {result.step} ({result.skipped} skipped); checkpoint {result.checkpoint}")
-    return 0
+    return _end(trainer, 3 if result is None else 0)
+
+
+def _end(trainer, code: int) -> int:
+    """`code`, or for a rank of a multi-process run, exit now with it (see the module docstring)."""
+    if trainer.dist.world_size == 1:
+        return code
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _setup_hint(name: str) -> str:

@@ -360,6 +360,7 @@ FSDP_SCRIPT = textwrap.dedent(
         losses = run_steps(model, lambda: post_optimizer_step(model, config))
         torch.save({"losses": losses, "gathered": sorted(set(gathered))}, f"{out_dir}/rank{rank}.pt")
         dist.destroy_process_group()
+        os._exit(0)  # as selfe.train.cli does: gloo's threads may abort the process if Python finalises first
 
     if __name__ == "__main__":
         mp.spawn(worker, args=(int(sys.argv[1]), sys.argv[2]), nprocs=2)
