@@ -36,6 +36,9 @@ class ObjectiveConfig:
     aux_start: int | None = 550_000  # iteration at which the fake-score term switches on (None: never)
     aux_k: float = 0.9  # D = k (g_u - g_c) + (1 - k)(g_f - g_c)
     aux_weight: float = 1.0  # weight of L_fake [ours: 1.0]
+    # c_fake = prefix + caption [ours: the exact string]; a dropped caption's c_fake is the bare prefix (its
+    # x0_hat was drawn under phi). The data sources encode it; the objective sees only the encodings.
+    fake_prompt_prefix: str = "fake image, "
     kernel_backend: str | None = "auto"  # implementation of the energy-preserving renorm (selfe.kernels)
 
     def __post_init__(self) -> None:
@@ -53,6 +56,10 @@ class ObjectiveConfig:
             raise ValueError(f"aux_k must lie in [0, 1], got {self.aux_k}")
         if self.aux_weight < 0:
             raise ValueError(f"aux_weight must be >= 0, got {self.aux_weight}")
+        if not isinstance(self.fake_prompt_prefix, str) or not self.fake_prompt_prefix.strip():
+            raise ValueError(
+                f"fake_prompt_prefix must be a non-blank string (else c_fake equals c), got {self.fake_prompt_prefix!r}"
+            )
 
     def aux_on(self, iteration: int) -> bool:
         return self.self_eval and self.aux_start is not None and iteration >= self.aux_start
@@ -89,8 +96,9 @@ class SelfELoss:
     """The loss of one training step. Call with the live network, the EMA network and a batch.
 
     batch keys: "x0" (B, ...) clean latents; "cond", "null_cond" (B-batched conditions, see
-    selfe.condition_tree); "fake_cond" when the auxiliary term is on; "num_tokens" (image tokens per
-    sample, for the length shift) unless the config fixes mu.
+    selfe.condition_tree); when the auxiliary term is on, "fake_cond" (c_fake of each caption) and, with
+    caption dropout, "fake_null_cond" (c_fake of the empty caption, for the dropped ones); "num_tokens"
+    (image tokens per sample, for the length shift) unless the config fixes mu.
     """
 
     def __init__(self, config: ObjectiveConfig | None = None):
@@ -109,12 +117,17 @@ class SelfELoss:
         B, device = x0.shape[0], x0.device
         cond, null = batch["cond"], batch["null_cond"]
         aux_on = cfg.aux_on(iteration)
-        if aux_on and batch.get("fake_cond") is None:
-            raise ValueError(f"the auxiliary term is on at iteration {iteration} but the batch has no 'fake_cond'")
+        fake = batch.get("fake_cond") if aux_on else None
+        needed = ("fake_cond", "fake_null_cond") if cfg.caption_dropout > 0 else ("fake_cond",)
+        for key in needed if aux_on else ():
+            if batch.get(key) is None:
+                raise ValueError(f"the auxiliary term is on at iteration {iteration} but the batch has no {key!r}")
 
         if cfg.caption_dropout > 0:
             dropped = torch.rand(B, generator=generator, device=device) < cfg.caption_dropout
             cond = condition_tree.where(dropped, null, cond)
+            if aux_on:  # the sample was drawn under phi: its fake prompt carries no caption either
+                fake = condition_tree.where(dropped, batch["fake_null_cond"], fake)
         t, s, self_mask = self._sample_times(B, batch.get("num_tokens"), iteration, generator, device)
 
         eps = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
@@ -140,7 +153,7 @@ class SelfELoss:
             conds_i = {
                 "cond": condition_tree.select(cond, index),
                 "null": condition_tree.select(null, index),
-                "fake": condition_tree.select(batch["fake_cond"], index) if aux_on else None,
+                "fake": condition_tree.select(fake, index) if aux_on else None,
             }
             x_self = self._self_evaluate(net, ema_net, x0_hat_i, x_s_hat, s_i, conds_i)
             lam_i = self_eval_lambda(t[index].double(), s_i.double())  # t / (1 - t) loses digits near 1 in fp32

@@ -418,7 +418,8 @@ def apply_overrides(config: TrainConfig, overrides: Sequence[str]) -> TrainConfi
         target_type, node = _field_type(TrainConfig, path, key), data
         for part in path[:-1]:
             node = node[part]
-        node[path[-1]] = _parse(raw.strip(), target_type, key)
+        # A str field takes the value as given: its spaces can matter ("objective.fake_prompt_prefix=fake image, ")
+        node[path[-1]] = _parse(raw if target_type is str else raw.strip(), target_type, key)
     return config_from_dict(data)
 
 

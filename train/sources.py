@@ -1,7 +1,8 @@
 """Batch sources for the trainer: each yields, per optimizer step, this rank's `grad_accum` micro-batches
 already in the objective's form:
-    {"x0": (b, 16, h, w) latents, "cond" / "null_cond" / "fake_cond": {"txt", "txt_mask", "pooled"} or
-     None for fake_cond, "num_tokens": image tokens per sample}
+    {"x0": (b, 16, h, w) latents, "cond" / "null_cond" / "fake_cond" / "fake_null_cond": {"txt",
+     "txt_mask", "pooled"} (the fake ones None until the auxiliary term is on), "num_tokens": image tokens
+     per sample}
 and a `state_dict()` that resumes the order exactly.
 
 procedural: learnable data made in memory from short captions (colour x shape) encoded by the smoke text
@@ -25,7 +26,15 @@ from selfe.train.config import DataSection
 
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
 SHAPES = ("circle", "square", "bar", "ring")
-FAKE_PROMPT_PREFIX = "fake image, "  # [ours] c_fake = prefix + caption (as selfe.conditioning)
+
+def fake_prompts(prefix: str, captions: list[str]) -> list[str]:
+    """c_fake of each caption, then of the empty caption (the bare prefix, for the dropped ones)."""
+    return [prefix + c for c in captions] + [prefix]
+
+
+def split_fake(encoded: dict[str, torch.Tensor], b: int) -> tuple[dict, dict]:
+    """fake_prompts' encodings -> (fake_cond (b rows), fake_null_cond (the last row, expanded to b))."""
+    return {k: v[:b] for k, v in encoded.items()}, {k: v[b:].expand(b, *v.shape[1:]) for k, v in encoded.items()}
 
 
 def _shape_masks(h: int, w: int) -> torch.Tensor:
@@ -40,7 +49,9 @@ class ProceduralSource:
     """`num_samples` captions "a COLOUR SHAPE"; latents = colour code (16,) x shape mask, rolled by a
     per-sample offset, plus a background code. Deterministic under data.seed."""
 
-    def __init__(self, data: DataSection, model: MMDiTConfig, rank: int, world_size: int, grad_accum: int):
+    def __init__(
+        self, data: DataSection, model: MMDiTConfig, rank: int, world_size: int, grad_accum: int, fake_prefix: str
+    ):
         from selfe.train.smoke_encoders import SmokeTextEncoder  # SMOKE ONLY: random-init text encoder
 
         self.batch_size, self.rank, self.world_size, self.accum = data.batch_size, rank, world_size, grad_accum
@@ -58,7 +69,7 @@ class ProceduralSource:
         self.captions = [f"a {COLOURS[c]} {SHAPES[s]}" for c, s in zip(colours.tolist(), shapes.tolist())]
         encoder = SmokeTextEncoder(model.txt_dim, model.vec_dim, data.text_length, seed=data.seed)
         self.text = encoder(self.captions)
-        self.fake = encoder([FAKE_PROMPT_PREFIX + c for c in self.captions])
+        self.fake, self.fake_null = split_fake(encoder(fake_prompts(fake_prefix, self.captions)), n)
         self.null = encoder([""])
         self.num_tokens = (h // model.patch_size) ** 2
         self.global_batch = self.batch_size * world_size * grad_accum
@@ -86,6 +97,7 @@ class ProceduralSource:
                     "cond": {k: v[idx] for k, v in self.text.items()},
                     "null_cond": {k: v.expand(b, *v.shape[1:]) for k, v in self.null.items()},
                     "fake_cond": {k: v[idx] for k, v in self.fake.items()} if want_fake else None,
+                    "fake_null_cond": {k: v[idx] for k, v in self.fake_null.items()} if want_fake else None,
                     "num_tokens": self.num_tokens,
                 }
             )
@@ -121,6 +133,7 @@ class SyntheticSource:
             "cond": cond(),
             "null_cond": cond(),
             "fake_cond": cond(),
+            "fake_null_cond": cond(),
             "num_tokens": (h // model.patch_size) ** 2,
         }
         if device is not None:  # made once on the device: a benchmark must not time host-to-device copies
@@ -134,7 +147,8 @@ class SyntheticSource:
 
     def next_step(self, want_fake: bool) -> list[dict[str, Any]]:
         self.steps += 1
-        return [{**self.batch, "fake_cond": self.batch["fake_cond"] if want_fake else None}] * self.accum
+        fakes = {k: self.batch[k] if want_fake else None for k in ("fake_cond", "fake_null_cond")}
+        return [{**self.batch, **fakes}] * self.accum
 
     def state_dict(self) -> dict[str, Any]:
         return {"steps": self.steps}
@@ -145,7 +159,7 @@ class SyntheticSource:
 
 class CacheSource:
     """Batches of a `selfe cache` folder. The cache holds no encoding of the fake prompt, so once the
-    auxiliary term is on, "fake image, " + caption is encoded online by `data.encoders` (T5 + CLIP from
+    auxiliary term is on, prefix + caption is encoded online by `data.encoders` (T5 + CLIP from
     t5_path / clip_path), loaded then and not before."""
 
     def __init__(
@@ -155,6 +169,7 @@ class CacheSource:
         rank: int,
         world_size: int,
         grad_accum: int,
+        fake_prefix: str,
         device: torch.device | None = None,
     ):
         from selfe.train.data.cached import CachedDataset
@@ -170,9 +185,10 @@ class CacheSource:
         )
         self.accum, self.patch = grad_accum, model.patch_size
         self.data, self.model, self.device = data, model, device or torch.device("cpu")
+        self.fake_prefix = fake_prefix
         self._fake_encoder = None
 
-    def _fake(self, captions: list[str]) -> dict[str, torch.Tensor]:
+    def _fake(self, captions: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         if self._fake_encoder is None:
             try:
                 self._fake_encoder = _text_encoder(self.data, self.model, self.device)
@@ -181,7 +197,7 @@ class CacheSource:
                     f"the auxiliary term is on, and a cache stores no encoding of the fake prompt: {err}"
                 ) from err
         with torch.no_grad():
-            return self._fake_encoder([FAKE_PROMPT_PREFIX + c for c in captions])
+            return split_fake(self._fake_encoder(fake_prompts(self.fake_prefix, captions)), len(captions))
 
     def next_step(self, want_fake: bool) -> list[dict[str, Any]]:
         out = []
@@ -189,8 +205,9 @@ class CacheSource:
             batch = next(self.dataset)
             x0 = batch["latents"].float()
             cond = {k: batch[k] for k in ("txt", "txt_mask", "pooled")}
-            fake = self._fake(list(batch["captions"])) if want_fake else None
-            out.append(objective_batch(x0, cond, self.dataset.null_condition(x0.shape[0]), fake, self.patch))
+            fake, fake_null = self._fake(list(batch["captions"])) if want_fake else (None, None)
+            null = self.dataset.null_condition(x0.shape[0])
+            out.append(objective_batch(x0, cond, null, fake, fake_null, self.patch))
         return out
 
     def state_dict(self) -> dict[str, Any]:
@@ -205,7 +222,14 @@ class EncodingSource:
     encoders); the fake prompt is encoded in the same call as the captions (one padded length)."""
 
     def __init__(
-        self, data: DataSection, model: MMDiTConfig, rank: int, world_size: int, grad_accum: int, device: torch.device
+        self,
+        data: DataSection,
+        model: MMDiTConfig,
+        rank: int,
+        world_size: int,
+        grad_accum: int,
+        fake_prefix: str,
+        device: torch.device,
     ):
         from selfe.train.data import BucketConfig, ImageTextLoader, LoaderConfig, scan_manifest
         from selfe.train.data.manifest import ManifestConfig
@@ -218,7 +242,7 @@ class EncodingSource:
             rank,
             world_size,
         )
-        self.accum, self.patch, self.device = grad_accum, model.patch_size, device
+        self.accum, self.patch, self.device, self.fake_prefix = grad_accum, model.patch_size, device, fake_prefix
         self.encode_image = _image_encoder(data, model, device)
         self.encode_text = _text_encoder(data, model, device)
         self._null: dict[str, torch.Tensor] | None = None
@@ -231,7 +255,7 @@ class EncodingSource:
             x0 = self.encode_image(batch["images"].to(self.device)).float()
             captions = list(batch["captions"])
             b = len(captions)
-            prompts = captions + ([FAKE_PROMPT_PREFIX + c for c in captions] if want_fake else [])
+            prompts = captions + (fake_prompts(self.fake_prefix, captions) if want_fake else [])
             encoded = self.encode_text(prompts)
             if self._null is None:
                 self._null = self.encode_text([""])
@@ -239,8 +263,8 @@ class EncodingSource:
                 raise ValueError("the text encoder must pad to a fixed length (the null prompt mixes per sample)")
             cond = {k: v[:b] for k, v in encoded.items()}
             null = {k: v.expand(b, *v.shape[1:]) for k, v in self._null.items()}
-            fake = {k: v[b:] for k, v in encoded.items()} if want_fake else None
-            out.append(objective_batch(x0, cond, null, fake, self.patch))
+            fake, fake_null = split_fake({k: v[b:] for k, v in encoded.items()}, b) if want_fake else (None, None)
+            out.append(objective_batch(x0, cond, null, fake, fake_null, self.patch))
         return out
 
     def state_dict(self) -> dict[str, Any]:
@@ -250,13 +274,16 @@ class EncodingSource:
         self.loader.load_state_dict(state)
 
 
-def objective_batch(x0: torch.Tensor, cond: dict, null: dict, fake: dict | None, patch: int) -> dict[str, Any]:
-    """The batch SelfELoss takes: latents x0 (B, C, H, W), the three conditions and the image tokens per sample."""
+def objective_batch(
+    x0: torch.Tensor, cond: dict, null: dict, fake: dict | None, fake_null: dict | None, patch: int
+) -> dict[str, Any]:
+    """The batch SelfELoss takes: latents x0 (B, C, H, W), the four conditions and the image tokens per sample."""
     return {
         "x0": x0,
         "cond": cond,
         "null_cond": null,
         "fake_cond": fake,
+        "fake_null_cond": fake_null,
         "num_tokens": (x0.shape[2] // patch) * (x0.shape[3] // patch),
     }
 
@@ -314,14 +341,16 @@ def build_source(
     world_size: int,
     grad_accum: int,
     device: torch.device | None = None,
+    fake_prefix: str = "fake image, ",
 ):
+    """The source data.source names; fake_prefix: the objective's fake_prompt_prefix."""
     if data.source == "procedural":
-        return ProceduralSource(data, model, rank, world_size, grad_accum)
+        return ProceduralSource(data, model, rank, world_size, grad_accum, fake_prefix)
     if data.source == "synthetic":
         return SyntheticSource(data, model, grad_accum, device)
     if data.source == "images" and not _holds_cache(data.cache_dir):
-        return EncodingSource(data, model, rank, world_size, grad_accum, device or torch.device("cpu"))
-    return CacheSource(data, model, rank, world_size, grad_accum, device)
+        return EncodingSource(data, model, rank, world_size, grad_accum, fake_prefix, device or torch.device("cpu"))
+    return CacheSource(data, model, rank, world_size, grad_accum, fake_prefix, device)
 
 
 def _holds_cache(cache_dir: str | None) -> bool:

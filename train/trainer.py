@@ -159,7 +159,9 @@ class Trainer:
         self.optimizer = build_optimizer(self.model.parameters(), config.optim)
         self.scheduler = build_scheduler(self.optimizer, config.optim, config.steps)
         self.loss_fn = SelfELoss(config.objective)
-        self.source = build_source(config.data, config.model, rank, world, config.optim.grad_accum, device)
+        self.source = build_source(
+            config.data, config.model, rank, world, config.optim.grad_accum, device, config.objective.fake_prompt_prefix
+        )
         self.metrics = MetricsLogger(
             self.run_dir,
             config.steps,

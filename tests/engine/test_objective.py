@@ -126,7 +126,7 @@ def test_energy_preserving_cfg_by_hand():
 class RecordingNet(nn.Module):
     """A small dual-time network on (B, 2, 3, 3) inputs that records every call."""
 
-    def __init__(self, seed: int = 0, num_labels: int = 9):
+    def __init__(self, seed: int = 0, num_labels: int = 10):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.lin = nn.Linear(18 + 3, 18, dtype=f64)
@@ -160,6 +160,7 @@ def make_batch(b=8, seed=0):
         "cond": labels,
         "null_cond": torch.full_like(labels, 4),
         "fake_cond": labels + 5,
+        "fake_null_cond": torch.full_like(labels, 9),  # c_fake of a dropped caption
     }
 
 
@@ -269,6 +270,25 @@ def test_aux_term_switches_on_and_enters_the_direction():
         SelfELoss(cfg)(net, ema, {k: v for k, v in batch.items() if k != "fake_cond"}, 100)
 
 
+def test_a_dropped_caption_gets_the_bare_fake_prompt():
+    """Caption dropout swaps c for phi, and c_fake for the fake prompt of the empty caption: x0_hat of a
+    dropped sample was drawn under phi, so the fake score must not see its caption either."""
+    cfg = ObjectiveConfig(caption_dropout=0.5, time_shift=TimeShift(mu=0.0), tau_warmup=0, aux_start=0)
+    net, ema = RecordingNet(0), RecordingNet(1)
+    batch = make_batch(b=16, seed=3)
+    SelfELoss(cfg)(net, ema, batch, 1, torch.Generator().manual_seed(5))
+    main, uncond, fake = net.calls[0], net.calls[1], net.calls[2]  # live: main, unconditional, fake (no grad)
+    dropped = main["c"] == 4
+    assert 0 < dropped.sum() < 16  # both kinds in the batch
+    half = dropped[:8]  # the self-evaluated rows
+    torch.testing.assert_close(fake["c"], torch.where(half, 9, batch["fake_cond"][:8]))
+    assert torch.equal(ema.calls[0]["c"], main["c"][:8]) and torch.equal(uncond["c"], torch.full((8,), 4))
+    with pytest.raises(ValueError, match="fake_null_cond"):
+        SelfELoss(cfg)(net, ema, {k: v for k, v in batch.items() if k != "fake_null_cond"}, 1)
+    no_dropout = ObjectiveConfig(caption_dropout=0.0, time_shift=TimeShift(mu=0.0), aux_start=0)  # bare prompt unused
+    SelfELoss(no_dropout)(net, ema, {k: v for k, v in batch.items() if k != "fake_null_cond"}, 1)
+
+
 @pytest.mark.parametrize("aux", [False, True])
 def test_gradients_flow_only_through_x0_hat_and_the_fake_branch(aux):
     cfg = ObjectiveConfig(
@@ -356,7 +376,9 @@ def test_the_mmdit_runs_the_same_objective():
     cond = {"txt": torch.randn(4, 8, c.txt_dim), "txt_mask": mask, "pooled": torch.randn(4, c.vec_dim)}
     null = {"txt": torch.zeros(4, 8, c.txt_dim), "txt_mask": mask.clone(), "pooled": torch.zeros(4, c.vec_dim)}
     fake = {"txt": torch.randn(4, 8, c.txt_dim), "txt_mask": mask.clone(), "pooled": torch.randn(4, c.vec_dim)}
+    fake_null = {"txt": torch.randn(4, 8, c.txt_dim), "txt_mask": mask.clone(), "pooled": torch.randn(4, c.vec_dim)}
     batch = {"x0": torch.randn(4, 16, 8, 8), "cond": cond, "null_cond": null, "fake_cond": fake, "num_tokens": 16}
+    batch["fake_null_cond"] = fake_null
     cfg = ObjectiveConfig(tau_warmup=0, aux_start=0, caption_dropout=0.5, kernel_backend="torch")
     loss, metrics = SelfELoss(cfg)(model, ema, batch, iteration=1, generator=torch.Generator().manual_seed(0))
     loss.backward()

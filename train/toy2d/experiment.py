@@ -130,6 +130,7 @@ def train_method(
             "cond": labels,
             "null_cond": torch.full_like(labels, net.null_label),
             "fake_cond": net.fake_labels(labels),
+            "fake_null_cond": torch.full_like(labels, net.fake_null_label),
         }
         loss, metrics = loss_fn(net, ema.model, batch, it, gen)
         opt.zero_grad(set_to_none=True)

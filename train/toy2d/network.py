@@ -33,7 +33,8 @@ class ModulatedBlock(nn.Module):
 
 
 class DualTimeMLP(nn.Module):
-    """V(x, t, s, label) for 2-D points. Labels: 0..K-1 conditions, K the null label, K+1+c the fake label of c.
+    """V(x, t, s, label) for 2-D points. Labels: 0..K-1 conditions, K the null label, K+1+c the fake label of c,
+    2K+1 the fake label of the null one (c_fake of a dropped caption).
 
     As in the MMDiT, the gap t - s enters only through the global vector, and the last layer of
     its MLP starts at zero so that at initialisation the network is a flow-matching network.
@@ -46,7 +47,7 @@ class DualTimeMLP(nn.Module):
         self.gap_embed = nn.Sequential(nn.Linear(time_dim, width), nn.SiLU(), nn.Linear(width, width))
         nn.init.zeros_(self.gap_embed[-1].weight)
         nn.init.zeros_(self.gap_embed[-1].bias)
-        self.label_embed = nn.Embedding(2 * num_conditions + 1, width)
+        self.label_embed = nn.Embedding(2 * num_conditions + 2, width)
         self.inp = nn.Linear(2, width)
         self.blocks = nn.ModuleList(ModulatedBlock(width) for _ in range(depth))
         self.out_norm = nn.LayerNorm(width, elementwise_affine=False)
@@ -58,6 +59,10 @@ class DualTimeMLP(nn.Module):
 
     def fake_labels(self, labels: Tensor) -> Tensor:
         return labels + self.num_conditions + 1
+
+    @property
+    def fake_null_label(self) -> int:
+        return 2 * self.num_conditions + 1
 
     def forward(self, x: Tensor, t: Tensor, s: Tensor, labels: Tensor) -> Tensor:
         """x: (B, 2); t, s: (B,); labels: (B,) int64. Returns V: (B, 2)."""
