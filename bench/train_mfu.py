@@ -8,7 +8,7 @@ with its self-evaluation passes on the s < t half), one run per variant:
     ac        activation checkpointing per block (eager)
     compile+ac
 MFU counts every pass (main fwd+bwd, the two no-grad self-eval forwards, and with --aux the fake
-no-grad forward and fwd+bwd), activation-checkpointing recomputation excluded, over the GPU's dense bf16
+fwd+bwd, whose forward also gives g_f), activation-checkpointing recomputation excluded, over the GPU's dense bf16
 peak (`selfe.flops.device_peak_flops`: H100's where the device is not listed) or --peak-flops.
 tau is 1 from the start (tau_warmup=0) so the self-eval passes run at full size.
 With --fp8 torchao|te every variant also runs with the live network's large linears in FP8

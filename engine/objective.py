@@ -155,18 +155,21 @@ class SelfELoss:
                 "null": condition_tree.select(null, index),
                 "fake": condition_tree.select(fake, index) if aux_on else None,
             }
-            x_self = self._self_evaluate(net, ema_net, x0_hat_i, x_s_hat, s_i, conds_i)
+            v_fake = None
+            if aux_on:
+                # The fake branch learns the posterior mean of the model's own samples:
+                # w(s) |G(x_s_hat, s, s, c_fake) - x0_hat|^2 = |V_f - (eps' - x0_hat)|^2. The same pass,
+                # detached, is g_f in D: x_s_hat is detached, so one forward serves both.
+                v_fake = net(x_s_hat, s_i, s_i, conds_i["fake"])
+                loss_fake = _mean_per_sample((v_fake - (noise_i - x0_hat_i)).square()).mean()
+                v_fake = v_fake.detach()
+            x_self = self._self_evaluate(net, ema_net, x0_hat_i, x_s_hat, s_i, conds_i, v_fake)
             lam_i = self_eval_lambda(t[index].double(), s_i.double())  # t / (1 - t) loses digits near 1 in fp32
             lam_i = lam_i.to(torch.promote_types(x0.dtype, torch.float32))
             x0_i = x0[index]
             target_i = energy_preserving_target(x0_i, x_self, lam_i, cfg.energy_preserving, cfg.kernel_backend)
             delta = delta.index_put(rows, target_i - x0_i)
             lam = lam.index_put(rows, lam_i.to(lam.dtype))
-            if aux_on:
-                # The fake branch learns the posterior mean of the model's own samples:
-                # w(s) |G(x_s_hat, s, s, c_fake) - x0_hat|^2 = |V_f - (eps' - x0_hat)|^2.
-                v_fake = net(x_s_hat, s_i, s_i, conds_i["fake"])
-                loss_fake = _mean_per_sample((v_fake - (noise_i - x0_hat_i)).square()).mean()
 
         v_target = eps - x0 - delta / _bcast(t, x0)
         per_sample = _mean_per_sample((v - v_target).square())
@@ -202,14 +205,16 @@ class SelfELoss:
         x_s_hat: Tensor,
         s: Tensor,
         conds: dict[str, Any],
+        v_fake: Tensor | None = None,
     ) -> Tensor:
         """x_self = x0_hat - D, D = g_u - g_c (EMA conditional, live unconditional), mixed with the fake
-        direction when the auxiliary term is on. No gradient reaches either network from here."""
+        direction g_f - g_c (g_f from `v_fake`, the live network's detached c_fake velocity) when the
+        auxiliary term is on. No gradient reaches either network from here."""
         g_c = clean_estimate(ema_net(x_s_hat, s, s, conds["cond"]), x_s_hat, s)
         g_u = clean_estimate(net(x_s_hat, s, s, conds["null"]), x_s_hat, s)
         direction = g_u - g_c
-        if conds["fake"] is not None:
-            g_f = clean_estimate(net(x_s_hat, s, s, conds["fake"]), x_s_hat, s)
+        if v_fake is not None:
+            g_f = clean_estimate(v_fake, x_s_hat, s)
             direction = self.config.aux_k * direction + (1 - self.config.aux_k) * (g_f - g_c)
         return x0_hat - direction
 

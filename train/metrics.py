@@ -5,8 +5,8 @@ FLOPs per micro-batch of B samples, B_self of them self-evaluated (SELFE.md §7)
 of n samples from selfe.flops:
     3 F(B)              main forward + backward
     2 F(B_self)         the EMA-conditional and live-unconditional self-evaluation forwards (no grad)
-    F(B_self) + 3 F(B_self)   with the auxiliary term on: the fake no-grad forward and the fake
-                              forward + backward
+    3 F(B_self)         with the auxiliary term on: the fake forward + backward (its forward, detached,
+                        is also g_f: SELFE.md's separate no-grad fake forward is not run, so not counted)
 Activation-checkpointing recomputation is not counted (MFU counts model FLOPs, not hardware FLOPs).
 Text tokens enter the FLOPs (they are computed, padding included); tokens/s counts the image tokens of
 the main pass (global batch x image tokens per sample / step time); images/s the global batch.
@@ -56,7 +56,6 @@ def step_flops(
     parts = {
         "main_fwd_bwd": 3 * fwd(batch),
         "self_eval_fwd": 2 * fwd(self_samples),
-        "fake_fwd": fwd(self_samples) if aux_on else 0,
         "fake_fwd_bwd": 3 * fwd(self_samples) if aux_on else 0,
     }
     parts["total"] = sum(parts.values())

@@ -256,11 +256,11 @@ def test_aux_term_switches_on_and_enters_the_direction():
     net.calls.clear(), ema.calls.clear()
     loss, m_on = SelfELoss(cfg)(net, ema, batch, 100, torch.Generator().manual_seed(1))
     assert m_on["aux_on"].item() == 1.0
-    # live main (grad), live uncond (no grad), live fake (no grad), live fake training pass (grad)
-    assert [c["grad"] for c in net.calls] == [True, False, False, True]
-    assert torch.equal(net.calls[2]["c"], batch["fake_cond"][:4])
-    main_loss, _ = literal_loss([net.calls[0], ema.calls[0], net.calls[1], net.calls[2]], batch, cfg)
-    fake = net.calls[3]
+    # live main (grad), live fake (grad; detached, it is also g_f), live uncond (no grad): one fake pass
+    assert [c["grad"] for c in net.calls] == [True, True, False]
+    assert torch.equal(net.calls[1]["c"], batch["fake_cond"][:4])
+    main_loss, _ = literal_loss([net.calls[0], ema.calls[0], net.calls[2], net.calls[1]], batch, cfg)
+    fake = net.calls[1]
     x0_hat = net.calls[0]["x"] - net.calls[0]["t"].view(-1, 1, 1, 1) * net.calls[0]["v"]
     g_fake = fake["x"] - fake["s"].view(-1, 1, 1, 1) * fake["v"]
     l_fake = ((1 / fake["s"].double() ** 2) * ((g_fake - x0_hat[:4]) ** 2).flatten(1).mean(1)).mean()
@@ -277,7 +277,7 @@ def test_a_dropped_caption_gets_the_bare_fake_prompt():
     net, ema = RecordingNet(0), RecordingNet(1)
     batch = make_batch(b=16, seed=3)
     SelfELoss(cfg)(net, ema, batch, 1, torch.Generator().manual_seed(5))
-    main, uncond, fake = net.calls[0], net.calls[1], net.calls[2]  # live: main, unconditional, fake (no grad)
+    main, fake, uncond = net.calls  # the live network's passes: main, fake, unconditional
     dropped = main["c"] == 4
     assert 0 < dropped.sum() < 16  # both kinds in the batch
     half = dropped[:8]  # the self-evaluated rows
@@ -307,12 +307,13 @@ def test_gradients_flow_only_through_x0_hat_and_the_fake_branch(aux):
     grads = {n: p.grad.clone() for n, p in net.named_parameters()}
     net.zero_grad(set_to_none=True)
     recorded = list(net.calls)
-    calls = [recorded[0], ema.calls[0], recorded[1]] + ([recorded[2]] if aux else [])
+    # the live passes: main, (fake,) unconditional
+    calls = [recorded[0], ema.calls[0], recorded[-1]] + ([recorded[1]] if aux else [])
     # Surrogate: the same loss with every target detached and the gradient entering only via x0_hat
     # (and via the fake branch's G when aux is on).
     surrogate, x0_hat = literal_loss(calls, batch, cfg, live=net)
     if aux:
-        fake = recorded[3]
+        fake = recorded[1]
         v_f = net(fake["x"], fake["s"], fake["s"], fake["c"])
         g_f = fake["x"] - fake["s"].view(-1, 1, 1, 1) * v_f
         surrogate = (
