@@ -70,7 +70,8 @@ DENSE_BF16_PEAK_FLOPS: tuple[tuple[str, float], ...] = (
     ("H100 PCIe", 756e12),
     ("H100 NVL", 835e12),
     ("GH200", 989e12),
-    ("H200", 989e12),
+    ("H200 NVL", 835e12),
+    ("H200", 989e12),  # SXM ("NVIDIA H200")
     ("H100", 989e12),  # SXM ("NVIDIA H100 80GB HBM3")
     ("H800", 989e12),
     ("B200", 2250e12),

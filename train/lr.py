@@ -22,10 +22,22 @@ def lr_at(step: int, config: OptimConfig, total_steps: int) -> float:
     return config.lr + (config.final_lr - config.lr) * frac
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], config: OptimConfig) -> torch.optim.AdamW:
-    """AdamW(betas, eps, weight decay) at the peak lr; `foreach` works on FSDP2's DTensor parameters."""
+def build_optimizer(
+    params: Iterable[torch.nn.Parameter], config: OptimConfig, device: torch.device | None = None
+) -> torch.optim.AdamW:
+    """AdamW(betas, eps, weight decay) at the peak lr, fused or foreach (config.implementation; "auto": fused
+    on CUDA); both take FSDP2's DTensor parameters."""
+    fused = config.implementation == "fused" or (
+        config.implementation == "auto" and device is not None and device.type == "cuda"
+    )
     return torch.optim.AdamW(
-        list(params), lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay
+        list(params),
+        lr=config.lr,
+        betas=config.betas,
+        eps=config.eps,
+        weight_decay=config.weight_decay,
+        fused=fused or None,
+        foreach=None if fused else True,
     )
 
 

@@ -86,7 +86,8 @@ def parallelize(
         apply_activation_checkpointing(model)
     if config.compile:
         apply_compile(model, config.compile_fullgraph, config.compile_backend)
-    apply_fsdp(model, mesh, param_dtype_for(config, device), config.reshard_after_forward)
+    reshard = config.reshard_after_forward if config.reshard_after_forward is not None else mesh.size() > 1
+    apply_fsdp(model, mesh, param_dtype_for(config, device), reshard)
     return model
 
 

@@ -156,7 +156,7 @@ class Trainer:
         # below sees the same parameters, in the same order).
         self.model = parallelize(model, config.parallel, mesh, fp8=config.fp8)
         parallelize(self.ema.model, config.parallel, mesh, trainable=False)
-        self.optimizer = build_optimizer(self.model.parameters(), config.optim)
+        self.optimizer = build_optimizer(self.model.parameters(), config.optim, device)
         self.scheduler = build_scheduler(self.optimizer, config.optim, config.steps)
         self.loss_fn = SelfELoss(config.objective)
         self.source = build_source(

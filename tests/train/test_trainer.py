@@ -94,6 +94,20 @@ def test_step_flops_count_every_pass():
     assert on["total"] == 3 * f(8) + 2 * f(4) + 3 * f(4)  # the fake pass's forward is also g_f: run once
 
 
+def test_fused_adamw_follows_foreach(tmp_path):
+    """optim.implementation=fused (the default on CUDA) on FSDP2's DTensor parameters: the same training."""
+    foreach = _run(tiny_config(tmp_path / "foreach", 4, "optim.implementation=foreach"))
+    trainer = Trainer(tiny_config(tmp_path / "fused", 4, "optim.implementation=fused"))
+    try:
+        assert all(group["fused"] for group in trainer.optimizer.param_groups)
+        fused = trainer.train()
+    finally:
+        trainer.close()
+    torch.testing.assert_close(torch.tensor(fused.losses), torch.tensor(foreach.losses), rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="optim.implementation"):
+        tiny_config(tmp_path, 1, "optim.implementation=apex")
+
+
 def test_resume_equals_uninterrupted_run(tmp_path):
     n = 4
     full = _run(tiny_config(tmp_path / "full", 2 * n))
