@@ -41,8 +41,15 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         blocks[i] = checkpoint_wrapper(blocks[i], preserve_rng_state=False)
 
 
+# Compiled graphs a block's forward may keep: {grad, no grad} x {B, B/2 (self-eval, aux)} x the resolutions
+# of the schedule, for both block types at once under activation checkpointing (one wrapper code object).
+# Past dynamo's default of 8 the blocks would silently run eagerly.
+COMPILE_RECOMPILE_LIMIT = 64
+
+
 def apply_compile(model: nn.Module, fullgraph: bool = True, backend: str = "inductor") -> None:
     """torch.compile each block in place (Module.compile keeps names and state-dict keys unchanged)."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILE_RECOMPILE_LIMIT)
     for blocks, i in blocks_of(model):
         blocks[i].compile(fullgraph=fullgraph, backend=backend)
 

@@ -60,3 +60,11 @@ def test_bf16_fsdp_blocks_see_what_a_bf16_model_sees(one_process_group) -> None:
     got, want = input_dtypes(sharded, x, t, s, cond), input_dtypes(plain, x, t, s, cond)
     assert got == want
     assert ("root", ["torch.float32"] * 3) in got  # x, t and s reach the model as given
+
+
+def test_compiled_blocks_may_keep_a_graph_per_pass_and_shape() -> None:
+    from selfe.train.parallelize import COMPILE_RECOMPILE_LIMIT, apply_compile
+
+    with torch._dynamo.config.patch(recompile_limit=8):  # dynamo's default, restored after
+        apply_compile(MMDiT(mmdit_preset("tiny")), backend="aot_eager")
+        assert torch._dynamo.config.recompile_limit == COMPILE_RECOMPILE_LIMIT
