@@ -27,6 +27,7 @@ from selfe.train.config import DataSection
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
 SHAPES = ("circle", "square", "bar", "ring")
 
+
 def fake_prompts(prefix: str, captions: list[str]) -> list[str]:
     """c_fake of each caption, then of the empty caption (the bare prefix, for the dropped ones)."""
     return [prefix + c for c in captions] + [prefix]
