@@ -216,7 +216,8 @@ def results_markdown(results: dict) -> str:
         f"### Device session `{results['profile']}`, {results['date']}",
         "",
         f"Device: {env.get('device', '?')} ({env.get('nvidia_smi', '')}), torch {env.get('torch', '?')}, "
-        f"CUDA {env.get('cuda', '?')}, Triton {env.get('triton', '?')}, Python {env.get('python', '?')}. "
+        f"CUDA {env.get('cuda', '?')}, cuDNN {env.get('cudnn', '?')}, Triton {env.get('triton', '?')}, "
+        f"Python {env.get('python', '?')}; SDPA order {', '.join(env.get('sdpa_order', [])) or '?'}. "
         f"Commit {results['commit']}. Command: `{results['command']}`"
         + (" (CPU dry run: the numbers mean nothing)" if results["dry_run"] else "")
         + ".",

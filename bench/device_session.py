@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT))  # bench.device_runner when run as a script
 
 from bench.device_runner import (  # noqa: E402
     MIN_STEP_S,
+    STOP_S,
     SUMMARY_RESERVE_S,
     Session,
     Step,
@@ -69,6 +70,11 @@ def probe_env(path: Path) -> None:
         info["triton"] = triton.__version__
     except ImportError:
         info["triton"] = None
+    # SDPA tries its kernels in this order (private; torch 2.11: flash, efficient, math, cuDNN): whether the
+    # attention backend sdpa_cudnn changes anything over sdpa
+    order = getattr(torch._C, "_get_sdp_priority_order", lambda: [])()
+    info["sdpa_order"] = [torch._C._SDPBackend(int(b)).name for b in order]
+    info["cudnn"] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         info.update(device=props.name, sms=props.multi_processor_count, memory_gib=round(props.total_memory / 2**30))
@@ -270,6 +276,9 @@ def step_times(metrics_path: Path) -> tuple[float, float]:
 
 def run_shapes_pair(session: Session, step: Step, timeout: float) -> str:
     plan = DRY_SHAPES if session.dry_run else ShapesPlan()
+    # An earlier call of a warm lease left its models and evaluation: never evaluate or return those as this run's.
+    for stale in [*(session.work / "runs" / f"shapes-{m}" for m in METHODS), session.work / "eval"]:
+        shutil.rmtree(stale, ignore_errors=True)
     began = time.monotonic()
     status = train_pair(session, "calibrate", plan, plan.calibration_steps, timeout, export=False)
     if status != "ok":
@@ -311,9 +320,14 @@ def shapes_steps() -> list[Step]:
 
 
 def bundle_shapes(session: Session) -> None:
-    """A tar per exported model and one of the evaluation, each under the device's 16 MiB a file."""
-    folders = {f"shapes-{m}-export.tar.gz": session.work / "runs" / f"shapes-{m}" / "export" for m in METHODS}
-    folders["shapes-eval.tar.gz"] = session.work / "eval"
+    """A tar per exported model and one of the evaluation, each under the device's 16 MiB a file; only what
+    this run's step made and finished (a cut-short pair exports nothing worth returning)."""
+    done = {name for name, step in session.results["steps"].items() if step.get("status") == "ok"}
+    folders = {}
+    if "shapes-pair" in done:
+        folders |= {f"shapes-{m}-export.tar.gz": session.work / "runs" / f"shapes-{m}" / "export" for m in METHODS}
+    if "shapes-eval" in done:
+        folders["shapes-eval.tar.gz"] = session.work / "eval"
     for name, folder in folders.items():
         if folder.is_dir():
             tmp = session.out / f".{name}.tmp"
@@ -358,8 +372,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.profile is None:
         parser.error("--profile is required")
-    if not args.budget > SUMMARY_RESERVE_S + MIN_STEP_S:
-        parser.error(f"--budget must exceed {SUMMARY_RESERVE_S + MIN_STEP_S:.0f} s, got {args.budget}")
+    least = SUMMARY_RESERVE_S + STOP_S + MIN_STEP_S  # below this no step would start (device_runner.step_timeout)
+    if not args.budget >= least:
+        parser.error(f"--budget must be at least {least:.0f} s, got {args.budget}")
     if math.isinf(args.budget):  # the lease is finite; an endless budget would let a hung step hold it
         parser.error("--budget must be a finite number of seconds")
     make_steps, finish = PROFILES[args.profile]

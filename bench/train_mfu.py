@@ -60,7 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--variants", default="eager,compile,ac", help=f"comma list of {list(VARIANTS)} (default %(default)s)"
     )
-    parser.add_argument("--aux", action="store_true", help="auxiliary fake-score term on (2 more passes)")
+    parser.add_argument(
+        "--aux", action="store_true", help="auxiliary fake-score term on (one more forward and backward, at B/2)"
+    )
     parser.add_argument(
         "--peak-flops", type=float, default=None, help="per device (default: the GPU's dense bf16 peak, selfe.flops)"
     )

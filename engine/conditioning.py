@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from selfe.objective import DEFAULT_FAKE_PROMPT_PREFIX, check_fake_prompt_prefix
 from selfe.text_encoders import NullConditionCache, PromptEncoder, TextEncoders, check_prompts
 
 
@@ -27,7 +28,7 @@ class ConditioningConfig:
     """How captions become conditions. Choices the paper leaves open are marked [ours]."""
 
     caption_dropout: float = 0.1  # [ours] p_drop: probability a caption is replaced by ""
-    fake_prompt_prefix: str = "fake image, "  # [ours] c_fake = prefix + caption
+    fake_prompt_prefix: str = DEFAULT_FAKE_PROMPT_PREFIX  # the trainer takes objective.fake_prompt_prefix
     t5_max_length: int = 512
     clip_max_length: int = 77
     pad_to_max_length: bool = True  # static shapes; False pads to the longest prompt of the batch
@@ -36,17 +37,11 @@ class ConditioningConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
-        if not isinstance(self.fake_prompt_prefix, str) or not self.fake_prompt_prefix.strip():
-            raise ValueError(
-                "fake_prompt_prefix must be a non-blank string (else c_fake equals c), "
-                f"got {self.fake_prompt_prefix!r}"
-            )
+        check_fake_prompt_prefix(self.fake_prompt_prefix)
         if self.t5_max_length < 1:
             raise ValueError(f"t5_max_length must be >= 1, got {self.t5_max_length}")
         if self.clip_max_length < 2:
-            raise ValueError(
-                f"clip_max_length must be >= 2 (start and end tokens), got {self.clip_max_length}"
-            )
+            raise ValueError(f"clip_max_length must be >= 2 (start and end tokens), got {self.clip_max_length}")
         for name in ("pad_to_max_length", "t5_attention_mask"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
@@ -109,9 +104,7 @@ class TextConditioner:
         """c_fake per caption: prefix + caption; a dropped caption ("") gives the bare prefix."""
         return [self.config.fake_prompt_prefix + caption for caption in check_prompts(captions)]
 
-    def drop_captions(
-        self, captions: Sequence[str], generator: torch.Generator | None
-    ) -> tuple[list[str], Tensor]:
+    def drop_captions(self, captions: Sequence[str], generator: torch.Generator | None) -> tuple[list[str], Tensor]:
         """Captions with each replaced by "" with probability caption_dropout, and the (B,) bool mask
         of the dropped ones. One uniform per caption is drawn whatever the probability, so the
         generator advances the same way for every setting."""
@@ -156,6 +149,4 @@ def _check_matches(encoders: TextEncoders, config: ConditioningConfig) -> None:
     }
     for name, value in loaded.items():
         if getattr(config, name) != value:
-            raise ValueError(
-                f"ConditioningConfig.{name}={getattr(config, name)!r} but the encoders use {value!r}"
-            )
+            raise ValueError(f"ConditioningConfig.{name}={getattr(config, name)!r} but the encoders use {value!r}")

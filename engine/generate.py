@@ -145,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def generate_main(argv: list[str] | None = None) -> int:
-    """Entry point of `selfe generate`; returns the exit code (0 ok, 2 bad arguments, 1 load or write failure).
+    """Entry point of `selfe generate`; returns the exit code (0 ok, 2 bad arguments or a model that does not
+    load, 1 a failure while writing the images).
     Argument errors found by argparse or the up-front checks exit 2 through SystemExit, as argparse does."""
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)

@@ -16,6 +16,13 @@ from selfe import condition_tree
 from selfe.renorm import energy_preserving_target
 from selfe.schedule import TimeShift, sample_s, sample_t, self_eval_count, tau_at
 
+DEFAULT_FAKE_PROMPT_PREFIX = "fake image, "  # [ours] c_fake = prefix + caption (SELFE.md leaves the string open)
+
+
+def check_fake_prompt_prefix(prefix: object) -> None:
+    if not isinstance(prefix, str) or not prefix.strip():
+        raise ValueError(f"fake_prompt_prefix must be a non-blank string (else c_fake equals c), got {prefix!r}")
+
 
 class DualTimeNetwork(Protocol):
     def __call__(self, x: Tensor, t: Tensor, s: Tensor, cond: Any) -> Tensor: ...
@@ -38,7 +45,7 @@ class ObjectiveConfig:
     aux_weight: float = 1.0  # weight of L_fake [ours: 1.0]
     # c_fake = prefix + caption [ours: the exact string]; a dropped caption's c_fake is the bare prefix (its
     # x0_hat was drawn under phi). The data sources encode it; the objective sees only the encodings.
-    fake_prompt_prefix: str = "fake image, "
+    fake_prompt_prefix: str = DEFAULT_FAKE_PROMPT_PREFIX
     kernel_backend: str | None = "auto"  # implementation of the energy-preserving renorm (selfe.kernels)
 
     def __post_init__(self) -> None:
@@ -56,10 +63,7 @@ class ObjectiveConfig:
             raise ValueError(f"aux_k must lie in [0, 1], got {self.aux_k}")
         if self.aux_weight < 0:
             raise ValueError(f"aux_weight must be >= 0, got {self.aux_weight}")
-        if not isinstance(self.fake_prompt_prefix, str) or not self.fake_prompt_prefix.strip():
-            raise ValueError(
-                f"fake_prompt_prefix must be a non-blank string (else c_fake equals c), got {self.fake_prompt_prefix!r}"
-            )
+        check_fake_prompt_prefix(self.fake_prompt_prefix)
 
     def aux_on(self, iteration: int) -> bool:
         return self.self_eval and self.aux_start is not None and iteration >= self.aux_start

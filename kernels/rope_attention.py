@@ -37,8 +37,8 @@ AUTOTUNE_ENV = "SELFE_TRITON_AUTOTUNE"  # full (default) or quick; read when thi
 def _configs(gpu: list[tuple[int, int, int, int]]) -> list[triton.Config]:
     """Autotune candidates (BLOCK_M, BLOCK_N, num_warps, num_stages); one small one under the interpreter.
 
-    SELFE_TRITON_AUTOTUNE=quick keeps the first (largest) and the last (smallest, fits every case) of each
-    list: both tile paths, a third of the compiles (the GPU tests, where every new shape autotunes)."""
+    SELFE_TRITON_AUTOTUNE=quick keeps the first and the last (a small tile that fits every case) of each
+    list: a large and a small tile, a third of the compiles (the GPU tests, where every new shape autotunes)."""
     if interpreting():
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
     mode = os.environ.get(AUTOTUNE_ENV, "full")
@@ -301,8 +301,7 @@ def _meta(q: Tensor, has_mask: bool) -> dict:
 
 
 _ATTN_SCHEMA = (
-    "(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor? key_mask, float sm_scale) "
-    "-> (Tensor, Tensor)"
+    "(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor? key_mask, float sm_scale) -> (Tensor, Tensor)"
 )
 
 
@@ -349,9 +348,7 @@ def _rope_flash_attention_backward_op(dout, q, k, v, cos, sin, key_mask, out, ls
     )
     mask, args, _ = _common_args(q, k, v, cos, sin, key_mask)
     grid_n = lambda m: (triton.cdiv(L, m["BLOCK_N"]), B * H)
-    _rope_attn_bwd_dkdv_kernel[grid_n](
-        q, k, v, cos, sin, mask, dout, lse, delta, dk, dv, *args, sm_scale, **meta
-    )
+    _rope_attn_bwd_dkdv_kernel[grid_n](q, k, v, cos, sin, mask, dout, lse, delta, dk, dv, *args, sm_scale, **meta)
     grid_m = lambda m: (triton.cdiv(L, m["BLOCK_M"]), B * H)
     _rope_attn_bwd_dq_kernel[grid_m](q, k, v, cos, sin, mask, dout, lse, delta, dq, *args, sm_scale, **meta)
     return dq, dk, dv
@@ -386,9 +383,7 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, key
         if t.shape != q.shape:
             raise ValueError(f"{name} must have q's shape {tuple(q.shape)}, got {tuple(t.shape)}")
     if q.dtype not in _SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(
-            f"q, k, v must share one dtype of {_SUPPORTED_DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}"
-        )
+        raise ValueError(f"q, k, v must share one dtype of {_SUPPORTED_DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}")
     B, _, L, D = q.shape
     if D % 2 or D > _MAX_HEAD_DIM:
         raise ValueError(f"the head dim must be even and at most {_MAX_HEAD_DIM}, got {D}")
@@ -397,8 +392,7 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, key
             raise ValueError(f"{name} must have shape (L, Dh/2) = ({L}, {D // 2}), got {tuple(t.shape)}")
     if key_mask is not None and (key_mask.dtype != torch.bool or key_mask.shape != (B, L)):
         raise ValueError(
-            f"key_mask must be a bool tensor of shape (B, L) = ({B}, {L}), "
-            f"got {key_mask.dtype} {tuple(key_mask.shape)}"
+            f"key_mask must be a bool tensor of shape (B, L) = ({B}, {L}), got {key_mask.dtype} {tuple(key_mask.shape)}"
         )
     tensors = (q, k, v, cos, sin) + (() if key_mask is None else (key_mask,))
     devices = {t.device for t in tensors}
@@ -427,9 +421,7 @@ def rope_flash_attention(
     return out
 
 
-def fused_rope_attention(
-    q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor | None
-) -> Tensor:
+def fused_rope_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor | None) -> Tensor:
     """Attention-backend entry for the model: RoPE fused into flash attention, default scale.
 
     q, k, v: (B, H, L, Dh) with q, k normed, not rotated; cos, sin: (L, Dh/2); key_mask: (B, L) bool

@@ -77,6 +77,10 @@ def _encode_null(text_encoder: TextEncoder, out: Path, config: CacheConfig) -> d
     return {"file": NULL_NAME, "bytes": size, "text_length": text["txt"].shape[1]}
 
 
+def _fingerprint(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def build_cache(
     manifest: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -111,7 +115,9 @@ def build_cache(
     }
     for knob in ("scan_workers", "max_logged_per_reason"):  # speed and verbosity, not content
         settings["checks"].pop(knob)
-    fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+    fingerprint = _fingerprint(settings)
+    # Caches made before base_dir was stored relative hold the absolute folder: the same images, so resume them.
+    legacy_fingerprint = _fingerprint({**settings, "base_dir": str(scanned.base_dir.resolve())})
 
     index_path = out / INDEX_NAME
     done: dict[int, dict[str, Any]] = {}
@@ -125,7 +131,7 @@ def build_cache(
             raise CacheMismatchError(
                 f"{index_path} is not a readable cache index ({err}); use a new --out folder or delete it"
             ) from err
-        if previous.get("fingerprint") != fingerprint:
+        if previous.get("fingerprint") not in (fingerprint, legacy_fingerprint):
             before = json.loads(json.dumps(previous.get("settings", {}), default=str))
             now = json.loads(json.dumps(settings, default=str))
             changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))

@@ -8,7 +8,8 @@ config or a missing input (manifest, cache, autoencoder, text encoders); 3 when 
 non-finite steps. A rank of a multi-process run ends with os._exit once its process group is destroyed and
 its output flushed: gloo's worker threads can still be releasing the last collective's tensors when Python
 finalises, and a thread that needs the GIL then aborts the process ("terminate called without an active
-exception", seen about once in 15 two-rank runs on CPU).
+exception", seen about once in 15 two-rank runs on CPU). A rank that fails to start or dies on an uncaught error
+exits the ordinary way, so that abort may still follow its error message.
 """
 
 from __future__ import annotations

@@ -43,7 +43,8 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
 
 # Compiled graphs a block's forward may keep: {grad, no grad} x {B, B/2 (self-eval, aux)} x the resolutions
 # of the schedule, for both block types at once under activation checkpointing (one wrapper code object).
-# Past dynamo's default of 8 the blocks would silently run eagerly.
+# Past dynamo's default of 8 a block stops compiling: with fullgraph (our default) dynamo raises, without
+# it the block silently runs eagerly from then on.
 COMPILE_RECOMPILE_LIMIT = 64
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from selfe.config import MMDiTConfig
+from selfe.objective import DEFAULT_FAKE_PROMPT_PREFIX
 from selfe.train.config import DataSection
 
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
@@ -342,7 +343,7 @@ def build_source(
     world_size: int,
     grad_accum: int,
     device: torch.device | None = None,
-    fake_prefix: str = "fake image, ",
+    fake_prefix: str = DEFAULT_FAKE_PROMPT_PREFIX,
 ):
     """The source data.source names; fake_prefix: the objective's fake_prompt_prefix."""
     if data.source == "procedural":

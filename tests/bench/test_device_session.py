@@ -148,6 +148,27 @@ def test_stale_or_broken_step_outputs_are_not_reported(tmp_path: Path) -> None:
     assert got["after"]["status"] == "ok"
 
 
+def test_shapes_never_returns_an_earlier_calls_models_or_evaluation(tmp_path: Path, monkeypatch) -> None:
+    work = tmp_path / "work"
+    stale = [work / "runs" / f"shapes-{m}" / "export" for m in session_cli.METHODS] + [work / "eval"]
+    for folder in stale:  # what an earlier call on the warm machine left
+        folder.mkdir(parents=True)
+        (folder / "old.json").write_text("{}")
+    monkeypatch.setattr(session_cli, "train_pair", lambda *a, **k: "fm failed (exit 1)")
+    steps = [
+        Step("shapes-pair", "8", 30, run=session_cli.run_shapes_pair),
+        Step("shapes-eval", "8", 30, argv=python("import sys; sys.exit(3)")),
+    ]
+    got = run(steps, tmp_path, finish=session_cli.bundle_shapes)["steps"]
+    assert got["shapes-pair"]["status"] == "calibration: fm failed (exit 1)"
+    assert not any(folder.exists() for folder in stale)  # the evaluation step cannot score them either
+    assert not list((tmp_path / "out").glob("*.tar.gz"))
+    for folder in stale:  # made again after the pair (as if it had run), yet the pair failed: not returned
+        folder.mkdir(parents=True)
+    session_cli.bundle_shapes(runner.Session(tmp_path / "out", work, 0.0, False, None, {"steps": got}))
+    assert not list((tmp_path / "out").glob("*.tar.gz"))
+
+
 def test_junit_summary_counts_and_names_failures(tmp_path: Path) -> None:
     (tmp_path / "test_sample.py").write_text(
         "import pytest\n"
@@ -173,8 +194,8 @@ def test_cli_checks_its_arguments(tmp_path: Path, capsys) -> None:
         session_cli.main(["--profile", "engine", "--only", "kernels,nope", "--out", str(tmp_path)])
     assert "no step ['nope']" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        session_cli.main(["--profile", "engine", "--budget", "10", "--out", str(tmp_path)])
-    assert "--budget must exceed" in capsys.readouterr().err
+        session_cli.main(["--profile", "engine", "--budget", "60", "--out", str(tmp_path)])
+    assert "--budget must be at least 65 s" in capsys.readouterr().err  # 15 report + 30 to stop + 20 a step
     with pytest.raises(SystemExit):
         session_cli.main(["--profile", "shapes"])
     assert "--out is required" in capsys.readouterr().err

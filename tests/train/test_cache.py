@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
 import re
 import shutil
 import signal
@@ -190,6 +192,29 @@ def test_a_data_folder_moved_whole_resumes_its_cache(tmp_path):
     shutil.move(tmp_path / "moved" / "cache", tmp_path / "cache")
     with pytest.raises(ValueError, match="differs in: base_dir"):
         _build(moved, tmp_path / "cache")
+
+
+def test_a_cache_from_before_the_relative_base_dir_resumes(tmp_path):
+    """Older caches recorded the images' folder as an absolute path: the same folder still resumes them."""
+    data = _dataset(tmp_path / "data")
+    out = tmp_path / "cache"
+    partial = _build(data, out, max_new_shards=2)
+    index_path = out / "index.json"
+    index = json.loads(index_path.read_text())
+    index["settings"]["base_dir"] = str(data.root.resolve())  # the old form of the record
+    index["fingerprint"] = hashlib.sha256(json.dumps(index["settings"], sort_keys=True).encode()).hexdigest()
+    index_path.write_text(json.dumps(index))
+    kept = {e["file"]: (out / e["file"]).stat().st_mtime_ns for e in partial["shards"]}
+    final = _build(data, out)
+    assert final["complete"] and final["shards"][:2] == partial["shards"]
+    assert {f: (out / f).stat().st_mtime_ns for f in kept} == kept  # resumed, not redone
+    assert json.loads(index_path.read_text())["settings"]["base_dir"] == os.path.relpath(data.root.resolve(), out)
+    # an absolute record of another folder is still another data folder
+    index["settings"]["base_dir"] = str(tmp_path / "elsewhere")
+    index["fingerprint"] = hashlib.sha256(json.dumps(index["settings"], sort_keys=True).encode()).hexdigest()
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="differs in: base_dir"):
+        _build(data, out)
 
 
 def test_reader_batches_order_and_resume(tmp_path):

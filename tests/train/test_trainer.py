@@ -108,6 +108,23 @@ def test_fused_adamw_follows_foreach(tmp_path):
         tiny_config(tmp_path, 1, "optim.implementation=apex")
 
 
+def test_a_resume_takes_the_optimizer_implementation_and_settings_from_the_config(tmp_path):
+    """A run saved with foreach resumes fused (as a CPU run moved to a GPU would), and a changed weight decay
+    applies; the learning rate stays the schedule's."""
+    _run(tiny_config(tmp_path, 2, "optim.implementation=foreach"))
+    trainer = Trainer(tiny_config(tmp_path, 4, "optim.implementation=fused", "optim.weight_decay=0.25"))
+    try:
+        assert trainer.step == 2
+        for group in trainer.optimizer.param_groups:
+            assert group["fused"] and not group["foreach"] and group["weight_decay"] == 0.25
+            assert group["lr"] == pytest.approx(lr_at(2, trainer.config.optim, 4))
+        steps = [s["step"] for s in trainer.optimizer.state.values()]
+        assert steps and all(s.dtype == torch.float32 and s.item() == 2 for s in steps)  # fused keeps fp32 steps
+        assert len(trainer.train().losses) == 2
+    finally:
+        trainer.close()
+
+
 def test_resume_equals_uninterrupted_run(tmp_path):
     n = 4
     full = _run(tiny_config(tmp_path / "full", 2 * n))
