@@ -25,6 +25,7 @@ def _toy2d(subparsers: argparse._SubParsersAction) -> None:
         help="prove the objective and sampler: flow matching vs Self-E on 2-D data",
         description="Train flow matching and Self-E on a conditional 2-D mixture with the same "
         "objective code and budget; sample at several step counts; print the table.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     toy2d_cli.add_arguments(p)
     p.set_defaults(run=toy2d_cli.run)

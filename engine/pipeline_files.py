@@ -90,12 +90,20 @@ def autoencoder_config(entry: Any, where: str = "config.json") -> AutoEncoderCon
     return cls(**entry)
 
 
-def required_file(path: Path, what: str) -> Path:
+# A run trained on cached latents (or the smoke run's synthetic ones) exports the model alone; the ShapesEval
+# presets copy their autoencoder and text encoders into the export.
+NOT_EXPORTED = "a run trained on cached or synthetic latents exports only the model"
+
+
+def required_file(path: Path, what: str, hint: str = "") -> Path:
     if path.is_dir():
         raise IsADirectoryError(f"{what}: {str(path)!r} is a directory, expected a file")
     if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {str(path)!r}")
+        raise FileNotFoundError(f"{what} not found: {str(path)!r}{hint}")
     return path
+
+
+AE_HINT = f" ({NOT_EXPORTED}: pass autoencoder_path=, t5_path=, clip_path=, or to selfe generate --ae, --t5, --clip)"
 
 
 def _tokenizer_dir(encoder_dir: Path) -> Path | None:
@@ -125,7 +133,8 @@ def text_encoder_dirs(
         if folder is None:
             raise FileNotFoundError(
                 f"no {what} text encoder in {str(root)!r}: expected a snapshot folder {TEXT_DIRS[0]}/ or "
-                f"{TEXT_DIRS[1]}/ whose config.json has a {what.lower()} model_type, or pass {arg}="
+                f"{TEXT_DIRS[1]}/ whose config.json has a {what.lower()} model_type ({NOT_EXPORTED}: pass "
+                f"{arg}=, or --{arg.removesuffix('_path')} to selfe generate)"
             )
     return t5, _tokenizer_dir(t5), clip, _tokenizer_dir(clip)
 
@@ -141,6 +150,6 @@ def check_pipeline_dir(root: str | Path) -> dict[str, Any]:
     meta = read_pipeline_config(root)
     required_file(root / MODEL_FILE, "model weights")
     if not isinstance(meta["autoencoder"], SpaceToDepthConfig):  # the weightless one has no file
-        required_file(root / AE_FILE, "autoencoder weights")
+        required_file(root / AE_FILE, "autoencoder weights", AE_HINT)
     text_encoder_dirs(root, None, None)
     return meta

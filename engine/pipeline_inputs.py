@@ -19,7 +19,7 @@ from selfe.autoencoder import flux1 as flux1_autoencoder
 from selfe.config import MMDiTConfig
 from selfe.devices import unavailable_reason
 from selfe.graphs import FastPathConfig
-from selfe.pipeline_files import AE_FILE, CONFIG_FILE, MODEL_FILE, required_file
+from selfe.pipeline_files import AE_FILE, AE_HINT, CONFIG_FILE, MODEL_FILE, required_file
 from selfe.pixel_autoencoder import SpaceToDepthConfig
 from selfe.text_encoders import (
     CLIP_MODEL_TYPES,
@@ -92,7 +92,7 @@ def autoencoder_source(
             )
         return config, None
     ae_file = Path(autoencoder_path).expanduser() if autoencoder_path is not None else root / AE_FILE
-    ae_file = required_file(ae_file, "autoencoder weights (pass autoencoder_path=)")
+    ae_file = required_file(ae_file, "autoencoder weights", AE_HINT if autoencoder_path is None else "")
     if config is None:
         config = autoencoder_config_from_file(ae_file) or flux1_autoencoder()
     return config, ae_file

@@ -1,4 +1,4 @@
-"""`selfe train CONFIG [key=value ...]`: CONFIG is a preset (smoke, 0.5b, 2b) or a saved config.json.
+"""`selfe train CONFIG [key=value ...]`: CONFIG is a preset or a saved config.json.
 
 Runs under torchrun (one process per GPU) and under plain python (world size 1):
     torchrun --nproc-per-node 8 -m selfe.train.cli 2b data.cache_dir=/data/cache run_dir=runs/2b
@@ -22,8 +22,10 @@ from collections.abc import Sequence
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
+    from selfe.train.config import PRESETS
+
     parser = argparse.ArgumentParser(prog="selfe train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("config", help="preset name (smoke, 0.5b, 2b) or path to a config.json")
+    parser.add_argument("config", help=f"preset name ({', '.join(PRESETS)}) or path to a config.json")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, checked against field types")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args = parser.parse_intermixed_args(argv)  # flags may come between the overrides

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -188,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("shapes", help="ShapesEval: GenEval-style scores per category at several step counts")
     p.add_argument(  # extend: `--model A B` and `--model A --model B` both evaluate A and B
         "--model", type=Path, nargs="+", action="extend", default=None,
-        help="pipeline directories (default: the shipped)",
+        help="pipeline directories (default: the shipped ShapesEval model)",
     )  # fmt: skip
     p.add_argument("--steps", type=int, nargs="+", default=list(DEFAULT_STEPS))
     p.add_argument("--images-per-category", type=int, default=EvalConfig.images_per_category)
@@ -219,6 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_FIELD = re.compile(
+    r"\b(images_per_category|samples_per_prompt|prompt_seed|seed|steps|eta|time_shift_mu|batch_size|guidance)\b"
+)
+
+
 def _fail(parser: argparse.ArgumentParser, message: str) -> None:
     """One line and exit 2 (parser.error would print the long usage first)."""
     parser.exit(2, f"selfe eval: error: {message}\n")
@@ -243,8 +249,8 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
             time_shift_mu=args.time_shift_mu,
             batch_size=args.batch_size,
         )
-    except ValueError as err:
-        parser.error(str(err))
+    except ValueError as err:  # EvalConfig names its fields: name the flags instead
+        _fail(parser, _FIELD.sub(lambda m: "--" + m.group(0).replace("_", "-"), str(err)))
     models = args.model
     if models is None:
         from selfe.shapes import shipped_model_dir

@@ -200,3 +200,19 @@ def test_a_broken_text_encoder_config_is_named(model_copy: Path, tmp_path: Path,
     assert generate_main([*argv, "--out", str(tmp_path / "g.png")]) == 2
     err = capsys.readouterr().err
     assert f"{path} is not valid JSON" in err and "no T5 text encoder" not in err and "Traceback" not in err
+
+
+@needs_shipped
+def test_a_model_only_export_names_the_flags_that_complete_it(model_copy: Path, tmp_path: Path, capsys) -> None:
+    """A run on cached or synthetic latents (the smoke preset) exports the model alone."""
+    root = tmp_path / "export"
+    root.mkdir()
+    for name in ("model.safetensors", "config.json"):
+        shutil.copy(model_copy / name, root / name)
+    argv = ["--model", str(root), "--prompt", "a", "--steps", "1", "--no-progress", "--out", str(tmp_path / "g.png")]
+    assert generate_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "autoencoder weights not found" in err and "exports only the model" in err and "--ae, --t5, --clip" in err
+    assert generate_main([*argv, "--ae", str(model_copy / "ae.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "no T5 text encoder" in err and "or --t5 to selfe generate" in err

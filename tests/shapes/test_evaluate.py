@@ -137,6 +137,10 @@ def test_every_model_is_checked_before_the_first_is_evaluated(tmp_path, monkeypa
     assert "'/nope'" in refused("--model", str(good), "/nope")  # several after one flag
     assert f"{broken / 'config.json'} is not valid JSON" in refused("--model", str(good), str(broken))
     assert "model weights not found" in refused("--model", str(good), str(no_weights))
+    # the flags by their names, not EvalConfig's fields
+    assert "error: --images-per-category must be >= 1, got 0" in refused("--images-per-category", "0")
+    assert "error: --samples-per-prompt must be >= 1" in refused("--samples-per-prompt", "0")
+    assert "error: --seed and --prompt-seed must be >= 0" in refused("--seed", "-1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert "--device cuda: this torch has no CUDA device" in refused("--model", str(good), "--device", "cuda")
     (tmp_path / "a_file").write_text("")
