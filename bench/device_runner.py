@@ -16,6 +16,7 @@ import datetime
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -67,6 +68,7 @@ class Step:
     junit: str | None = None  # a pytest --junitxml file it writes under {work}, summarised; set for pytest
     # steps, which are stopped with SIGINT first: pytest then still prints its summary and writes the file
     env: dict[str, str] = dataclasses.field(default_factory=dict)
+    outputs: tuple[str, ...] = ()  # files or folders under {work} it makes (besides json, junit): cleared first
     fallback: Step | None = None  # run when this step fails (e.g. the pure-Python install)
     dry_skip: bool = False  # nothing to check on CPU (the install: the dry run uses the installed package)
 
@@ -75,6 +77,10 @@ def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+# The shortest budget in which a step can start (step_timeout).
+MIN_BUDGET_S = SUMMARY_RESERVE_S + STOP_S + MIN_STEP_S
 
 
 def step_timeout(cap_s: float, left_s: float) -> float | None:
@@ -141,9 +147,13 @@ def run_step(session: Session, step: Step) -> str:
         status = "skipped (no time left)"
     else:
         print(f"[{step.name}] running (up to {timeout:.0f} s)", flush=True)  # progress: a step can take minutes
-        for name in (step.json, step.junit):  # a warm machine's earlier call may have left one: not this run's
+        for name in (step.json, step.junit, *step.outputs):  # a warm machine's earlier call left them: not this run's
             if name:
-                (session.work / name).unlink(missing_ok=True)
+                path = session.work / name
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
         began, offset = time.monotonic(), session.log.tell()
         status = step.run(session, step, timeout) if step.run else run_command(session, step, timeout)
         session.log.flush()

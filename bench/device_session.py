@@ -44,9 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # bench.device_runner when run as a script
 
 from bench.device_runner import (  # noqa: E402
-    MIN_STEP_S,
-    STOP_S,
-    SUMMARY_RESERVE_S,
+    MIN_BUDGET_S,
     Session,
     Step,
     run_session,
@@ -276,9 +274,6 @@ def step_times(metrics_path: Path) -> tuple[float, float]:
 
 def run_shapes_pair(session: Session, step: Step, timeout: float) -> str:
     plan = DRY_SHAPES if session.dry_run else ShapesPlan()
-    # An earlier call of a warm lease left its models and evaluation: never evaluate or return those as this run's.
-    for stale in [*(session.work / "runs" / f"shapes-{m}" for m in METHODS), session.work / "eval"]:
-        shutil.rmtree(stale, ignore_errors=True)
     began = time.monotonic()
     status = train_pair(session, "calibrate", plan, plan.calibration_steps, timeout, export=False)
     if status != "ok":
@@ -309,12 +304,13 @@ def shapes_steps() -> list[Step]:
         env_step(),
         install_step(cuda=False),  # the tiny model uses no fused kernel: a minute of build saved
         Step("shapes-data", "8", 300, argv=data_argv, dry_argv=[*data_argv, "--num", "128", "--ae-steps", "3"]),
-        Step("shapes-pair", "8", math.inf, run=run_shapes_pair),
+        Step("shapes-pair", "8", math.inf, run=run_shapes_pair, outputs=tuple(f"runs/shapes-{m}" for m in METHODS)),
         Step(
             "shapes-eval", "8", ShapesPlan.eval_reserve_s,
             argv=[*eval_argv, "--steps", "1", "2", "4", "8", "50", "--device", "cuda"],
             dry_argv=[*eval_argv, "--steps", "1", "2", "--images-per-category", "2", "--device", "cpu"],
             json="eval/shapes_eval.json",
+            outputs=("eval",),
         ),
     ]  # fmt: skip
 
@@ -372,9 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.profile is None:
         parser.error("--profile is required")
-    least = SUMMARY_RESERVE_S + STOP_S + MIN_STEP_S  # below this no step would start (device_runner.step_timeout)
-    if not args.budget >= least:
-        parser.error(f"--budget must be at least {least:.0f} s, got {args.budget}")
+    if not args.budget >= MIN_BUDGET_S:
+        parser.error(f"--budget must be at least {MIN_BUDGET_S:.0f} s, got {args.budget}")
     if math.isinf(args.budget):  # the lease is finite; an endless budget would let a hung step hold it
         parser.error("--budget must be a finite number of seconds")
     make_steps, finish = PROFILES[args.profile]

@@ -235,8 +235,8 @@ def generate_main(argv: list[str] | None = None) -> int:
         print(f"selfe generate: error: could not write the images: {err}", file=sys.stderr)
         return 1
     scaled = f", upscaled {factor}x from {width}x{height}" if factor > 1 else ""
-    images = f"{len(paths)} image{'s' * (len(paths) != 1)}"
-    print(f"wrote {images} and the grid {args.out} (rows: prompts, columns: steps {args.steps}{scaled})")
+    count = f"{len(paths)} image{'s' * (len(paths) != 1)}"
+    print(f"wrote {count} and the grid {args.out} (rows: prompts, columns: steps {args.steps}{scaled})")
     return 0
 
 

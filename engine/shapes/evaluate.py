@@ -220,11 +220,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_FIELD = re.compile(
-    r"\b(images_per_category|samples_per_prompt|prompt_seed|seed|steps|eta|time_shift_mu|batch_size|guidance)\b"
-)
-
-
 def _fail(parser: argparse.ArgumentParser, message: str) -> None:
     """One line and exit 2 (parser.error would print the long usage first)."""
     parser.exit(2, f"selfe eval: error: {message}\n")
@@ -249,8 +244,10 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
             time_shift_mu=args.time_shift_mu,
             batch_size=args.batch_size,
         )
-    except ValueError as err:  # EvalConfig names its fields: name the flags instead
-        _fail(parser, _FIELD.sub(lambda m: "--" + m.group(0).replace("_", "-"), str(err)))
+    except ValueError as err:  # EvalConfig names its fields: name the flags (same names, dashed) instead
+        flags = [f.name for f in dataclasses.fields(EvalConfig) if f.name in vars(args)]
+        field = re.compile(rf"\b({'|'.join(flags)})\b")
+        _fail(parser, field.sub(lambda m: "--" + m.group(0).replace("_", "-"), str(err)))
     models = args.model
     if models is None:
         from selfe.shapes import shipped_model_dir

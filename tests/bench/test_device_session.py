@@ -7,6 +7,7 @@ eval`) with the flags the device run uses, so a lease is not spent finding a typ
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -155,9 +156,10 @@ def test_shapes_never_returns_an_earlier_calls_models_or_evaluation(tmp_path: Pa
         folder.mkdir(parents=True)
         (folder / "old.json").write_text("{}")
     monkeypatch.setattr(session_cli, "train_pair", lambda *a, **k: "fm failed (exit 1)")
+    real = {s.name: s for s in session_cli.shapes_steps()}  # their outputs, cleared before each runs
     steps = [
-        Step("shapes-pair", "8", 30, run=session_cli.run_shapes_pair),
-        Step("shapes-eval", "8", 30, argv=python("import sys; sys.exit(3)")),
+        dataclasses.replace(real["shapes-pair"], cap_s=30),
+        dataclasses.replace(real["shapes-eval"], cap_s=30, argv=python("import sys; sys.exit(3)"), dry_argv=None),
     ]
     got = run(steps, tmp_path, finish=session_cli.bundle_shapes)["steps"]
     assert got["shapes-pair"]["status"] == "calibration: fm failed (exit 1)"
