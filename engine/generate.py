@@ -161,8 +161,8 @@ def generate_main(argv: list[str] | None = None) -> int:
     if not args.prompt:
         print("selfe generate: error: pass at least one --prompt", file=sys.stderr)
         return 2
-    if any(s < 1 for s in args.steps):
-        print(f"selfe generate: error: --steps must all be >= 1, got {args.steps}", file=sys.stderr)
+    if any(s < 1 for s in args.steps) or len(set(args.steps)) < len(args.steps):
+        print(f"selfe generate: error: --steps must be distinct counts >= 1, got {args.steps}", file=sys.stderr)
         return 2
     # Every argument is checked here, before the model loads and samples (a bad one: one line, exit 2).
     problem = argument_problem(args)

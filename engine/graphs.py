@@ -23,6 +23,7 @@ only) or compiled with `compile=True`. Either way
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -47,13 +48,17 @@ class FastPathConfig:
     `cuda_graph`: "auto" (on CUDA devices),
     "on" (error if impossible) or "off"; `compile_backend` / `compile_mode`: passed to torch.compile
     (mode "reduce-overhead" would add inductor's own CUDA graphs on top of ours, so it is refused);
-    `graph_warmup_iters`: eager runs on a side stream before capture (allocator and autotuning settle)."""
+    `graph_warmup_iters`: eager runs on a side stream before capture (allocator and autotuning settle);
+    `max_compiled_shapes`: how many StepKeys the compiled step serves (each is a trace of its own; dynamo's
+    recompile limit, 8 by default and a hard error under fullgraph, is raised to match while the step
+    runs). Past it a new shape runs the uncompiled step (still graph-captured on CUDA), with a warning."""
 
     compile: bool | str = "auto"
     cuda_graph: str = "auto"
     compile_backend: str = "inductor"
     compile_mode: str | None = None
     graph_warmup_iters: int = 2
+    max_compiled_shapes: int = 64
 
     def __post_init__(self) -> None:
         # `1 in (True, False, "auto")` holds in Python, so the bool check is by type.
@@ -72,6 +77,9 @@ class FastPathConfig:
         warmup = self.graph_warmup_iters
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
             raise ValueError(f"FastPathConfig.graph_warmup_iters must be an integer >= 1, got {warmup!r}")
+        shapes = self.max_compiled_shapes
+        if isinstance(shapes, bool) or not isinstance(shapes, int) or shapes < 1:
+            raise ValueError(f"FastPathConfig.max_compiled_shapes must be an integer >= 1, got {shapes!r}")
 
 
 def _check_compile_backend(backend: Any) -> None:
@@ -181,6 +189,8 @@ class FastSampler:
         self.net = net
         self._unchecked = _Unchecked(net)
         self._compiled = None
+        self._compiled_keys: set[StepKey] = set()  # the shapes the compiled step was traced for
+        self._uncompiled_keys: set[StepKey] = set()  # shapes past max_compiled_shapes (warned once each)
         self._graphs: dict[StepKey, _GraphedStep] = {}
         self._warm: set[StepKey] = set()  # compiled (and captured, on CUDA) already
         self._pool = None
@@ -199,7 +209,8 @@ class FastSampler:
             return device.type == "cuda"
         return bool(self.config.compile)
 
-    def _step_fn(self, device: torch.device):
+    def _step_fn(self, key: StepKey, device: torch.device):
+        """The step for `key`: compiled (while fewer than max_compiled_shapes keys are) or eager."""
         if device.type not in self._prepared:
             # A model loaded with assign=True binds its kernels on its first forward, which inside a
             # compiled region would guard on the unbound state and recompile on the second call. A
@@ -208,6 +219,19 @@ class FastSampler:
             self._prepared.add(device.type)
         if not self.compiles(device):
             return self._eager_step
+        if key not in self._compiled_keys:
+            if len(self._compiled_keys) >= self.config.max_compiled_shapes:
+                if key in self._uncompiled_keys:
+                    return self._eager_step
+                self._uncompiled_keys.add(key)
+                warnings.warn(
+                    f"the compiled step already serves FastPathConfig.max_compiled_shapes="
+                    f"{self.config.max_compiled_shapes} shapes; {key} runs uncompiled (raise the limit to compile it)",
+                    UserWarning,
+                    stacklevel=2,
+                )
+                return self._eager_step
+            self._compiled_keys.add(key)
         if self._compiled is None:
             self._compiled = torch.compile(
                 denoise_step,
@@ -216,8 +240,30 @@ class FastSampler:
                 fullgraph=True,
                 dynamic=False,
             )
-        compiled = self._compiled
-        return lambda **kwargs: compiled(self._unchecked, **kwargs)
+        compiled, limits = self._compiled, self._recompile_limits()
+
+        def run(**kwargs: Any) -> Tensor:
+            # Every shape is one cache entry of the same code object; a per-call patch (~15 us) keeps
+            # dynamo's global config untouched for the rest of the program.
+            with torch._dynamo.config.patch(**limits):
+                return compiled(self._unchecked, **kwargs)
+
+        return run
+
+    def _recompile_limits(self) -> dict[str, int]:
+        """Dynamo's limits raised to hold max_compiled_shapes traces (a few spare for any other guard)."""
+        import torch._dynamo
+
+        config, wanted = torch._dynamo.config, self.config.max_compiled_shapes + 8
+        return {
+            "recompile_limit": max(config.recompile_limit, wanted),
+            "accumulated_recompile_limit": max(config.accumulated_recompile_limit, wanted),
+        }
+
+    def prepares(self, device: torch.device) -> bool:
+        """Whether a new shape has anything to prepare on `device` (a compile or a capture); a plain
+        eager step has not, so the pipeline runs no warm-up step for it."""
+        return self.compiles(device) or self.uses_cuda_graph(device)
 
     def uses_cuda_graph(self, device: torch.device) -> bool:
         mode = self.config.cuda_graph
@@ -233,7 +279,7 @@ class FastSampler:
         """One step. first=False (CUDA graph only): the condition, guidance and eta are already in the
         graph's static inputs from this call's first step, so only x, the times and the noise are copied."""
         device = args["x"].device
-        step = self._step_fn(device)
+        step = self._step_fn(key, device)
         if not self.uses_cuda_graph(device):
             return step(**args)
         graph = self._graphs.get(key)
@@ -290,9 +336,9 @@ class FastSampler:
         with torch.no_grad():
             if self.uses_cuda_graph(x.device):
                 if key not in self._graphs:
-                    self._capture(key, self._step_fn(x.device), _static_args(args))
+                    self._capture(key, self._step_fn(key, x.device), _static_args(args))
             else:
-                self._step_fn(x.device)(**args)
+                self._step_fn(key, x.device)(**args)
         if x.device.type == "cuda":
             torch.cuda.synchronize(x.device)
         return time.perf_counter() - start
@@ -302,6 +348,16 @@ class FastSampler:
     ) -> bool:
         """Whether the step for this shape was compiled / captured already (by `warmup` or `sample`)."""
         return step_key(x, cond, guided, method, kernel_backend) in self._warm
+
+    def forget_captures(self) -> None:
+        """Drop the CUDA graphs (their memory with them) and what was bound or warmed, after the network
+        moved to another device or dtype. Compiled traces stay in dynamo's cache and keep counting
+        against max_compiled_shapes (a StepKey names its device and dtype, so none is reused wrongly)."""
+        self._graphs.clear()
+        self._warm.clear()
+        self._prepared.clear()
+        self.capture_seconds.clear()
+        self._pool = None
 
     @property
     def num_graphs(self) -> int:

@@ -145,6 +145,12 @@ class SelfELoss:
         if cfg.self_eval:
             # The self-evaluated samples: a static slice under the half split (no host sync).
             index = slice(0, self_eval_count(B)) if cfg.s_split == "half" else self_mask.nonzero().squeeze(1)
+            # A Bernoulli draw can pick none (1 / 2^B per micro-batch). The passes still run, on row 0 as a
+            # stand-in whose results are dropped: every rank runs the same forwards (FSDP's collectives),
+            # and the step is then plain flow matching.
+            stand_in = isinstance(index, Tensor) and index.numel() == 0
+            if stand_in:
+                index = torch.zeros(1, dtype=torch.long, device=device)
             rows = (torch.arange(B, device=device)[index],)
             x0_hat_i = clean_estimate(v[index], x_t[index], t[index]).detach()
             noise_i = (
@@ -172,8 +178,11 @@ class SelfELoss:
             lam_i = lam_i.to(torch.promote_types(x0.dtype, torch.float32))
             x0_i = x0[index]
             target_i = energy_preserving_target(x0_i, x_self, lam_i, cfg.energy_preserving, cfg.kernel_backend)
-            delta = delta.index_put(rows, target_i - x0_i)
-            lam = lam.index_put(rows, lam_i.to(lam.dtype))
+            if stand_in:
+                loss_fake = loss_fake * 0.0  # the fake branch's backward still runs, contributing nothing
+            else:
+                delta = delta.index_put(rows, target_i - x0_i)
+                lam = lam.index_put(rows, lam_i.to(lam.dtype))
 
         v_target = eps - x0 - delta / _bcast(t, x0)
         per_sample = _mean_per_sample((v - v_target).square())
@@ -182,7 +191,7 @@ class SelfELoss:
             "loss": loss.detach(),
             "loss_data": _masked_mean(per_sample.detach(), ~self_mask),
             "loss_self": _masked_mean(per_sample.detach(), self_mask),
-            "lambda_mean": lam.mean(),
+            "lambda_mean": _masked_mean(lam, self_mask),  # over the self-evaluated samples (s < t)
             "frac_self": (s < t).float().mean(),
             "loss_fake": loss_fake.detach(),  # zero while the auxiliary term is off
             "aux_on": torch.tensor(float(aux_on)),

@@ -63,14 +63,13 @@ from selfe.pipeline_inputs import (
     checked_dtype,
     checked_root,
     checked_text_options,
+    plain_numbers,
     side_error,
     warn_truncated,
 )
 from selfe.pixel_autoencoder import SpaceToDepthAutoEncoder, SpaceToDepthConfig
 from selfe.sampler import METHODS, S_POLICIES, SamplerConfig, sample
-from selfe.text_encoders import (
-    TextEncoders,
-)
+from selfe.text_encoders import DTYPE_NAMES, TextEncoders
 from selfe.weights import check_safetensors_file, load_safetensors_into
 
 OUTPUT_TYPES = ("pil", "pt", "np", "latent")
@@ -271,14 +270,51 @@ class SelfEPipeline:
         """Image sides must be multiples of this: autoencoder downsampling x patch size (16 for FLUX)."""
         return self.autoencoder.downsample_factor * self.model.config.patch_size
 
+    def to(self, *args: Any, device: Any = None, dtype: Any = None) -> SelfEPipeline:
+        """Move the pipeline to a device and / or cast the model and the autoencoder to a dtype, as in
+        diffusers: `pipe.to("cuda")`, `pipe.to(torch.bfloat16)`, `pipe.to("cuda", torch.bfloat16)`.
+
+        The text encoders move with it and keep their dtype (text_encoder_dtype). Steps compiled or
+        captured for the old device or dtype are not reused. Returns the pipeline."""
+        for arg in args:  # positional, in either order: a dtype (or its name, "bf16") or a device
+            if isinstance(arg, torch.dtype) or (isinstance(arg, str) and arg in DTYPE_NAMES):
+                if dtype is not None:
+                    raise TypeError(f"dtype given twice: {args}, dtype={dtype!r}")
+                dtype = arg
+            else:
+                if device is not None:
+                    raise TypeError(f"device given twice: {args}, device={device!r}")
+                device = arg
+        device = None if device is None else checked_device(device)
+        dtype = None if dtype is None else checked_dtype("dtype", dtype, device or self.device)
+        if dtype is not None and dtype != self.dtype and self.fp8.recipe != "none":
+            raise ValueError(
+                f"the model was converted for FP8 ({self.fp8.recipe}) in {self.dtype}; load it with "
+                f"torch_dtype={dtype} instead of casting it"
+            )
+        self.model.to(device=device, dtype=dtype)
+        self.autoencoder.to(device=device, dtype=dtype)
+        if device is not None and callable(getattr(self.text_encoders, "to", None)):
+            self.text_encoders.to(device)
+        self.fast.forget_captures()
+        return self
+
     # ------------------------------------------------------------------------------------------
     # Stages
 
-    def encode_prompts(self, prompts: list[str], guided: bool) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
+    def encode_prompts(
+        self, prompts: list[str], guided: bool, negative: list[str] | None = None
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
         """cond {"txt": (B, Lt, d), "txt_mask": (B, Lt), "pooled": (B, d_clip)} and the null condition
-        (the cached encoding of "", same Lt) or None without guidance."""
-        cond = self.text_encoders.encode(prompts)
-        null = self.text_encoders.null_condition(len(prompts), cond["txt"].shape[1]) if guided else None
+        (the cached encoding of "", same Lt) or None without guidance. negative: B prompts that take the
+        null condition's place (encoded in the same call as the prompts, so at the same length)."""
+        if negative is not None:
+            both = self.text_encoders.encode(prompts + negative)
+            cond = {k: v[: len(prompts)] for k, v in both.items()}
+            null = {k: v[len(prompts) :] for k, v in both.items()}
+        else:
+            cond = self.text_encoders.encode(prompts)
+            null = self.text_encoders.null_condition(len(prompts), cond["txt"].shape[1]) if guided else None
         to_model = lambda c: {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in c.items()}
         return to_model(cond), (None if null is None else to_model(null))
 
@@ -287,20 +323,25 @@ class SelfEPipeline:
         batch: int,
         height: int | None = None,
         width: int | None = None,
-        guidance: bool = True,
-        sampler: str = "ddim",
+        guidance: bool | None = None,
+        sampler: str | None = None,
     ) -> float:
         """Compile (and on CUDA capture) the step for `batch` images of height x width; returns seconds.
 
-        batch counts images, not prompts x images. height / width None: `default_resolution` (else 512).
+        batch counts images, not prompts x images. height / width None: `default_size`. guidance (warm
+        the guided step or not) and sampler None: as a call with the pipeline's defaults would run.
         The first call of a new shape does this by itself.
         """
+        batch, height, width = plain_numbers(batch, height, width)
         check_int("batch", batch, 1)
         height, width = self._resolve_size(height, width)
         self._check_size(height, width)
+        sampler = self.sampler_defaults.method if sampler is None else sampler
         check_choice("sampler", sampler, METHODS)
+        if guidance is None:
+            guidance = runs_cfg(self.sampler_defaults.guidance)
         if not isinstance(guidance, bool):
-            raise TypeError(f"guidance must be a bool (warm up the guided step or not), got {guidance!r}")
+            raise TypeError(f"guidance must be a bool (warm up the guided step or not) or None, got {guidance!r}")
         cond, null = self.encode_prompts([""] * batch, guided=guidance)
         x = torch.zeros(batch, *self._latent_shape(height, width), device=self.device)
         with fp8_autocast_context(self.fp8):
@@ -345,12 +386,14 @@ class SelfEPipeline:
         progress: Callable[[int], None] | None = None,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = ...,  # type: ignore[assignment]
+        negative_prompt: str | Sequence[str] | None = None,
     ) -> SelfEPipelineOutput:
         """Generate images for one prompt or a list.
 
         steps (alias num_inference_steps): any count >= 1, default from the pipeline's config (2).
         guidance (alias guidance_scale): omega >= 0 of energy-preserving CFG; None: no CFG; default the
             pipeline's config (the training run's export_guidance; the shipped ShapesEval model has none).
+            Omega 1 equals no CFG exactly, so it runs as None (one forward per step).
         height / width: pixels, multiples of `size_multiple`; None: `default_size` (the config's resolution).
             Each side defaults on its own, as in diffusers: height=64 alone gives 64 x the default width.
         seed (an int in [0, 2**64)) or generator: the noise source (both: error).
@@ -361,10 +404,16 @@ class SelfEPipeline:
         num_images_per_prompt: images per prompt, prompt-major (prompt 0's images first); the noise of all
             of them comes from one draw of the seed / generator, so prompt 0's images depend on the batch.
         output_type "latent": `images` is the (B, C, h, w) latents tensor itself (no decode).
+        negative_prompt: one prompt, or one per prompt, whose encoding replaces the null prompt's in CFG's
+            unconditional branch (as in diffusers); it needs CFG (guidance not None or 1).
         Prompts longer than the text encoders take (the config's t5_max_length T5 tokens, clip_max_length
         CLIP tokens, EOS included) are truncated to that length, as in diffusers; a UserWarning names them.
         """
         prompts = check_prompt(prompt)
+        steps, num_inference_steps, guidance, guidance_scale, height, width, seed, s_fixed, eta = plain_numbers(
+            steps, num_inference_steps, guidance, guidance_scale, height, width, seed, s_fixed, eta
+        )
+        (num_images_per_prompt,) = plain_numbers(num_images_per_prompt)
         config = self._sampler_config(
             steps, num_inference_steps, guidance, guidance_scale, sampler, s_policy, s_fixed, eta
         )
@@ -377,21 +426,35 @@ class SelfEPipeline:
             raise TypeError(f"fast must be a bool, got {fast!r}")
         if progress is not None and not callable(progress):
             raise TypeError(f"progress must be a callable taking the step index, got {type(progress).__name__}")
+        negatives = None
+        if negative_prompt is not None:
+            negatives = check_prompt(negative_prompt, "negative_prompt")
+            if len(negatives) not in (1, len(prompts)):
+                raise ValueError(
+                    f"negative_prompt must be one prompt or one per prompt ({len(prompts)}), got {len(negatives)}"
+                )
+            if config.guidance is None:
+                raise ValueError("negative_prompt needs CFG: pass a guidance other than None and 1")
+            warn_truncated(self.text_encoders, negatives, "negative_prompt")
+            negatives = negatives * len(prompts) if len(negatives) == 1 else negatives
         warn_truncated(self.text_encoders, prompts)
 
         timings: dict[str, float] = {}
         clock = _Clock(self.device, timings)
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        if negatives is not None:
+            negatives = [p for p in negatives for _ in range(num_images_per_prompt)]
         batch, guided = len(prompts), config.guidance is not None
         with clock("text_encoder"):
-            cond, null = self.encode_prompts(prompts, guided)
+            cond, null = self.encode_prompts(prompts, guided, negatives)
         latent_shape = self._latent_shape(height, width)
         noise = torch.randn((batch, *latent_shape), generator=generator, device=generator.device)
         noise = noise.to(self.device)
         patch = self.model.config.patch_size
         num_tokens = (latent_shape[1] // patch) * (latent_shape[2] // patch)
         if fast:
-            if not self.fast.is_warm(noise, cond, guided, config.method, config.kernel_backend):
+            warm = self.fast.is_warm(noise, cond, guided, config.method, config.kernel_backend)
+            if not warm and self.fast.prepares(noise.device):
                 with clock("warmup"), fp8_autocast_context(self.fp8):
                     self.fast.warmup(noise, cond, null, config.method, config.kernel_backend)
             with clock("denoise"), fp8_autocast_context(self.fp8):
@@ -448,7 +511,7 @@ class SelfEPipeline:
             steps=steps,
             method=method,
             eta=float(eta),
-            guidance=None if guidance is None else float(guidance),
+            guidance=float(guidance) if runs_cfg(guidance) else None,
             s_policy=policy,
             s_fixed=float(s_fixed),
             time_shift=defaults.time_shift,
@@ -488,6 +551,13 @@ class SelfEPipeline:
 
 # ----------------------------------------------------------------------------------------------
 # Small helpers
+
+
+def runs_cfg(guidance: float | None) -> bool:
+    """Whether a call with this omega runs the unconditional branch. Omega 1 is the conditional prediction
+    exactly (EP-CFG adds (omega - 1)(v_c - v_u), and the renorm of v_c is v_c), so it runs unguided: one
+    forward per step instead of a doubled batch (diffusers skips CFG at guidance_scale 1 too)."""
+    return guidance is not None and guidance != 1
 
 
 def resolve_fp8(fp8: str | FP8Config) -> FP8Config:

@@ -5,6 +5,7 @@ a call's prompts and sizes. Each error names the argument, key or file."""
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import warnings
 from collections.abc import Sequence
@@ -150,7 +151,7 @@ def _snapshot_config(folder: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def warn_truncated(text_encoders: Any, prompts: list[str]) -> None:
+def warn_truncated(text_encoders: Any, prompts: list[str], name: str = "prompt") -> None:
     """A UserWarning naming the prompts the text encoders will truncate (T5 / CLIP max_length tokens).
 
     Tokenizes to max_length + 1 only: enough to tell, and no tokenizer warning about long inputs."""
@@ -160,13 +161,15 @@ def warn_truncated(text_encoders: Any, prompts: list[str]) -> None:
         tokenizer, limit = getattr(encoder, "tokenizer", None), getattr(encoder, "max_length", None)
         if not callable(tokenizer) or isinstance(limit, bool) or not isinstance(limit, int):
             continue
-        # A token covers at least one character (plus BOS/EOS), so only a prompt at least this long can
-        # overflow: FLUX's 512-token T5 never tokenizes twice in a call, a low-latency path stays lean.
-        long = [i for i, p in enumerate(prompts) if len(p) + 2 > limit]
+        # An ASCII prompt has at most a token per character plus BOS/EOS (T5's word-start piece stands for
+        # the space before it), so only one at least this long can overflow: FLUX's 512-token T5 never
+        # tokenizes twice in a call, a low-latency path stays lean. Other text can take several tokens a
+        # character (byte-level BPE, byte fallback), so it is always tokenized.
+        long = [i for i, p in enumerate(prompts) if not p.isascii() or len(p) + 2 > limit]
         if not long:
             continue
         ids = tokenizer([prompts[i] for i in long], truncation=True, max_length=limit + 1)["input_ids"]
-        notes += [f"prompt[{i}] ({label}, {limit} tokens kept)" for i, row in zip(long, ids) if len(row) > limit]
+        notes += [f"{name}[{i}] ({label}, {limit} tokens kept)" for i, row in zip(long, ids) if len(row) > limit]
     if notes:
         warnings.warn(
             f"prompts longer than the text encoders take are truncated: {', '.join(notes)}; "
@@ -195,15 +198,28 @@ def check_text_widths(text_encoders: Any, config: MMDiTConfig) -> None:
         raise ValueError(f"the CLIP encoder's width is {clip.width}, the model expects vec_dim={config.vec_dim}")
 
 
-def check_prompt(prompt: Any) -> list[str]:
+def check_prompt(prompt: Any, name: str = "prompt") -> list[str]:
     if isinstance(prompt, str):
         return [prompt]
     if not isinstance(prompt, (list, tuple)) or not prompt:
-        raise TypeError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+        raise TypeError(f"{name} must be a string or a non-empty list of strings, got {prompt!r}")
     for i, p in enumerate(prompt):
         if not isinstance(p, str):
-            raise TypeError(f"prompt[{i}] must be a string, got {type(p).__name__}")
+            raise TypeError(f"{name}[{i}] must be a string, got {type(p).__name__}")
     return list(prompt)
+
+
+def plain_numbers(*values: Any) -> tuple[Any, ...]:
+    """NumPy (or any numbers-ABC) integers and reals as Python int / float, so `seed=np.int64(3)` or a
+    size from `np.arange` passes the checks; anything else (bools, tensors, strings) unchanged, for the
+    checks to name."""
+    return tuple(_plain_number(value) for value in values)
+
+
+def _plain_number(value: Any) -> Any:
+    if isinstance(value, (bool, int, float)) or not isinstance(value, numbers.Real):
+        return value
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
 
 
 def check_int(name: str, value: Any, minimum: int) -> None:

@@ -101,23 +101,15 @@ def check_model_dir(path: str | Path, what: str, model_types: tuple[str, ...] = 
     expected = "a local directory with config.json and *.safetensors weights"
     path = Path(path).expanduser()
     if not path.is_dir():
-        hint = (
-            " (hub ids are not fetched: download the snapshot and pass its folder)"
-            if not path.exists()
-            else ""
-        )
-        raise FileNotFoundError(
-            f"{what} snapshot {str(path)!r} is not a directory{hint}; expected {expected}"
-        )
+        hint = " (hub ids are not fetched: download the snapshot and pass its folder)" if not path.exists() else ""
+        raise FileNotFoundError(f"{what} snapshot {str(path)!r} is not a directory{hint}; expected {expected}")
     missing = []
     if not (path / "config.json").is_file():
         missing.append("config.json")
     if not any(path.glob("*.safetensors")):
         missing.append("*.safetensors weights (.bin checkpoints are not loaded)")
     if missing:
-        raise FileNotFoundError(
-            f"{what} snapshot {str(path)!r} lacks {', '.join(missing)}; expected {expected}"
-        )
+        raise FileNotFoundError(f"{what} snapshot {str(path)!r} lacks {', '.join(missing)}; expected {expected}")
     kind = snapshot_model_type(path)
     if kind and model_types and not kind.startswith(model_types):
         raise ValueError(f"{what} snapshot {str(path)!r} holds a {kind!r} model (config.json model_type)")
@@ -129,13 +121,9 @@ def check_tokenizer_dir(path: str | Path, what: str, alternatives: tuple[tuple[s
     options = " or ".join(" + ".join(group) for group in alternatives)
     path = Path(path).expanduser()
     if not path.is_dir():
-        raise FileNotFoundError(
-            f"{what} tokenizer folder {str(path)!r} is not a directory; expected {options}"
-        )
+        raise FileNotFoundError(f"{what} tokenizer folder {str(path)!r} is not a directory; expected {options}")
     if not any(all((path / name).is_file() for name in group) for group in alternatives):
-        raise FileNotFoundError(
-            f"{what} tokenizer folder {str(path)!r} lacks tokenizer files; expected {options}"
-        )
+        raise FileNotFoundError(f"{what} tokenizer folder {str(path)!r} lacks tokenizer files; expected {options}")
     return path
 
 
@@ -254,9 +242,7 @@ class CLIPTextEncoder:
     def __init__(self, model: Any, tokenizer: Any, *, max_length: int = 77):
         limit = int(model.config.max_position_embeddings)
         if not 2 <= max_length <= limit:
-            raise ValueError(
-                f"CLIP max_length must be in [2, {limit}] (the model's positions), got {max_length}"
-            )
+            raise ValueError(f"CLIP max_length must be in [2, {limit}] (the model's positions), got {max_length}")
         self.model = model
         self.tokenizer = tokenizer
         self.max_length = max_length
@@ -430,6 +416,13 @@ class TextEncoders:
             length = self.t5.max_length
         txt, txt_mask = self.t5.encode(prompts, length=length)
         return {"txt": txt, "txt_mask": txt_mask, "pooled": self.clip.encode(prompts)}
+
+    def to(self, device: torch.device | str) -> TextEncoders:
+        """Both encoders on `device` (their dtype kept); the cached null encodings are made anew there."""
+        self.t5.model.to(device)
+        self.clip.model.to(device)
+        self._null.clear()
+        return self
 
     def null_condition(self, batch: int, length: int | None = None) -> dict[str, Tensor]:
         """The encoding of "" expanded to `batch` rows, padded to `length` tokens (default: the length

@@ -30,6 +30,9 @@ from selfe.shapes import PIXEL_FACTOR, SHAPES_AE_CHANNELS
 DATA_SOURCES = ("procedural", "synthetic", "cache", "images")
 ENCODERS = ("smoke", "flux", "pixels")
 PRECISIONS = ("auto", "bf16", "fp32")
+# An override's tuple values: comma-separated, those of a tuple inside it colon-separated (deeper: none)
+TUPLE_SEPARATORS = {",": ":", ":": None}
+SEPARATOR_NAMES = {",": "comma", ":": "colon"}
 
 
 @dataclass
@@ -40,12 +43,14 @@ class DataSection:
         encoded by the smoke text encoder); for the CPU smoke run and the tests.
     synthetic: random tensors of the right shapes (benchmarks only; nothing to learn).
     cache: a `selfe cache` folder (latents + T5/CLIP states), read with CachedDataset.
-    images: a TSV manifest; batches from `cache_dir` when it holds a cache, else decoded and encoded on
-        the fly with `encoders`: "flux" (the FLUX.1 autoencoder, T5, CLIP from ae_path/t5_path/clip_path;
-        an autoencoder file written by selfe.autoencoder.save_autoencoder carries its own config),
-        "pixels" (pixel space: the space-to-depth autoencoder with pixel_factor/pixel_scale, T5 and CLIP from
-        t5_path/clip_path; ShapesEval) or "smoke" (SMOKE ONLY: random-init stand-ins, a pipeline check).
-    With a cache and the auxiliary term on, the fake prompt is encoded online by `encoders`.
+    images: a TSV manifest; batches from `cache_dir` when it holds a cache (that manifest's, fitting the
+        model: any other is an error at start-up), else decoded and encoded on the fly with `encoders`:
+        "flux" (the FLUX.1 autoencoder, T5, CLIP from ae_path/t5_path/clip_path; an autoencoder file
+        written by selfe.autoencoder.save_autoencoder carries its own config), "pixels" (pixel space: the
+        space-to-depth autoencoder with pixel_factor/pixel_scale, T5 and CLIP from t5_path/clip_path;
+        ShapesEval) or "smoke" (SMOKE ONLY: random-init stand-ins, a pipeline check).
+    With a cache and the auxiliary term on, the fake prompt is encoded online by `encoders` (the trainer
+    checks their paths at start when the term switches on within the run: check_fake_prompt_encoder).
     batch_size is per rank and per micro-batch; the global batch is batch_size * world * grad_accum.
     """
 
@@ -92,6 +97,8 @@ class DataSection:
         for name in ("batch_size", "num_samples", "text_length", "t5_max_length", "pixel_factor", "min_side"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.seed < 2**64:  # numpy's seed sequence takes no negative, torch's generator 64 bits
+            raise ValueError(f"data.seed must lie in [0, 2**64), got {self.seed}")
         if self.resolution < 16 or self.resolution % 16:
             raise ValueError(f"data.resolution must be a multiple of 16 (>= 16), got {self.resolution}")
         if self.high_resolution is not None:
@@ -239,6 +246,8 @@ class TrainConfig:
     fp8: FP8Config = field(default_factory=FP8Config)
 
     def __post_init__(self) -> None:
+        if not self.run_dir.strip():  # "" would write checkpoints and metrics into the working folder
+            raise ValueError("run_dir must name a folder, got an empty string")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -248,6 +257,28 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return _to_jsonable(dataclasses.asdict(self))
+
+
+def check_fake_prompt_encoder(config: TrainConfig) -> None:
+    """A ValueError now when the auxiliary term switches on within the run and the text encoders of its fake
+    prompt are not configured or not there. A cache stores no encoding of the fake prompt, so a cache-fed run
+    loads them only when the term switches on: 550k iterations into the 2b recipe. A check of the files, so
+    the trainer runs it at start, not the constructor (a preset names no encoders)."""
+    data, objective = config.data, config.objective
+    if not objective.aux_on(config.steps - 1) or data.source not in ("cache", "images") or data.encoders == "smoke":
+        return
+    why = (
+        f"objective.aux_start={objective.aux_start} switches the auxiliary term on within the run "
+        f"(steps={config.steps}) and its fake prompt is encoded online"
+    )
+    keys = ("t5_path", "clip_path")
+    if missing := [f"data.{k}" for k in keys if not getattr(data, k)]:
+        raise ValueError(
+            f"{why}, which needs {' and '.join(missing)} (data.encoders={data.encoders!r}): set "
+            f"{'them' if len(missing) > 1 else 'it'}, or objective.aux_start=none"
+        )
+    if absent := [f"data.{k}={getattr(data, k)!r}" for k in keys if not os.path.exists(getattr(data, k))]:
+        raise ValueError(f"{why} from {' and '.join(absent)}: no such file or folder")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,7 +325,9 @@ def paper_2b() -> TrainConfig:
     500k, then a 1:1 mix of 256^2 and 512^2 batches (the cache must hold both resolutions). The paper also
     lowers the global batch from 1024 to 768 at 500k: run with steps=500000, then resume the same run_dir
     with steps=710000 and data.batch_size scaled by 3/4 (the data order starts a new stage at the next
-    epoch and keeps counting iterations, see selfe.train.data.sampler)."""
+    epoch and keeps counting iterations, see selfe.train.data.sampler). The learning rate decays to 710k
+    (optim.decay_steps), not to `steps`, so both legs follow one schedule. The auxiliary term encodes its
+    fake prompt with T5 and CLIP: a run past 550k needs data.t5_path and data.clip_path."""
     return TrainConfig(
         name="2b",
         run_dir="runs/selfe-2b",
@@ -309,7 +342,7 @@ def paper_2b() -> TrainConfig:
             high_resolution=512,
             high_from=500_000,
         ),
-        optim=OptimConfig(lr=3e-4, final_lr=1e-5, warmup_steps=1000),
+        optim=OptimConfig(lr=3e-4, final_lr=1e-5, warmup_steps=1000, decay_steps=710_000),
         ema=EMAConfig(decay=0.9999),
         parallel=ParallelConfig(compile=True, activation_checkpointing=True),
         checkpoint=CheckpointConfig(every=2000, keep=3),
@@ -415,7 +448,9 @@ def resolve(config: str, overrides: Sequence[str] = ()) -> TrainConfig:
 
 def apply_overrides(config: TrainConfig, overrides: Sequence[str]) -> TrainConfig:
     """`section.key=value` strings applied in order; values parsed by the field's type; unknown keys
-    and unparsable values are errors. Returns a new, validated config."""
+    and unparsable values are errors. A tuple's values are comma-separated (optim.betas=0.9,0.95), those of
+    a pair inside it colon-separated (objective.time_shift.anchors=512:0.5,4096:1.15). Returns a new,
+    validated config."""
     data = config.to_dict()
     for item in overrides:
         if "=" not in item:
@@ -476,8 +511,9 @@ def _field_type(cls: type, path: list[str], key: str) -> Any:
     return tp
 
 
-def _parse(raw: str, tp: Any, key: str) -> Any:
-    """A command-line string as type `tp` (bool, int, float, str, X | None, tuple[...])."""
+def _parse(raw: str, tp: Any, key: str, sep: str | None = ",") -> Any:
+    """A command-line string as type `tp` (bool, int, float, str, X | None, tuple[...]). A tuple's values
+    are comma-separated, those of a tuple inside it colon-separated: time_shift.anchors=512:0.5,4096:1.15."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         if raw.lower() in ("none", "null") and type(None) in args:
@@ -485,17 +521,22 @@ def _parse(raw: str, tp: Any, key: str) -> Any:
         errors = []
         for arg in (a for a in args if a is not type(None)):
             try:
-                return _parse(raw, arg, key)
+                return _parse(raw, arg, key, sep)
             except ValueError as err:
                 errors.append(str(err))
         raise ValueError(f"config key {key!r}: cannot parse {raw!r} as {tp}: {errors}")
     if origin is tuple:
-        items = [p for p in raw.strip("()[]").split(",") if p.strip()]
+        if sep not in TUPLE_SEPARATORS:
+            raise ValueError(
+                f"config key {key!r} has type {tp} (tuples nested three deep), which overrides do not support"
+            )
+        inner = TUPLE_SEPARATORS[sep]
+        items = [p for p in raw.strip("()[]").split(sep) if p.strip()]
         if args and args[-1] is Ellipsis:
-            return tuple(_parse(p.strip(), args[0], key) for p in items)
+            return tuple(_parse(p.strip(), args[0], key, inner) for p in items)
         if len(items) != len(args):
-            raise ValueError(f"config key {key!r} needs {len(args)} comma-separated values, got {raw!r}")
-        return tuple(_parse(p.strip(), a, key) for p, a in zip(items, args))
+            raise ValueError(f"config key {key!r} needs {_tuple_syntax(tp, sep)}, got {raw!r}")
+        return tuple(_parse(p.strip(), a, key, inner) for p, a in zip(items, args))
     if tp is bool:
         if raw.lower() in ("true", "1", "yes", "on"):
             return True
@@ -510,6 +551,17 @@ def _parse(raw: str, tp: Any, key: str) -> Any:
     if tp is str:
         return raw
     raise ValueError(f"config key {key!r} has type {tp}, which overrides do not support")
+
+
+def _tuple_syntax(tp: Any, sep: str) -> str:
+    """How an override writes a tuple of type `tp`: "2 comma-separated values, each 2 colon-separated (x:x,x:x)"."""
+    args, inner = typing.get_args(tp), TUPLE_SEPARATORS[sep]
+    pairs = [typing.get_args(a) for a in args if typing.get_origin(a) is tuple]
+    what = f"{len(args)} {SEPARATOR_NAMES[sep]}-separated values"
+    if not pairs or inner is None:
+        return what
+    pattern = sep.join(inner.join("x" * len(p)) for p in pairs)
+    return f"{what}, each {len(pairs[0])} {SEPARATOR_NAMES[inner]}-separated ({pattern})"
 
 
 def _build(cls: type, data: Any, where: str) -> Any:

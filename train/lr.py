@@ -71,3 +71,31 @@ def _config_wins_over_saved_settings(optimizer: torch.optim.Optimizer, state_dic
 def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig, total_steps: int) -> LambdaLR:
     """A LambdaLR (state_dict holds its position) whose factor is `lr_at(step) / lr`."""
     return LambdaLR(optimizer, lambda step: lr_at(step, config, total_steps) / config.lr)
+
+
+def load_schedule(scheduler: LambdaLR, state: dict) -> None:
+    """The schedule's position from a checkpoint, its shape from the config it was built with.
+
+    LambdaLR's own load would also restore the saved peak (`base_lrs`), so a resume with another
+    optim.lr would mix the old peak into the new shape. The learning rate of the next step is set from
+    the config, as an uninterrupted run with this config would have it; a change from the checkpoint's
+    (optim.lr, final_lr, warmup_steps, decay_steps, or `steps` with decay_steps unset) is logged."""
+    optimizer = scheduler.optimizer
+    saved = [group["lr"] for group in optimizer.param_groups]  # the checkpoint's, restored with the optimizer
+    peaks = list(scheduler.base_lrs)
+    scheduler.load_state_dict(state)
+    scheduler.base_lrs = peaks
+    for group, peak, factor in zip(optimizer.param_groups, peaks, scheduler.lr_lambdas):
+        group["initial_lr"] = peak
+        group["lr"] = peak * factor(scheduler.last_epoch)  # LambdaLR's own formula: bit-equal when unchanged
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    now = scheduler._last_lr
+    if any(abs(a - b) > 1e-6 * max(abs(a), abs(b)) for a, b in zip(saved, now)):
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            log.warning(
+                "the learning rate resumes at %.3g where the checkpoint's schedule had %.3g: the config's "
+                "optim.lr / final_lr / warmup_steps / decay_steps (or steps, when decay_steps is unset) "
+                "changed; set optim.decay_steps to the first run's steps to keep its decay",
+                now[0],
+                saved[0],
+            )

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from selfe import optional
+from selfe.atomic import atomic_write_bytes
 from selfe.config import MMDiTConfig
 from selfe.flops import mmdit_forward_flops
 from selfe.schedule import self_eval_count
@@ -98,7 +99,8 @@ def format_eta(seconds: float) -> str:
 
 class MetricsLogger:
     """Rank 0 writes one JSON object per step to `run_dir/metrics.jsonl` (flushed at once, so a watcher
-    sees progress), mirrors scalars to TensorBoard when it is installed, and prints a progress line."""
+    sees progress; a non-finite value is null), mirrors scalars to TensorBoard when it is installed, and
+    prints a progress line."""
 
     def __init__(
         self,
@@ -143,7 +145,7 @@ class MetricsLogger:
         if self._last_print is None:
             self._last_print = (step - 1, now - record.get("step_time", 0.0))
         record = {"step": step, **{k: _plain(v) for k, v in record.items()}}
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(json.dumps({k: _json_value(v) for k, v in record.items()}, allow_nan=False) + "\n")
         self._file.flush()
         if self._tb is not None:
             for key, value in record.items():
@@ -163,6 +165,24 @@ class MetricsLogger:
                 flush=True,
             )
 
+    def drop_after(self, step: int) -> None:
+        """Keep only the records of steps <= `step` (a resume from that step's checkpoint runs the later
+        ones again). A line cut short by a kill goes too. Rewritten to a temporary file, then renamed."""
+        if not self.enabled:
+            return
+        path = Path(self._file.name)
+        self._file.close()
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+                kept.append(line + "\n")
+        atomic_write_bytes(path, "".join(kept).encode())
+        self._file = open(path, "a", encoding="utf-8")
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
@@ -176,3 +196,8 @@ def _plain(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.item()
     return value
+
+
+def _json_value(value: Any) -> Any:
+    """A non-finite number (a skipped step's loss) as null: NaN and Infinity are not JSON (jq refuses them)."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value

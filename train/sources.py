@@ -25,6 +25,8 @@ from selfe.config import MMDiTConfig
 from selfe.objective import DEFAULT_FAKE_PROMPT_PREFIX
 from selfe.train.config import DataSection
 
+# What a cache stores (CachedDataset.widths) -> the model key that must equal it
+CACHE_WIDTH_KEYS = {"latent_channels": "in_channels", "txt_dim": "txt_dim", "pooled_dim": "vec_dim"}
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
 SHAPES = ("circle", "square", "bar", "ring")
 
@@ -114,7 +116,8 @@ class ProceduralSource:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["global_batch"] != self.global_batch:
             raise ValueError(
-                f"cannot resume the data order: saved global batch {state['global_batch']}, now {self.global_batch}"
+                f"cannot resume the procedural data order: saved global batch {state['global_batch']}, now "
+                f"{self.global_batch} (data.batch_size x world size x optim.grad_accum); resume with the same"
             )
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
@@ -185,10 +188,25 @@ class CacheSource:
             schedule=data.resolution_schedule(),
             batches_per_step=grad_accum,
         )
+        self._check_widths(data.cache_dir, model)
         self.accum, self.patch = grad_accum, model.patch_size
         self.data, self.model, self.device = data, model, device or torch.device("cpu")
         self.fake_prefix = fake_prefix
         self._fake_encoder = None
+
+    def _check_widths(self, cache_dir: str, model: MMDiTConfig) -> None:
+        """A cache encoded for another model is refused now, not by a shape error in the first step."""
+        widths = self.dataset.widths()
+        wrong = [
+            f"{name} {widths[name]} where model.{key}={getattr(model, key)}"
+            for name, key in CACHE_WIDTH_KEYS.items()
+            if widths[name] != getattr(model, key)
+        ]
+        if wrong:
+            raise ValueError(
+                f"data.cache_dir={cache_dir!r} was encoded for another model: it stores {', '.join(wrong)}; "
+                "set those model keys to the cache's or use a cache of this model's encoders"
+            )
 
     def _fake(self, captions: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         if self._fake_encoder is None:
@@ -352,7 +370,23 @@ def build_source(
         return SyntheticSource(data, model, grad_accum, device)
     if data.source == "images" and not _holds_cache(data.cache_dir):
         return EncodingSource(data, model, rank, world_size, grad_accum, fake_prefix, device or torch.device("cpu"))
+    if data.manifest:
+        _check_cache_manifest(data)
     return CacheSource(data, model, rank, world_size, grad_accum, fake_prefix, device)
+
+
+def _check_cache_manifest(data: DataSection) -> None:
+    """A cache read in place of data.manifest's images must be that manifest's (its hash), in EncodingSource's
+    buckets: a cache of another data set would train silently."""
+    from selfe.train.data import BucketConfig
+    from selfe.train.data.cached import read_index
+    from selfe.train.data.loader import cache_mismatch
+
+    if (problem := cache_mismatch(read_index(data.cache_dir), data.manifest, BucketConfig())) is not None:
+        raise ValueError(
+            f"data.cache_dir={data.cache_dir!r} is not the cache of data.manifest={data.manifest!r}: it {problem}; "
+            "point data.cache_dir at that manifest's `selfe cache` folder"
+        )
 
 
 def _holds_cache(cache_dir: str | None) -> bool:

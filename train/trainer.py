@@ -18,6 +18,7 @@ sources hand over undropped captions, so it happens exactly once.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -30,6 +31,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -45,10 +47,10 @@ from selfe.model import MMDiT
 from selfe.objective import SelfELoss
 from selfe.schedule import tau_at
 from selfe.train.checkpoint import Checkpointer, rng_state, set_rng_state
-from selfe.train.config import TrainConfig, save_config
+from selfe.train.config import TrainConfig, check_fake_prompt_encoder, save_config
 from selfe.train.ema import EMA
 from selfe.train.initial_weights import load_initial_weights
-from selfe.train.lr import build_optimizer, build_scheduler
+from selfe.train.lr import build_optimizer, build_scheduler, load_schedule
 from selfe.train.metrics import MetricsLogger, memory_stats, nvtx_range, self_eval_samples, step_flops
 from selfe.train.parallelize import parallelize, reshard_all
 from selfe.train.sources import build_source
@@ -56,6 +58,46 @@ from selfe.train.sources import build_source
 log = logging.getLogger(__name__)
 
 SCALARS = ("loss", "loss_data", "loss_self", "loss_fake", "lambda_mean", "frac_self")
+
+
+# What a resume cannot change: the network (its implementation aside) and the data source whose position
+# is saved.
+FIXED_ON_RESUME = ("model", "data.source")
+FREE_MODEL_KEYS = ("name", "attention_backend", "kernel_backend")  # how it runs, not what it computes
+
+
+def resume_problem(checkpoint: Path, config: TrainConfig) -> str | None:
+    """Why `config` cannot resume `checkpoint` (from the config.json saved in it), or None."""
+    try:
+        saved = json.loads((checkpoint / "config.json").read_text())
+    except (OSError, ValueError):
+        return None  # an older checkpoint without one: the load itself reports a mismatch
+    now = config.to_dict()
+    changes = []
+    for name in FIXED_ON_RESUME:
+        section, _, key = name.partition(".")
+        old, new = saved.get(section), now.get(section)
+        if key:
+            old, new = (old or {}).get(key), new.get(key)
+            if old is not None and old != new:
+                changes.append(f"{name}: {old!r} in the checkpoint, {new!r} now")
+        elif isinstance(old, dict):
+            changes += [
+                f"{section}.{k}: {old[k]!r} in the checkpoint, {new.get(k)!r} now"
+                for k in old
+                if k in new and k not in FREE_MODEL_KEYS and _plain_json(new[k]) != old[k]
+            ]
+    if not changes:
+        return None
+    return (
+        f"cannot resume {checkpoint} with this config ({'; '.join(changes)}): pass another run_dir to start "
+        "a new run, or checkpoint.init_from for its weights"
+    )
+
+
+def _plain_json(value: Any) -> Any:
+    """`value` as config.json stores it (tuples become lists)."""
+    return json.loads(json.dumps(value))
 
 
 class NonFiniteLossError(RuntimeError):
@@ -136,12 +178,19 @@ class Trainer:
         self.run_dir = Path(config.run_dir)
         if (problem := folder_problem(self.run_dir)) is not None:
             raise ValueError(f"run_dir {config.run_dir!r}: {problem}")
-        if rank == 0:
-            save_config(config, self.run_dir / "config.json")
-
+        check_fake_prompt_encoder(config)  # now, not when the auxiliary term switches on
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", config.checkpoint.keep, rank, world)
         self.checkpointer.clean_partial()
-        resume_from = self.checkpointer.latest() if config.checkpoint.resume else None
+        latest = self.checkpointer.latest()
+        if latest is not None and not config.checkpoint.resume:
+            raise ValueError(
+                f"run_dir {config.run_dir!r} holds an earlier run's checkpoints (the latest {latest.name}); "
+                "checkpoint.resume=false would mix the two runs' checkpoints and metrics: pass another "
+                f"run_dir, or delete {latest.parent}"
+            )
+        resume_from = latest if config.checkpoint.resume else None
+        if resume_from is not None and (problem := resume_problem(resume_from, config)) is not None:
+            raise ValueError(problem)
 
         torch.manual_seed(config.seed)  # the same initial weights on every rank
         with torch.device(device):
@@ -182,6 +231,9 @@ class Trainer:
         if resume_from is not None:
             self.load(resume_from)
             self._resumed_step = self.step
+            self.metrics.drop_after(self.step)  # the steps after the checkpoint run again
+        if rank == 0:  # only now: a refused resume leaves the run's config.json as its checkpoints have it
+            save_config(config, self.run_dir / "config.json")
 
     # ------------------------------------------------------------------------------------------
     # Checkpoint state
@@ -213,14 +265,18 @@ class Trainer:
 
     def load(self, path: str | os.PathLike) -> None:
         state = self._state()
-        rank_state = self.checkpointer.load(path, state)
+        try:
+            rank_state = self.checkpointer.load(path, state)
+        except CheckpointException as err:  # what resume_problem cannot see from the configs
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"checkpoint {path} does not fit this run: {first}") from err
         set_model_state_dict(self.model, state["model"])
         set_model_state_dict(self.ema.model, state["ema"])
         set_optimizer_state_dict(self.model, self.optimizer, state["optim"])
         train = state["train"]
         self.step, self.skipped, self.streak = int(train["step"]), int(train["skipped"]), int(train["streak"])
         self.ema.num_updates = int(train["ema_updates"])
-        self.scheduler.load_state_dict(train["scheduler"])
+        load_schedule(self.scheduler, train["scheduler"])
         set_rng_state(rank_state["rng"])
         self.source.load_state_dict(rank_state["data"])
         if self.dist.rank == 0:

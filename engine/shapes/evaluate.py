@@ -60,8 +60,12 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         self.steps = tuple(self.steps)
-        if not self.steps or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in self.steps):
-            raise ValueError(f"steps must be integers >= 1, got {self.steps}")
+        if (
+            not self.steps
+            or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in self.steps)
+            or len(set(self.steps)) < len(self.steps)  # one table row, one grid column per count
+        ):
+            raise ValueError(f"steps must be distinct integers >= 1, got {self.steps}")
         for name in ("images_per_category", "samples_per_prompt", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -125,6 +125,8 @@ def test_other_numbers_are_checked_up_front(tmp_path: Path, no_load, capsys) -> 
     assert "invalid choice" in capsys.readouterr().err
     assert generate_main([*model, "--prompt", "a", "--steps", "2", "0"]) == 2
     assert "--steps" in capsys.readouterr().err
+    assert generate_main([*model, "--prompt", "a", "--steps", "2", "2"]) == 2  # one file per count
+    assert "--steps must be distinct" in capsys.readouterr().err
 
 
 def test_guidance_zero_and_the_model_default_reach_the_pipeline(tmp_path: Path, fake_pipe: FakePipe) -> None:

@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -412,3 +413,105 @@ def test_long_prompts_are_truncated_with_a_warning(pipe: SelfEPipeline) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # prompts that fit: no warning
         pipe(["a red circle", "a blue square"], seed=0, output_type="latent")
+    # Fewer characters than CLIP's limit, more tokens: byte-level BPE takes two per "é".
+    clip_limit = pipe.text_encoders.clip.max_length
+    accented = "é" * (clip_limit - 2)
+    assert len(pipe.text_encoders.clip.tokenizer([accented])["input_ids"][0]) > clip_limit
+    with pytest.warns(UserWarning, match=rf"prompt\[0\] \(CLIP, {clip_limit} tokens kept\)"):
+        pipe([accented], seed=0, output_type="latent")
+
+
+def test_numpy_numbers_are_numbers(pipe: SelfEPipeline) -> None:
+    side = pipe.default_size[0]
+    plain = pipe("a red circle", steps=2, guidance=5.0, seed=3, height=side, output_type="pt")
+    numpy = pipe(
+        "a red circle",
+        steps=np.int64(2),
+        guidance=np.float32(5.0),
+        seed=np.uint32(3),
+        height=np.int32(side),
+        eta=np.float32(1.0),
+        num_images_per_prompt=np.int64(1),
+        output_type="pt",
+    )
+    assert torch.equal(plain.images, numpy.images)
+    assert pipe.warmup(np.int64(1), np.int64(side)) >= 0
+    with pytest.raises(ValueError, match="steps must be an integer >= 1"):
+        pipe("a red circle", steps=np.bool_(True))
+
+
+def test_guidance_one_runs_unguided(pipe: SelfEPipeline) -> None:
+    """Omega 1 is v_cond exactly: one forward per step of the batch itself, the same images as None."""
+    batches: list[int] = []
+    hook = pipe.model.register_forward_hook(lambda module, args, out: batches.append(args[0].shape[0]))
+    try:
+        one = pipe("a red circle", steps=2, guidance=1.0, seed=0, output_type="pt")
+        assert batches == [1, 1]
+        none = pipe("a red circle", steps=2, guidance=None, seed=0, output_type="pt")
+        pipe("a red circle", steps=1, guidance=1.5, seed=0, output_type="latent")
+        assert batches[-1] == 2  # any other omega: both branches, batched
+    finally:
+        hook.remove()
+    assert torch.equal(one.images, none.images)
+
+
+def test_warmup_prepares_the_default_call(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """warmup() without guidance / sampler warms the step a call with the pipeline's defaults runs."""
+    warmed: list[tuple[bool, str]] = []
+    record = lambda x, cond, null, method, *args: warmed.append((null is not None, method))
+    for guidance, method in ((None, "euler"), (5.0, "ddim"), (1.0, "euler")):
+        folder = tmp_path / f"{guidance}-{method}"
+        shutil.copytree(SHIPPED, folder)
+        meta = shipped_meta()
+        meta["sampler"].update(guidance=guidance, method=method)
+        (folder / "config.json").write_text(json.dumps(meta))
+        pipe = SelfEPipeline.from_pretrained(folder, fast_path=EAGER)
+        monkeypatch.setattr(pipe.fast, "warmup", record)
+        pipe.warmup(1)
+        assert warmed.pop() == (guidance not in (None, 1.0), method)
+
+
+def test_to_moves_and_casts_like_a_pipeline_loaded_that_way() -> None:
+    pipe = SelfEPipeline.from_pretrained(SHIPPED, fast_path=EAGER)
+    fp32 = pipe("a red circle", steps=2, seed=0, output_type="pt").images
+    assert pipe.to("cpu") is pipe and pipe.fast.num_graphs == 0
+    pipe.to("bf16")
+    assert pipe.dtype == torch.bfloat16 and {p.dtype for p in pipe.autoencoder.parameters()} <= {torch.bfloat16}
+    assert pipe.text_encoders.t5.model.dtype == torch.float32  # the text encoders keep theirs
+    loaded = SelfEPipeline.from_pretrained(
+        SHIPPED, fast_path=EAGER, torch_dtype=torch.bfloat16, text_encoder_dtype=torch.float32
+    )
+    cast = pipe("a red circle", steps=2, seed=0, output_type="pt").images
+    assert torch.equal(cast, loaded("a red circle", steps=2, seed=0, output_type="pt").images)
+    assert not torch.equal(cast, fp32)
+    for args, kwargs, error, match in (
+        (("cpu", "cuda"), {}, TypeError, "device given twice"),
+        ((torch.float16,), {"dtype": torch.float32}, TypeError, "dtype given twice"),
+        ((), {"dtype": torch.float64}, ValueError, "dtype must be torch.bfloat16"),
+        ((), {"device": "tpu"}, ValueError, "device='tpu'"),
+    ):
+        with pytest.raises(error, match=match):
+            pipe.to(*args, **kwargs)
+    assert pipe.dtype == torch.bfloat16 and pipe.device.type == "cpu"
+
+
+def test_negative_prompt_replaces_the_null_prompt_in_cfg(pipe: SelfEPipeline) -> None:
+    call = dict(steps=2, guidance=5.0, seed=0, output_type="pt")
+    plain = pipe(["a red circle", "a blue square"], **call).images
+    empty = pipe(["a red circle", "a blue square"], negative_prompt="", **call).images
+    torch.testing.assert_close(empty, plain, rtol=1e-4, atol=1e-4)  # "" is the null prompt itself
+    one = pipe(["a red circle", "a blue square"], negative_prompt="a green triangle", **call).images
+    assert (one - plain).abs().max() > 0.05
+    each = pipe(["a red circle", "a blue square"], negative_prompt=["a green triangle", ""], **call).images
+    torch.testing.assert_close(each[0], one[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(each[1], plain[1], rtol=1e-4, atol=1e-4)
+    many = pipe(["a red circle"], negative_prompt="a green triangle", num_images_per_prompt=2, **call)
+    assert many.images.shape[0] == 2
+    for kwargs, error, match in (
+        (dict(negative_prompt="a square", guidance=None), ValueError, "negative_prompt needs CFG"),
+        (dict(negative_prompt="a square", guidance=1.0), ValueError, "negative_prompt needs CFG"),
+        (dict(negative_prompt=["a", "b", "c"]), ValueError, "one prompt or one per prompt \\(2\\), got 3"),
+        (dict(negative_prompt=[3]), TypeError, "negative_prompt\\[0\\] must be a string"),
+    ):
+        with pytest.raises(error, match=match):
+            pipe(["a red circle", "a blue square"], **{**call, **kwargs})

@@ -3,6 +3,7 @@ literal formulas of SELFE.md §3, and the stop-gradients."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -216,7 +217,9 @@ def test_loss_equals_the_literal_formulas(self_eval):
         assert torch.equal(ema.calls[0]["t"], ema.calls[0]["s"])  # self-eval at (s, s)
         assert torch.equal(net.calls[1]["c"], batch["null_cond"][:4])
         assert torch.equal(ema.calls[0]["c"], batch["cond"][:4])
-        assert 0 < metrics["lambda_mean"].item()
+        t_i, s_i = main["t"][:4].double(), ema.calls[0]["s"].double()
+        lam = t_i / (1 - t_i) - s_i / (1 - s_i)  # the mean over the self-evaluated half, not the batch
+        assert metrics["lambda_mean"].item() == pytest.approx(lam.mean().item(), rel=1e-6) and lam.min() > 0
         assert metrics["frac_self"].item() == pytest.approx(0.5)
     else:
         assert len(net.calls) == 1 and not ema.calls
@@ -268,6 +271,30 @@ def test_aux_term_switches_on_and_enters_the_direction():
     assert m_on["loss_fake"].item() == pytest.approx(l_fake.item(), rel=1e-9)
     with pytest.raises(ValueError, match="fake_cond"):
         SelfELoss(cfg)(net, ema, {k: v for k, v in batch.items() if k != "fake_cond"}, 100)
+
+
+def test_a_bernoulli_draw_without_self_evaluated_samples_is_a_flow_matching_step():
+    """self_eval_prob 0 under "bernoulli": no sample has s < t (at batch 8 that is 1 draw in 256 at 0.5).
+    The passes still run on a stand-in row, so every rank runs the same forwards, and drop out."""
+    cfg = ObjectiveConfig(
+        self_eval=True,
+        s_split="bernoulli",
+        self_eval_prob=0.0,
+        caption_dropout=0.0,
+        time_shift=TimeShift(mu=0.0),
+        tau_warmup=0,
+        aux_start=0,
+        kernel_backend="torch",
+    )
+    net, ema = RecordingNet(0), RecordingNet(1)
+    batch = make_batch()
+    loss, metrics = SelfELoss(cfg)(net, ema, batch, 5, torch.Generator().manual_seed(3))
+    assert [c["x"].shape[0] for c in net.calls] == [8, 1, 1] and ema.calls[0]["x"].shape[0] == 1
+    flow_matching, _ = literal_loss([net.calls[0]], batch, dataclasses.replace(cfg, self_eval=False))
+    assert loss.item() == pytest.approx(flow_matching.item(), rel=1e-9)
+    assert metrics["lambda_mean"].item() == 0.0 and metrics["loss_fake"].item() == 0.0
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters())
 
 
 def test_a_dropped_caption_gets_the_bare_fake_prompt():

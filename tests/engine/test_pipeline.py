@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -140,9 +141,36 @@ def test_fast_path_compiles_once_per_shape(pipe: SelfEPipeline) -> None:
     torch.testing.assert_close(second.images, eager.images, rtol=1e-4, atol=1e-5)
 
 
+def test_compiled_step_serves_more_shapes_than_dynamos_recompile_limit(pipeline_dir: Path) -> None:
+    """Every (batch, size, guided, sampler) is a trace of the one compiled step: past dynamo's default of
+    8 under fullgraph that was a hard error. Up to max_compiled_shapes they compile; one more runs the
+    uncompiled step (same images) with one warning, and dynamo's global limit is left as it was."""
+    torch._dynamo.reset()
+    limit = 10
+    fast_path = FastPathConfig(compile=True, compile_backend="eager", max_compiled_shapes=limit)
+    pipe = SelfEPipeline.from_pretrained(pipeline_dir, fast_path=fast_path)
+    default_limit = torch._dynamo.config.recompile_limit
+    assert default_limit < limit
+    for n in range(1, limit + 1):
+        run(pipe, prompt="a cat", steps=1, seed=n, num_images_per_prompt=n, guidance=None)
+    assert len(pipe.fast._compiled_keys) == limit and torch._dynamo.config.recompile_limit == default_limit
+    with pytest.warns(UserWarning, match="max_compiled_shapes=10"):
+        past = run(pipe, prompt="a cat", steps=2, seed=0, num_images_per_prompt=limit + 1, guidance=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once for that shape
+        again = run(pipe, prompt="a cat", steps=2, seed=0, num_images_per_prompt=limit + 1, guidance=None)
+    eager = run(pipe, prompt="a cat", steps=2, seed=0, num_images_per_prompt=limit + 1, guidance=None, fast=False)
+    torch.testing.assert_close(past.images, eager.images, rtol=0, atol=0)
+    torch.testing.assert_close(again.images, eager.images, rtol=0, atol=0)
+
+
 def test_eager_step_of_the_fast_path_matches(pipeline_dir: Path) -> None:
     plain = SelfEPipeline.from_pretrained(pipeline_dir, fast_path=FastPathConfig(compile=False))
+    forwards = []
+    plain.model.register_forward_hook(lambda *_: forwards.append(1))
     a = run(plain, steps=2, seed=5, fast=True)
+    # Nothing to compile or capture: no warm-up step, one forward per step (CFG's two branches batched).
+    assert "warmup" not in a.timings and len(forwards) == 2
     b = run(plain, steps=2, seed=5, fast=False)
     torch.testing.assert_close(a.images, b.images, rtol=0, atol=0)
 
@@ -297,6 +325,24 @@ def test_generate_cli_without_model_says_how_to_get_one(capsys, monkeypatch: pyt
     assert "--model" in err and "model.safetensors" in err and "export" in err
     assert generate_main(["--model", "/nonexistent/selfe", "--prompt", "a cat"]) == 2
     assert "pipeline directory" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_to_cuda_moves_every_part_and_samples_like_the_cpu(pipeline_dir: Path) -> None:
+    """pipe.to("cuda") after loading on the CPU: model, autoencoder, text encoders and the cached null
+    condition all move; the graphed step samples what the CPU's eager step does (fp32, tolerance)."""
+    pipe = SelfEPipeline.from_pretrained(pipeline_dir, torch_dtype=torch.float32, device="cpu")
+    # The same starting noise from a CPU generator, and eta 0: no per-step noise, which a CUDA device draws
+    # from a generator of its own.
+    same_noise = lambda: dict(steps=2, eta=0.0, generator=torch.Generator().manual_seed(0))
+    on_cpu = run(pipe, fast=False, **same_noise())
+    pipe.to("cuda")
+    assert pipe.device.type == "cuda" and pipe.text_encoders.t5.device.type == "cuda"
+    assert {p.device.type for p in pipe.autoencoder.parameters()} == {"cuda"}
+    with allow_inductor_unpickling():
+        on_gpu = run(pipe, fast=True, **same_noise())
+    assert pipe.fast.num_graphs == 1
+    torch.testing.assert_close(on_gpu.images.cpu(), on_cpu.images, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.gpu

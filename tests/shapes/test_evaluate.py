@@ -141,6 +141,9 @@ def test_every_model_is_checked_before_the_first_is_evaluated(tmp_path, monkeypa
     assert "error: --images-per-category must be >= 1, got 0" in refused("--images-per-category", "0")
     assert "error: --samples-per-prompt must be >= 1" in refused("--samples-per-prompt", "0")
     assert "error: --seed and --prompt-seed must be >= 0" in refused("--seed", "-1")
+    with pytest.raises(SystemExit) as exit_info:  # after `out`: the last --steps is the one taken
+        evaluate_module.eval_main(["shapes", "--model", str(good), *out, "--steps", "2", "2"])
+    assert exit_info.value.code == 2 and "error: --steps must be distinct" in capsys.readouterr().err
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert "--device cuda: this torch has no CUDA device" in refused("--model", str(good), "--device", "cuda")
     (tmp_path / "a_file").write_text("")

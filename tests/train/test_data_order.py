@@ -78,7 +78,7 @@ def test_sharding_pad_covers_everything():
 
 
 def test_sampler_errors():
-    with pytest.raises(ValueError, match="no full global batch"):
+    with pytest.raises(ValueError, match=r"no full global batch.*lower the per-rank batch size \(data\.batch_size\)"):
         BucketBatchSampler([0, 0, 1], 4)
     with pytest.raises(ValueError, match="rank"):
         BucketBatchSampler([0] * 8, 2, rank=2, world_size=2)
@@ -125,6 +125,30 @@ def test_a_new_batch_size_starts_a_stage_that_keeps_counting_iterations():
     again.load_state_dict(state2)
     more = _plans(ranks[0], 5)
     assert _plans(again, 5) == more and more[0].step == 38
+
+
+def test_a_new_batches_per_step_keeps_the_batches_and_the_iteration_count():
+    """optim.grad_accum 2 -> 3 on resume: the same batches follow, grouped 3 to an iteration from the saved
+    iteration on (it was recounted as step // 3 from the start, moving the resolution schedule back)."""
+    classes = _classes()
+    first = BucketBatchSampler(classes, 4, seed=9, schedule=SCHEDULE, batches_per_step=2)
+    _plans(first, 30)  # 15 iterations, in the middle of epoch 1
+    state = copy.deepcopy(first.state_dict())
+    uninterrupted = _plans(first, 12)
+    resumed = BucketBatchSampler(classes, 4, seed=9, schedule=SCHEDULE, batches_per_step=3)
+    resumed.load_state_dict(state)
+    assert resumed.state_dict()["iteration"] == 15
+    plans = _plans(resumed, 12)
+    assert [(p.epoch, p.position, p.indices, p.step) for p in plans] == [
+        (p.epoch, p.position, p.indices, p.step) for p in uninterrupted
+    ]  # no batch skipped or repeated
+    assert [p.resolution for p in plans] == [SCHEDULE.resolution_at(15 + k // 3, 9) for k in range(12)]
+    assert resumed.state_dict()["iteration"] == 19
+    # Inside the new stage (across an epoch boundary too), resume is exact again.
+    again = BucketBatchSampler(classes, 4, seed=0, schedule=SCHEDULE, batches_per_step=3)
+    again.load_state_dict(copy.deepcopy(resumed.state_dict()))
+    count = 2 * resumed.batches_per_epoch
+    assert _plans(again, count) == _plans(resumed, count)
 
 
 def test_sampler_resume():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -125,6 +126,53 @@ def test_a_resume_takes_the_optimizer_implementation_and_settings_from_the_confi
         trainer.close()
 
 
+def test_a_resume_takes_the_learning_rate_schedule_from_the_config(tmp_path, caplog):
+    """A changed peak lr (or decay) applies from the next step, as in an uninterrupted run with the new
+    config; the saved peak is not mixed in, and the jump is logged."""
+    _run(tiny_config(tmp_path, 2, "optim.lr=2e-3", "optim.final_lr=1e-4"))
+    with caplog.at_level("WARNING", logger="selfe.train.lr"):
+        trainer = Trainer(tiny_config(tmp_path, 4, "optim.lr=1e-3", "optim.final_lr=1e-3"))
+    try:
+        new = trainer.config.optim
+        for group in trainer.optimizer.param_groups:
+            assert group["lr"] == pytest.approx(lr_at(2, new, 4), rel=1e-12) and group["initial_lr"] == 1e-3
+        assert "the learning rate resumes at 0.001 where the checkpoint's schedule had 0.002" in caplog.text
+        records = trainer.train().losses and read_metrics(tmp_path)
+    finally:
+        trainer.close()
+    assert [r["lr"] for r in records[2:]] == pytest.approx([1e-3, 1e-3])
+
+
+def test_a_resume_refuses_another_model_and_a_fresh_run_refuses_a_used_run_dir(tmp_path, capsys):
+    """Both would mix two runs; each is one line before any work, and the run's config.json stays the one
+    its checkpoints were written with."""
+    _run(tiny_config(tmp_path, 2))
+    saved = (tmp_path / "config.json").read_text()
+    with pytest.raises(ValueError, match=r"model.hidden_size: 64 in the checkpoint, 96 now.*another run_dir"):
+        Trainer(tiny_config(tmp_path, 4, "model.hidden_size=96", "model.axes_dim=4,10,10"))
+    with pytest.raises(ValueError, match=r"holds an earlier run's checkpoints \(the latest step_000000002\)"):
+        Trainer(tiny_config(tmp_path, 4, "checkpoint.resume=false"))
+    assert (tmp_path / "config.json").read_text() == saved
+    # The implementation of a layer is free to change: a resume on another attention backend runs on.
+    trainer = Trainer(tiny_config(tmp_path, 3, "model.attention_backend=math"))
+    try:
+        assert trainer.step == 2
+    finally:
+        trainer.close()
+
+
+def test_a_resume_drops_the_metrics_of_steps_it_runs_again(tmp_path):
+    """Killed after step 3 with the last checkpoint at 2 (and half a line written): the rerun logs 3 and 4
+    once, and every line of metrics.jsonl is strict JSON."""
+    _run(tiny_config(tmp_path, 4, "checkpoint.every=2", "checkpoint.keep=3"))
+    for name in ("step_000000004",):
+        shutil.rmtree(tmp_path / "checkpoints" / name)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines[:3]) + '\n{"step": 4, "lo')
+    _run(tiny_config(tmp_path, 4, "checkpoint.every=2", "checkpoint.keep=3"))
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
+
+
 def test_resume_equals_uninterrupted_run(tmp_path):
     n = 4
     full = _run(tiny_config(tmp_path / "full", 2 * n))
@@ -176,6 +224,9 @@ def test_nan_batch_is_skipped_and_counted(tmp_path):
     assert records[-1]["mfu"] == pytest.approx(records[-1]["tflops_per_device"]) and records[-1]["mfu"] > 0
     assert records[-1]["lambda_mean"] > 0
     assert result.skipped == 1 and [r["skipped"] for r in records] == [False, False, True, False]
+    assert records[2]["loss"] is None  # NaN is not JSON: the skipped step's loss is null
+    for line in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in metrics.jsonl"))
     assert records[-1]["skipped_total"] == 1
     for before, after in zip(snapshots[2], snapshots[3]):  # the poisoned step changed no weight
         assert torch.equal(before, after)

@@ -147,6 +147,14 @@ class CachedDataset:
     def __len__(self) -> int:
         return len(self.sample_indices)
 
+    def widths(self) -> dict[str, int]:
+        """{"latent_channels": C, "txt_dim": d, "pooled_dim": d_pooled} of the stored tensors, read from the
+        safetensors headers (the index does not record them): what the model must take."""
+        with safe_open(str(self.root / self.index["null"]["file"]), framework="pt") as f:
+            txt, pooled = f.get_slice("txt").get_shape(), f.get_slice("pooled").get_shape()
+        latents = self._handle(next(iter(self._entries))).get_slice("latents").get_shape()
+        return {"latent_channels": latents[1], "txt_dim": txt[-1], "pooled_dim": pooled[-1]}
+
     def _handle(self, sid: int) -> Any:
         handle = self._handles.pop(sid, None)
         if handle is None:

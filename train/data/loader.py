@@ -256,6 +256,15 @@ class ImageTextLoader:
             pool.shutdown(wait=False, cancel_futures=True)
 
 
+def cache_mismatch(index: dict[str, Any], manifest: str | Path, buckets: BucketConfig) -> str | None:
+    """Why the cache of `index` cannot stand for `manifest`'s images in `buckets`, or None."""
+    if index["settings"]["manifest_sha256"] != file_sha256(manifest):
+        return "was built from another manifest"
+    if tuple(index["aspect_ratios"]) != buckets.aspect_ratios:
+        return f"has aspect ratios {index['aspect_ratios']}, the buckets {list(buckets.aspect_ratios)}"
+    return None
+
+
 def open_cache(config: DataConfig, rank: int = 0, world_size: int = 1) -> CachedDataset | None:
     """The training cache of `config.cache_dir` in the loader's order, or None when the folder holds
     no cache yet. A cache of another manifest or other buckets is an error, never used silently."""
@@ -265,14 +274,8 @@ def open_cache(config: DataConfig, rank: int = 0, world_size: int = 1) -> Cached
     if not (root / INDEX_NAME).is_file():
         log.warning("no cache in %s (run `selfe cache`); decoding the images of %s", root, config.manifest)
         return None
-    index = read_index(root)
-    if index["settings"]["manifest_sha256"] != file_sha256(config.manifest):
-        raise ValueError(f"cache {root} was built from another manifest than {config.manifest}")
-    if tuple(index["aspect_ratios"]) != config.buckets.aspect_ratios:
-        raise ValueError(
-            f"cache {root} has aspect ratios {index['aspect_ratios']} but DataConfig.buckets has "
-            f"{list(config.buckets.aspect_ratios)}"
-        )
+    if (problem := cache_mismatch(read_index(root), config.manifest, config.buckets)) is not None:
+        raise ValueError(f"cache {root} does not fit {config.manifest}: it {problem}")
     loader = config.loader
     return CachedDataset(
         root,

@@ -15,10 +15,13 @@ A class's remainder (fewer samples than a global batch) is
 - "pad": filled up with samples of the same class from the start of its permuted list (wrapping), so
   every sample appears at least once per epoch and a few appear twice.
 
-Stages: a run may resume with another batch size or world size (the paper lowers the global batch from
-1024 to 768 at 500k iterations). The partly read epoch is then left, and the new stage starts at the
-next epoch's first batch of the new size; `step` and the iteration the resolution schedule reads keep
-counting from where the old stage stopped. A changed data set, remainder policy or shuffle is an error.
+Stages: a run may resume with another batch size (the paper lowers the global batch from 1024 to 768
+at 500k iterations). The partly read epoch is then left, and the new stage starts at the next epoch's
+first batch of the new size; `step` and the iteration the resolution schedule reads keep counting from
+where the old stage stopped. Another `batches_per_step` (optim.grad_accum) leaves the batches as they
+are: the new stage starts at the next batch and only groups them into iterations anew, from the saved
+iteration on. The sampler takes another world size like another batch size, but `selfe train` refuses
+it (its checkpoints hold per-rank RNG streams). A changed data set, remainder policy or shuffle is an error.
 """
 
 from __future__ import annotations
@@ -95,8 +98,8 @@ class BucketBatchSampler:
         self.batches_per_step = batches_per_step
         self.epoch = 0
         self.position = 0
-        # Where this stage began: its first epoch, and the batches / iterations drawn before it.
-        self._epoch_base, self._step_base, self._iteration_base = 0, 0, 0
+        # Where this stage began: its first (epoch, position), and the batches / iterations drawn before it.
+        self._epoch_base, self._position_base, self._step_base, self._iteration_base = 0, 0, 0, 0
         self._cached: tuple[int, list[tuple[int, np.ndarray]]] | None = None
         self._class_ids, self._class_counts = np.unique(self.classes, return_counts=True)
         g = self.global_batch_size
@@ -130,7 +133,7 @@ class BucketBatchSampler:
                 f"no full global batch of {self.global_batch_size} (batch_size {self.batch_size} x "
                 f"world_size {self.world_size}) fits in any aspect class "
                 f"(class sizes {dict(zip(ids.tolist(), counts.tolist()))}); "
-                "use a smaller batch or remainder='pad'"
+                "lower the per-rank batch size (data.batch_size) or the number of ranks, or add samples"
             )
 
     @property
@@ -177,7 +180,7 @@ class BucketBatchSampler:
 
     def _counters(self, epoch: int, position: int) -> tuple[int, int]:
         """(batches drawn before the batch at (epoch, position), optimizer iterations before it)."""
-        local = (epoch - self._epoch_base) * self.batches_per_epoch + position
+        local = (epoch - self._epoch_base) * self.batches_per_epoch + position - self._position_base
         return self._step_base + local, self._iteration_base + local // self.batches_per_step
 
     def advance(self, epoch: int, position: int) -> tuple[int, int]:
@@ -208,7 +211,8 @@ class BucketBatchSampler:
             "position": self.position,
             "step": step,
             "iteration": iteration,
-            "stage": [self._epoch_base, self._step_base, self._iteration_base],
+            "stage": [self._epoch_base, self._step_base, self._iteration_base, self._position_base],
+            "batches_per_step": self.batches_per_step,
             "seed": self.seed,
             "num_samples": self.num_samples,
             "batch_size": self.batch_size,
@@ -218,8 +222,9 @@ class BucketBatchSampler:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a saved position. The seed comes from the state. A changed batch size or world
-        size starts a new stage (module docstring); a changed dataset size, remainder policy or shuffle
+        """Continue from a saved position. The seed comes from the state. A changed batch size, world size
+        or batches_per_step starts a new stage (module docstring; a state that does not record
+        batches_per_step is taken to have this one); a changed dataset size, remainder policy or shuffle
         would change what an epoch is, so it is an error."""
         for key in ("num_samples", "remainder", "shuffle"):
             if state[key] != getattr(self, key):
@@ -235,14 +240,21 @@ class BucketBatchSampler:
             return
         if epoch < 0 or not 0 <= position < self.batches_per_epoch:
             raise ValueError(f"saved position (epoch {epoch}, position {position}) is out of range")
-        self._epoch_base, self._step_base, self._iteration_base = (int(v) for v in state.get("stage", (0, 0, 0)))
+        saved_per_step = int(state.get("batches_per_step", self.batches_per_step))
+        if saved_per_step != self.batches_per_step:
+            self._regroup(state, epoch, position, saved_per_step)
+            return
+        stage = [int(v) for v in state.get("stage", (0, 0, 0))]
+        self._epoch_base, self._step_base, self._iteration_base = stage[:3]
+        self._position_base = stage[3] if len(stage) > 3 else 0  # states from before mid-epoch stages
         self.epoch, self.position = epoch, position
 
     def _new_stage(self, state: dict[str, Any], epoch: int, position: int) -> None:
         if "iteration" not in state:
             raise ValueError("cannot change the batch size on resume: the saved data order predates stages")
         start = epoch + (1 if position else 0)  # the partly read epoch is left
-        self._epoch_base, self._step_base, self._iteration_base = start, int(state["step"]), int(state["iteration"])
+        self._epoch_base, self._position_base = start, 0
+        self._step_base, self._iteration_base = int(state["step"]), int(state["iteration"])
         self.epoch, self.position = start, 0
         log.warning(
             "data order: global batch %d x %d -> %d x %d from iteration %d; the new stage starts at epoch %d",
@@ -252,4 +264,18 @@ class BucketBatchSampler:
             self.world_size,
             self._iteration_base,
             start,
+        )
+
+    def _regroup(self, state: dict[str, Any], epoch: int, position: int, saved_per_step: int) -> None:
+        """Another batches_per_step, same batches: a stage from the next batch on, so the iterations (and the
+        resolutions drawn for them) continue from the saved one instead of being recounted from the stage's
+        start with the new grouping."""
+        self._epoch_base, self._position_base = epoch, position
+        self._step_base, self._iteration_base = int(state["step"]), int(state["iteration"])
+        self.epoch, self.position = epoch, position
+        log.warning(
+            "data order: %d -> %d batches per iteration from iteration %d",
+            saved_per_step,
+            self.batches_per_step,
+            self._iteration_base,
         )
