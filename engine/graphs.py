@@ -189,6 +189,7 @@ class FastSampler:
         self.net = net
         self._unchecked = _Unchecked(net)
         self._compiled = None
+        self._limits: dict[str, int] = {}  # dynamo's limits while the compiled step runs (_recompile_limits)
         self._compiled_keys: set[StepKey] = set()  # the shapes the compiled step was traced for
         self._uncompiled_keys: set[StepKey] = set()  # shapes past max_compiled_shapes (warned once each)
         self._graphs: dict[StepKey, _GraphedStep] = {}
@@ -240,7 +241,8 @@ class FastSampler:
                 fullgraph=True,
                 dynamic=False,
             )
-        compiled, limits = self._compiled, self._recompile_limits()
+            self._limits = self._recompile_limits()
+        compiled, limits = self._compiled, self._limits
 
         def run(**kwargs: Any) -> Tensor:
             # Every shape is one cache entry of the same code object; a per-call patch (~15 us) keeps
@@ -252,8 +254,6 @@ class FastSampler:
 
     def _recompile_limits(self) -> dict[str, int]:
         """Dynamo's limits raised to hold max_compiled_shapes traces (a few spare for any other guard)."""
-        import torch._dynamo
-
         config, wanted = torch._dynamo.config, self.config.max_compiled_shapes + 8
         return {
             "recompile_limit": max(config.recompile_limit, wanted),

@@ -63,9 +63,14 @@ def _config_wins_over_saved_settings(optimizer: torch.optim.Optimizer, state_dic
         settings = {k: v for k, v in live.items() if k not in _SCHEDULE_KEYS}
         changed |= {k for k, v in settings.items() if k in saved and saved[k] != v}
         merged.append({**saved, **settings})
-    if changed and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+    if changed and _logs():
         log.info("optimizer settings from the config, not the checkpoint: %s", ", ".join(sorted(changed)))
     return {**state_dict, "param_groups": merged}
+
+
+def _logs() -> bool:
+    """Whether this process logs a resume's notes: rank 0, or the only process."""
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig, total_steps: int) -> LambdaLR:
@@ -91,7 +96,7 @@ def load_schedule(scheduler: LambdaLR, state: dict) -> None:
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
     now = scheduler._last_lr
     if any(abs(a - b) > 1e-6 * max(abs(a), abs(b)) for a, b in zip(saved, now)):
-        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        if _logs():
             log.warning(
                 "the learning rate resumes at %.3g where the checkpoint's schedule had %.3g: the config's "
                 "optim.lr / final_lr / warmup_steps / decay_steps (or steps, when decay_steps is unset) "

@@ -188,6 +188,8 @@ class CacheSource:
             schedule=data.resolution_schedule(),
             batches_per_step=grad_accum,
         )
+        if data.manifest:
+            _check_cache_manifest(data, self.dataset.index)
         self._check_widths(data.cache_dir, model)
         self.accum, self.patch = grad_accum, model.patch_size
         self.data, self.model, self.device = data, model, device or torch.device("cpu")
@@ -370,19 +372,16 @@ def build_source(
         return SyntheticSource(data, model, grad_accum, device)
     if data.source == "images" and not _holds_cache(data.cache_dir):
         return EncodingSource(data, model, rank, world_size, grad_accum, fake_prefix, device or torch.device("cpu"))
-    if data.manifest:
-        _check_cache_manifest(data)
     return CacheSource(data, model, rank, world_size, grad_accum, fake_prefix, device)
 
 
-def _check_cache_manifest(data: DataSection) -> None:
-    """A cache read in place of data.manifest's images must be that manifest's (its hash), in EncodingSource's
-    buckets: a cache of another data set would train silently."""
+def _check_cache_manifest(data: DataSection, index: dict[str, Any]) -> None:
+    """A cache (its `index`) read in place of data.manifest's images must be that manifest's (its hash), in
+    EncodingSource's buckets: a cache of another data set would train silently."""
     from selfe.train.data import BucketConfig
-    from selfe.train.data.cached import read_index
     from selfe.train.data.loader import cache_mismatch
 
-    if (problem := cache_mismatch(read_index(data.cache_dir), data.manifest, BucketConfig())) is not None:
+    if (problem := cache_mismatch(index, data.manifest, BucketConfig())) is not None:
         raise ValueError(
             f"data.cache_dir={data.cache_dir!r} is not the cache of data.manifest={data.manifest!r}: it {problem}; "
             "point data.cache_dir at that manifest's `selfe cache` folder"

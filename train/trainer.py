@@ -60,9 +60,7 @@ log = logging.getLogger(__name__)
 SCALARS = ("loss", "loss_data", "loss_self", "loss_fake", "lambda_mean", "frac_self")
 
 
-# What a resume cannot change: the network (its implementation aside) and the data source whose position
-# is saved.
-FIXED_ON_RESUME = ("model", "data.source")
+# A resume cannot change the network (its implementation aside) or the data source whose position is saved.
 FREE_MODEL_KEYS = ("name", "attention_backend", "kernel_backend")  # how it runs, not what it computes
 
 
@@ -72,32 +70,21 @@ def resume_problem(checkpoint: Path, config: TrainConfig) -> str | None:
         saved = json.loads((checkpoint / "config.json").read_text())
     except (OSError, ValueError):
         return None  # an older checkpoint without one: the load itself reports a mismatch
-    now = config.to_dict()
-    changes = []
-    for name in FIXED_ON_RESUME:
-        section, _, key = name.partition(".")
-        old, new = saved.get(section), now.get(section)
-        if key:
-            old, new = (old or {}).get(key), new.get(key)
-            if old is not None and old != new:
-                changes.append(f"{name}: {old!r} in the checkpoint, {new!r} now")
-        elif isinstance(old, dict):
-            changes += [
-                f"{section}.{k}: {old[k]!r} in the checkpoint, {new.get(k)!r} now"
-                for k in old
-                if k in new and k not in FREE_MODEL_KEYS and _plain_json(new[k]) != old[k]
-            ]
+    now = config.to_dict()  # JSON's types, as saved (tuples as lists)
+    changes = [
+        f"model.{key}: {old!r} in the checkpoint, {now['model'][key]!r} now"
+        for key, old in saved.get("model", {}).items()
+        if key in now["model"] and key not in FREE_MODEL_KEYS and now["model"][key] != old
+    ]
+    old_source = saved.get("data", {}).get("source")
+    if old_source is not None and old_source != config.data.source:
+        changes.append(f"data.source: {old_source!r} in the checkpoint, {config.data.source!r} now")
     if not changes:
         return None
     return (
         f"cannot resume {checkpoint} with this config ({'; '.join(changes)}): pass another run_dir to start "
         "a new run, or checkpoint.init_from for its weights"
     )
-
-
-def _plain_json(value: Any) -> Any:
-    """`value` as config.json stores it (tuples become lists)."""
-    return json.loads(json.dumps(value))
 
 
 class NonFiniteLossError(RuntimeError):
