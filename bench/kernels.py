@@ -68,9 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-attention", action="store_true", help="skip bench/kernels_attention_cases.py")
     parser.add_argument("--seed", type=int, default=0, help="(default %(default)s)")
     parser.add_argument("--json", type=Path, default=None, help="write the rows here (default: stdout only)")
-    parser.add_argument(
-        "--cpu-smoke", action="store_true", help="tiny shapes on CPU: checks the harness only"
-    )
+    parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU: checks the harness only")
     args = parser.parse_args(argv)
     # Checked before any tensor is made: a bad value should cost a second, not a traceback mid-run.
     counts = ("batch", "txt_tokens", "img_tokens", "dim", "heads", "head_dim", "iters", "buffers")
@@ -121,9 +119,7 @@ def time_fn(fn: Callable[[], Any], warmup: int, iters: int, device: torch.device
         return statistics.median(times)
     flush = torch.empty(FLUSH_BYTES // 4, dtype=torch.int32, device=device)
     torch.cuda.synchronize(device)
-    events = [
-        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)
-    ]
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
     for start, end in events:
         # Zeroing 1 GiB evicts L2 and keeps the GPU busy (~0.3 ms) while the CPU queues fn behind it: the
         # events then time fn's kernels, not the Python and launch overhead of a few-microsecond op.
@@ -319,16 +315,18 @@ def run(args: argparse.Namespace) -> dict:
         },
         "copy_GB/s": copy_bw / 1e9,
         "rows": rows,
-        "fastest_fwd_bwd": fastest(rows),
+        "fastest_fwd": fastest(rows, ".fwd"),
+        "fastest_fwd_bwd": fastest(rows, ".fwd+bwd"),
     }
 
 
-def fastest(rows: list[dict]) -> dict[str, list[str]]:
-    """Per op, implementations from fastest to slowest on fwd+bwd (input for dispatch.AUTO_PREFERENCE)."""
+def fastest(rows: list[dict], suffix: str) -> dict[str, list[str]]:
+    """Per op, implementations from fastest to slowest on the rows ending in `suffix` (".fwd": input for
+    dispatch.AUTO_PREFERENCE["forward"]; ".fwd+bwd": for its "training" table, the eager entries)."""
     by_op: dict[str, list[tuple[float, str]]] = {}
     for row in rows:
-        if row["op"].endswith(".fwd+bwd"):
-            by_op.setdefault(row["op"].removesuffix(".fwd+bwd"), []).append((row["ms"], row["impl"]))
+        if row["op"].endswith(suffix):
+            by_op.setdefault(row["op"].removesuffix(suffix), []).append((row["ms"], row["impl"]))
     return {op: [impl for _, impl in sorted(entries)] for op, entries in by_op.items()}
 
 
@@ -349,6 +347,7 @@ def markdown(result: dict) -> str:
         for col, fmt in FORMATS.items():
             cells.append(fmt.format(row[col]) if col in row else "")
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Fastest fwd first: " + json.dumps(result["fastest_fwd"])]
     lines += ["", "Fastest fwd+bwd first: " + json.dumps(result["fastest_fwd_bwd"])]
     return "\n".join(lines)
 

@@ -37,11 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--txt-tokens", type=int, default=512, help="(default %(default)s)")
     parser.add_argument("--batch", type=int, default=4, help="(default %(default)s)")
-    parser.add_argument(
-        "--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU"
-    )
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
-    parser.add_argument("--attention-backend", default="sdpa", help="(default %(default)s)")
+    parser.add_argument("--attention-backend", default="auto", help="(default %(default)s)")
     parser.add_argument("--kernel-backend", default="auto", help="(default %(default)s)")
     parser.add_argument(
         "--pad-fraction",
@@ -88,9 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     peak = args.peak_flops or device_peak_flops(device)
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    config = mmdit_preset(
-        args.preset, attention_backend=args.attention_backend, kernel_backend=args.kernel_backend
-    )
+    config = mmdit_preset(args.preset, attention_backend=args.attention_backend, kernel_backend=args.kernel_backend)
     latent = args.resolution // VAE_DOWNSAMPLE
     img_tokens = (latent // config.patch_size) ** 2
     torch.manual_seed(args.seed)

@@ -79,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--clip", type=Path, default=None, help="local CLIP text snapshot, with --t5 (default: random)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
-    parser.add_argument("--attention-backend", default="sdpa", help="(default %(default)s)")
+    parser.add_argument("--attention-backend", default="auto", help="(default %(default)s)")
     parser.add_argument("--kernel-backend", default="auto", help="(default %(default)s)")
     parser.add_argument(
         "--compile-backend", default="inductor", help="(default inductor); aot_eager skips inductor's C++ build on CPU"

@@ -123,6 +123,7 @@ def trainer_overrides(args: argparse.Namespace, variant: str, run_dir: Path, fp8
         "data.cache_dir=none",
         f"data.batch_size={batch}",
         f"data.resolution={args.resolution}",
+        "data.high_resolution=none",  # one resolution timed: a preset's progressive schedule (2b) is off
         f"data.text_length={txt}",
         "objective.tau_warmup=0",
         f"objective.aux_start={0 if args.aux else 'none'}",

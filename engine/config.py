@@ -42,7 +42,7 @@ class MMDiTConfig:
     time_factor: float = 1000.0  # t in [0, 1] is scaled by this before the sinusoid (FLUX)
     time_max_period: float = 10000.0
     mlp_activation: str = "gelu_tanh"  # FLUX's choice; the paper is silent
-    attention_backend: str = "sdpa"
+    attention_backend: str = "auto"  # sdpa_cudnn on CUDA (measured fastest), sdpa elsewhere
     kernel_backend: str = "auto"
     norm_eps: float = 1e-6  # LayerNorm (adaLN) and QK RMSNorm
     # [ours] MLP_s's last layer starts at zero so that at init the network ignores s (SELFE.md 2).

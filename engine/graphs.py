@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from selfe.kernels.dispatch import get_op
 from selfe.sampler import SamplerConfig, denoise_step, s_grid
 from selfe.schedule import sampling_grid
 
@@ -218,6 +219,8 @@ class FastSampler:
             # same-device .to() binds them now and copies nothing.
             self.net.to(device)
             self._prepared.add(device.type)
+        if key.guided:  # resolved here: the compiled step only looks it up (dynamo cannot trace the import)
+            get_op("energy_preserving_mix", key.kernel_backend, device)
         if not self.compiles(device):
             return self._eager_step
         if key not in self._compiled_keys:

@@ -43,9 +43,7 @@ class KernelOps:
 REFERENCE_OPS = KernelOps.resolve("torch", "cpu")
 
 
-def timestep_embedding(
-    t: Tensor, dim: int, time_factor: float = 1000.0, max_period: float = 10000.0
-) -> Tensor:
+def timestep_embedding(t: Tensor, dim: int, time_factor: float = 1000.0, max_period: float = 10000.0) -> Tensor:
     """Sinusoidal embedding of `t * time_factor` (FLUX), [cos | sin] halves.
 
     t: (B,) -> (B, dim) in float32 (float64 for float64 t, so a float64 model is an exact oracle).
@@ -169,7 +167,7 @@ class DoubleStreamBlock(nn.Module):
         qkv_bias: bool,
         eps: float,
         activation: str = "gelu_tanh",
-        attention_backend: str = "sdpa",
+        attention_backend: str = "auto",
     ):
         super().__init__()
         self.eps = eps
@@ -241,7 +239,7 @@ class SingleStreamBlock(nn.Module):
         mlp_hidden_dim: int,
         eps: float,
         activation: str = "gelu_tanh",
-        attention_backend: str = "sdpa",
+        attention_backend: str = "auto",
     ):
         super().__init__()
         self.eps = eps
@@ -257,9 +255,7 @@ class SingleStreamBlock(nn.Module):
         self.norm = QKNorm(hidden_size // num_heads, eps)
         self.mlp_act = mlp_activation(activation)
 
-    def forward(
-        self, x: Tensor, vec: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor | None = None
-    ) -> Tensor:
+    def forward(self, x: Tensor, vec: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor | None = None) -> Tensor:
         """x: (B, L, D) joint [txt; img]; vec: (B, D); cos, sin: (L, Dh/2); key_mask: (B, L) or None."""
         ops = self.kernels
         shift, scale, gate = self.modulation(vec)

@@ -1,9 +1,16 @@
 """The kernel backend switch: one name picks the implementation of every fused op.
 
 Backends: `torch` (reference.py, runs anywhere), `triton`, `cuda`, and `auto` (torch on CPU; on
-CUDA the fastest available per op). A name the caller gives (a config field) wins; where the caller
-leaves it to `auto` (the config default) or None, the SELFE_KERNEL_BACKEND environment variable
-decides. An implementation the user asked for by name that cannot run raises; `auto` falls back quietly.
+CUDA the fastest available per op and use, measured by bench/kernels.py). A name the caller gives (a
+config field) wins; where the caller leaves it to `auto` (the config default) or None, the
+SELFE_KERNEL_BACKEND environment variable decides. An implementation the user asked for by name that
+cannot run raises; `auto` falls back quietly.
+
+`auto` on CUDA picks per call, since the fastest forward kernel is not the fastest forward + backward:
+- no gradient (sampling, the objective's self-evaluation passes): AUTO_PREFERENCE["forward"];
+- a gradient, eager: AUTO_PREFERENCE["training"];
+- a gradient under torch.compile: the reference, which inductor fuses with its neighbours (the compiled
+  reference was the fastest forward + backward of every op).
 
 Each op's provider module is imported on its own, on first request, so one module that cannot load
 (a missing extension, a Triton feature an old version lacks) costs only the ops it provides.
@@ -40,8 +47,19 @@ _PROVIDERS: dict[str, dict[str, str]] = {
         "energy_preserving_mix": "selfe.kernels.cuda_ops",
     },
 }
-# For `auto` on CUDA: preference order per op, fastest first (set from bench/kernels.py results).
-AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {op: ("torch",) for op in OPS}
+# For `auto` on CUDA: per use, per op, fastest first. From bench/kernels.py on an H200 at the 2b shapes
+# (bf16; bench/RESULTS.md, 2026-12-04): the Triton forwards beat the compiled reference 1.2-4x (CUDA C++
+# within 5% of Triton); forward + backward in eager mode, the reference won except for the modulation with
+# its residual (CUDA C++) and the QK-norm + RoPE (Triton, 2.6x).
+AUTO_PREFERENCE: dict[str, dict[str, tuple[str, ...]]] = {
+    "forward": {op: ("triton", "cuda", "torch") for op in OPS},
+    "training": {
+        "layer_norm_modulate": ("torch",),
+        "gated_residual_modulate": ("cuda", "torch"),
+        "qk_norm_rope": ("triton", "torch"),
+        "energy_preserving_mix": ("torch",),
+    },
+}
 
 
 def register(op: str, backend: str) -> Callable[[Callable], Callable]:
@@ -52,6 +70,7 @@ def register(op: str, backend: str) -> Callable[[Callable], Callable]:
 
     def wrap(fn: Callable) -> Callable:
         _REGISTRY[op][backend] = fn
+        clear_resolved()
         return fn
 
     return wrap
@@ -72,9 +91,27 @@ def _load_provider(op: str, backend: str) -> None:
         importlib.import_module(module)
 
 
+# (op, backend, device type) -> implementation, filled on first request. Compiled code (the sampler's
+# step calls the renorm op) only looks up here: dynamo cannot trace a provider's import.
+_RESOLVED: dict[tuple[str, str, str], Callable] = {}
+
+
 def get_op(op: str, backend: str | None, device: torch.device) -> Callable:
-    """The implementation of `op` for `backend` on `device`."""
+    """The implementation of `op` for `backend` on `device`; resolve it once outside compiled code."""
     name = resolve_backend(backend)
+    key = (op, name, device.type)
+    impl = _RESOLVED.get(key)
+    if impl is None:
+        impl = _RESOLVED[key] = _resolve(op, name, device)
+    return impl
+
+
+def clear_resolved() -> None:
+    """Forget the resolved implementations (after a registry or preference change)."""
+    _RESOLVED.clear()
+
+
+def _resolve(op: str, name: str, device: torch.device) -> Callable:
     impls = _REGISTRY.get(op)
     if impls is None:
         raise ValueError(f"unknown op {op!r}; known: {', '.join(OPS)}")
@@ -83,16 +120,40 @@ def get_op(op: str, backend: str | None, device: torch.device) -> Callable:
     if name == "auto":
         if device.type != "cuda":
             return impls["torch"]
-        for candidate in AUTO_PREFERENCE[op]:
-            if candidate != "torch":
-                try:
-                    _load_provider(op, candidate)
-                except Exception:  # an auto-selected fast path that cannot load falls back quietly
-                    continue
-            if candidate in impls:
-                return impls[candidate]
-        return impls["torch"]
+        return _auto_op(op, AUTO_PREFERENCE["forward"][op], AUTO_PREFERENCE["training"][op])
     _load_provider(op, name)
     if name not in impls:
         raise RuntimeError(f"kernel backend {name!r} has no implementation of {op!r} in this install")
     return impls[name]
+
+
+def _first_available(op: str, preference: tuple[str, ...]) -> Callable:
+    impls = _REGISTRY[op]
+    for candidate in preference:
+        if candidate != "torch":
+            try:
+                _load_provider(op, candidate)
+            except Exception:  # an auto-selected fast path that cannot load falls back quietly
+                continue
+        if candidate in impls:
+            return impls[candidate]
+    return impls["torch"]
+
+
+def _auto_op(op: str, forward: tuple[str, ...], training: tuple[str, ...]) -> Callable:
+    """`auto` on CUDA: the forward choice without a gradient, the training choice with one (the reference
+    under torch.compile)."""
+    reference_impl = _REGISTRY[op]["torch"]
+    forward_impl, training_impl = _first_available(op, forward), _first_available(op, training)
+    if forward_impl is training_impl is reference_impl:
+        return reference_impl
+
+    def by_use(*args, **kwargs):
+        needs_grad = torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+        if not needs_grad:
+            return forward_impl(*args, **kwargs)
+        return reference_impl(*args, **kwargs) if torch.compiler.is_compiling() else training_impl(*args, **kwargs)
+
+    by_use.__name__ = by_use.__qualname__ = f"{op}_auto"
+    by_use.implementations = {"forward": forward_impl, "training": training_impl, "compiled_training": reference_impl}
+    return by_use

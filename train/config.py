@@ -102,6 +102,11 @@ class DataSection:
         if self.resolution < 16 or self.resolution % 16:
             raise ValueError(f"data.resolution must be a multiple of 16 (>= 16), got {self.resolution}")
         if self.high_resolution is not None:
+            if self.high_resolution <= self.resolution:
+                raise ValueError(
+                    f"data.high_resolution={self.high_resolution} must be above data.resolution={self.resolution} "
+                    "(the progressive schedule's second stage); data.high_resolution=none trains at one resolution"
+                )
             self.resolution_schedule()  # validates high_resolution / high_from / high_fraction
 
 

@@ -231,3 +231,23 @@ def test_dry_run_of_each_profile_passes_every_step(profile: str, tmp_path: Path,
                 assert f"shapes-{method}-export/model.safetensors" in tar.getnames()
         with tarfile.open(out / "shapes-eval.tar.gz") as tar:
             assert "shapes-eval/shapes_eval.json" in tar.getnames()
+
+
+def test_the_engine_profile_s_benchmark_commands_parse_here() -> None:
+    """The dry run drives each benchmark with tiny sizes; this parses the device run's own argv (2b, 512^2),
+    so a preset/flag clash is found here, not on the device (train-mfu once lost its lease slot to one)."""
+    import importlib
+
+    checked = []
+    for step in session_cli.engine_steps():
+        script = step.argv[1] if step.argv and len(step.argv) > 1 else ""
+        if not script.startswith("bench/") or script == "bench/device_session.py":
+            continue
+        module = importlib.import_module("bench." + Path(script).stem)
+        argv = [arg.replace("{work}", "/tmp") for arg in step.argv[2:]]
+        try:
+            module.parse_args(argv)
+        except SystemExit as exit_info:  # only a refusal for want of a GPU is expected here
+            assert script == "bench/kernels.py" and exit_info.code == 2, f"{step.name}: {argv}"
+        checked.append(step.name)
+    assert {"kernels", "sample-b1", "train-mfu", "sample-b16", "model-fwd-bwd", "autoencoder"} <= set(checked)

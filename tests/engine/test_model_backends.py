@@ -136,17 +136,19 @@ def test_triton_rope_attention_matches_sdpa_forward_and_backward() -> None:
     assert_model_matches(fused_model, sdpa_model, like(sdpa_model, torch.float64), inputs)
 
 
+@pytest.mark.parametrize("backend", ["sdpa_cudnn", "auto"])
 @pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)])
-def test_cudnn_first_sdpa_matches_sdpa_forward_and_backward(dtype: torch.dtype) -> None:
-    """sdpa_cudnn changes only which kernel runs (on the GPU: cuDNN's, with the text-padding mask)."""
+def test_cudnn_first_sdpa_matches_sdpa_forward_and_backward(dtype: torch.dtype, backend: str) -> None:
+    """sdpa_cudnn, and auto (the default) on CUDA, change only which kernel runs (on the GPU: cuDNN's, with
+    the text-padding mask)."""
     sdpa_model = make_model(kernel_backend="torch", attention_backend="sdpa")
     inputs = make_inputs()
     assert not inputs[3]["txt_mask"].all()  # the mask is what keeps flash out
     if dtype == torch.float32:
-        cudnn_model = like(sdpa_model, attention_backend="sdpa_cudnn")
+        cudnn_model = like(sdpa_model, attention_backend=backend)
         assert_model_matches(cudnn_model, sdpa_model, like(sdpa_model, torch.float64), inputs)
         return
-    cudnn_model, bf16_sdpa = like(sdpa_model, dtype, attention_backend="sdpa_cudnn"), like(sdpa_model, dtype)
+    cudnn_model, bf16_sdpa = like(sdpa_model, dtype, attention_backend=backend), like(sdpa_model, dtype)
     out, grads = forward_backward(cudnn_model, inputs)
     out_ref, grads_ref = forward_backward(bf16_sdpa, inputs)
     out_64, grads_64 = forward_backward(like(sdpa_model, torch.float64), inputs)
@@ -234,6 +236,7 @@ def test_objective_renorm_through_triton_matches_torch(monkeypatch: pytest.Monke
         return triton_mix(*args, **kwargs)
 
     monkeypatch.setitem(dispatch._REGISTRY["energy_preserving_mix"], "triton", counting_mix)
+    monkeypatch.setattr(dispatch, "_RESOLVED", {})  # resolved afresh: the counting stand-in
     net = make_model(kernel_backend="torch")
     loss_ref, grads_ref = objective_loss_and_grads(net, "torch")
     assert not calls
@@ -254,6 +257,7 @@ def test_one_provider_module_failing_costs_only_its_ops(monkeypatch: pytest.Monk
     missing = "selfe.kernels.no_such_module"
     monkeypatch.setitem(dispatch._PROVIDERS["triton"], "energy_preserving_mix", missing)
     monkeypatch.delitem(dispatch._REGISTRY["energy_preserving_mix"], "triton", raising=False)
+    monkeypatch.setattr(dispatch, "_RESOLVED", {})
     cpu, cuda = torch.device("cpu"), torch.device("cuda")  # only the device type is read
     # the other triton modules still load and serve their ops
     assert dispatch.get_op("layer_norm_modulate", "triton", cpu) is modulation.layer_norm_modulate
@@ -261,8 +265,49 @@ def test_one_provider_module_failing_costs_only_its_ops(monkeypatch: pytest.Monk
     with pytest.raises(ModuleNotFoundError, match=missing):
         dispatch.get_op("energy_preserving_mix", "triton", cpu)
     # auto: quietly the next preference
-    monkeypatch.setitem(dispatch.AUTO_PREFERENCE, "energy_preserving_mix", ("triton", "torch"))
+    for use in ("forward", "training"):
+        monkeypatch.setitem(dispatch.AUTO_PREFERENCE[use], "energy_preserving_mix", ("triton", "torch"))
     assert dispatch.get_op("energy_preserving_mix", "auto", cuda) is reference.energy_preserving_mix
     # an op a backend has no module for is a clear error, not an import
     with pytest.raises(RuntimeError, match="has no implementation of 'qk_norm_rope'"):
         dispatch.get_op("qk_norm_rope", "cuda", cuda)
+
+
+def test_auto_on_cuda_picks_the_forward_kernel_without_a_gradient_and_the_training_one_with(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """bench/kernels.py found the fastest forward is not the fastest forward + backward: `auto` picks per
+    call. Stand-in implementations record which one ran (only the device type is read)."""
+    ran = []
+
+    def stand_in(name):
+        def impl(x, y, a, b):
+            ran.append(name)
+            return reference.energy_preserving_mix(x, y, a, b)
+
+        return impl
+
+    op = "energy_preserving_mix"
+    monkeypatch.setattr(dispatch, "_RESOLVED", {})
+    monkeypatch.setitem(dispatch._REGISTRY, op, {"torch": stand_in("torch"), "triton": stand_in("triton"),
+                                                 "cuda": stand_in("cuda")})  # fmt: skip
+    monkeypatch.setitem(dispatch._PROVIDERS["triton"], op, "selfe.kernels.reference")  # loads, registers none
+    monkeypatch.setitem(dispatch._PROVIDERS["cuda"], op, "selfe.kernels.reference")
+    monkeypatch.setitem(dispatch.AUTO_PREFERENCE["forward"], op, ("triton", "torch"))
+    monkeypatch.setitem(dispatch.AUTO_PREFERENCE["training"], op, ("cuda", "torch"))
+    mix = dispatch.get_op(op, "auto", torch.device("cuda"))
+    assert dispatch.get_op(op, "auto", torch.device("cuda")) is mix  # resolved once
+    x, y, a, b = torch.randn(2, 3), torch.randn(2, 3), torch.ones(2), torch.full((2,), 0.5)
+    leaf = x.clone().requires_grad_()
+
+    mix(leaf, y, a, b)  # a gradient, eager
+    with torch.no_grad():
+        mix(leaf, y, a, b)  # sampling, self-evaluation passes
+    mix(x, y, a, b)  # nothing requires a gradient
+    assert ran == ["cuda", "triton", "triton"]
+    ran.clear()
+    compiled = torch.compile(lambda *args: mix(*args), backend="eager", fullgraph=True)
+    compiled(leaf, y, a, b)  # a gradient under torch.compile: the reference, for inductor to fuse
+    assert ran == ["torch"]
+    # on the CPU, `auto` is the reference itself
+    assert dispatch.get_op(op, "auto", torch.device("cpu")) is dispatch._REGISTRY[op]["torch"]

@@ -361,3 +361,16 @@ def test_cuda_graph_matches_eager_on_gpu(tmp_path: Path) -> None:
             eager = run(pipe, steps=steps, seed=steps, fast=False)
             torch.testing.assert_close(graphed.images, eager.images, rtol=1e-3, atol=1e-3)
     assert pipe.fast.num_graphs == 1
+
+
+def test_compiled_guided_step_runs_a_named_kernel_backend(pipeline_dir: Path) -> None:
+    """The guided step calls the renorm op inside the compiled step: a backend named there (not `torch`)
+    used to import its provider mid-trace, which dynamo refuses under fullgraph. It is resolved before."""
+    from selfe.kernels import dispatch
+
+    dispatch.clear_resolved()
+    pipe = SelfEPipeline.from_pretrained(pipeline_dir, fast_path=FastPathConfig(compile=True, compile_backend="eager"))
+    pipe.sampler_defaults = dataclasses.replace(pipe.sampler_defaults, kernel_backend="triton")
+    fast = run(pipe, prompt="a cat", steps=2, seed=3, guidance=3.0)
+    eager = run(pipe, prompt="a cat", steps=2, seed=3, guidance=3.0, fast=False)
+    torch.testing.assert_close(fast.images, eager.images, rtol=1e-4, atol=1e-5)

@@ -68,3 +68,11 @@ def test_the_2b_split_run_keeps_one_learning_rate_schedule() -> None:
     for step in (0, 999, 250_000, 499_999):
         assert lr_at(step, optim, 500_000) == lr_at(step, optim, 710_000)
     assert lr_at(499_999, optim, 500_000) > optim.final_lr  # still decaying at the end of the first leg
+
+
+def test_the_2b_preset_at_its_high_resolution_names_the_switch_that_fixes_one_resolution() -> None:
+    # `2b data.resolution=512` (the MFU benchmark's shape) used to fail with the schedule's own words.
+    with pytest.raises(ValueError, match=r"data.high_resolution=512 must be above data.resolution=512.*=none"):
+        apply_overrides(preset("2b"), ["data.resolution=512"])
+    fixed = apply_overrides(preset("2b"), ["data.resolution=512", "data.high_resolution=none"])
+    assert fixed.data.resolution_schedule().resolutions == [512]
