@@ -158,6 +158,31 @@ def test_cudnn_first_sdpa_matches_sdpa_forward_and_backward(dtype: torch.dtype, 
         assert_as_accurate(grads[name], grads_ref[name], grads_64[name], f"d/d {name}", eps)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel_backend", ["auto", "triton", "cuda"])
+def test_the_model_on_gpu_kernels_is_as_accurate_as_torch_in_bf16(kernel_backend: str) -> None:
+    """The whole model on the GPU kernels in bf16, with a gradient (the training choice of `auto`) and
+    without one (its forward choice), against the torch kernels, both measured against float64."""
+    torch_model = make_model(kernel_backend="torch", attention_backend="auto")
+    inputs = make_inputs()
+    fast, bf16_torch = (
+        like(torch_model, torch.bfloat16, kernel_backend=kernel_backend),
+        like(torch_model, torch.bfloat16),
+    )
+    oracle, eps = like(torch_model, torch.float64), torch.finfo(torch.bfloat16).eps
+    out, grads = forward_backward(fast, inputs)
+    out_ref, grads_ref = forward_backward(bf16_torch, inputs)
+    out_64, grads_64 = forward_backward(oracle, inputs)
+    assert_as_accurate(out, out_ref, out_64, "V", eps)
+    for name in grads_64:
+        assert_as_accurate(grads[name], grads_ref[name], grads_64[name], f"d/d {name}", eps)
+    x, t, s, cond = inputs
+    cond = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in cond.items()}
+    with torch.no_grad():
+        out_no_grad = fast(x.to(torch.bfloat16), t.to(torch.bfloat16), s.to(torch.bfloat16), cond).double()
+    assert_as_accurate(out_no_grad, out_ref, out_64, "V without a gradient", eps)
+
+
 def test_a_registered_rope_backend_gets_normed_unrotated_q_k_and_the_joint_table() -> None:
     """The wiring, exactly, with the pure-PyTorch rope attention as the backend (float64, no kernel)."""
     seen = []
