@@ -12,9 +12,10 @@ Without --dry-run it needs an NVIDIA GPU and refuses to start without one (it wo
 into the running Python and run the 2b checks on the CPU).
 
 Profiles (the issue each step serves in brackets):
-    engine  env, install (with the CUDA extension), GPU tests of kernels and engine [3, 6], the fused-op
-            benchmark [3], sampling at batch 1 [6], training MFU [5], sampling at batch 16 [6], model
-            fwd+bwd [2], the autoencoder [4], the kernels' fp32/fp16 tests on the GPU [3]
+    engine  env, install (with the CUDA extension), GPU tests of kernels and engine [3, 6], sampling at
+            batch 1 [6] and its baseline (the defaults before the H200 kernel table) [6], training MFU [5],
+            sampling at batch 16 [6], the fused-op benchmark [3], model fwd+bwd [2], the autoencoder [4],
+            the kernels' fp32/fp16 tests on the GPU [3]
     shapes  env, install, `selfe data shapes --autoencoder trained`, the flow matching / Self-E pair
             (`shapes-fm-ae` / `shapes-selfe-ae`) trained side by side for as many iterations as the budget
             holds (measured first), `selfe eval shapes` of both at their exports' sampler defaults [8]
@@ -129,18 +130,20 @@ def engine_steps() -> list[Step]:
             junit="gpu_tests.xml",
             env={"SELFE_TRITON_AUTOTUNE": "quick"},
         ),
-        Step(
-            "kernels", "3", 150,
-            argv=py("bench/kernels.py", "--json", "{work}/kernels.json"),
-            dry_argv=py("bench/kernels.py", "--cpu-smoke", "--only", "energy", "--no-attention",
-                        "--json", "{work}/kernels.json"),
-            json="kernels.json",
-        ),
         Step(  # batch 1: the latency goals (2 steps), every step count, all three variants
             "sample-b1", "6", 180,
             argv=[*sample, "--batch", "1", "--iters", "3", "--json", "{work}/sample_b1.json"],
             dry_argv=[*dry_sample, "--batch", "1", "--json", "{work}/sample_b1.json"],
             json="sample_b1.json",
+        ),
+        Step(  # the same at 2 steps with the defaults before the H200 kernel table (SDPA's own order, torch
+            # kernels): the new defaults' gain as a ratio of two rows measured in one lease
+            "sample-b1-baseline", "6", 90,
+            argv=[*sample, "--batch", "1", "--steps", "1", "2", "--variants", "compiled+graph", "--iters", "3",
+                  "--attention-backend", "sdpa", "--kernel-backend", "torch", "--json", "{work}/sample_b1_base.json"],
+            dry_argv=[*dry_sample, "--batch", "1", "--attention-backend", "sdpa", "--kernel-backend", "torch",
+                      "--json", "{work}/sample_b1_base.json"],
+            json="sample_b1_base.json",
         ),
         Step(
             "train-mfu", "5", 180,
@@ -156,6 +159,13 @@ def engine_steps() -> list[Step]:
                   "--iters", "2", "--json", "{work}/sample_b16.json"],
             dry_argv=[*dry_sample, "--batch", "2", "--json", "{work}/sample_b16.json"],
             json="sample_b16.json",
+        ),
+        Step(
+            "kernels", "3", 150,
+            argv=py("bench/kernels.py", "--json", "{work}/kernels.json"),
+            dry_argv=py("bench/kernels.py", "--cpu-smoke", "--only", "energy", "--no-attention",
+                        "--json", "{work}/kernels.json"),
+            json="kernels.json",
         ),
         Step(
             "model-fwd-bwd", "2", 60,
