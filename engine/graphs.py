@@ -219,8 +219,6 @@ class FastSampler:
             # same-device .to() binds them now and copies nothing.
             self.net.to(device)
             self._prepared.add(device.type)
-        if key.guided:  # resolved here: the compiled step only looks it up (dynamo cannot trace the import)
-            get_op("energy_preserving_mix", key.kernel_backend, device)
         if not self.compiles(device):
             return self._eager_step
         if key not in self._compiled_keys:
@@ -236,6 +234,8 @@ class FastSampler:
                 )
                 return self._eager_step
             self._compiled_keys.add(key)
+            if key.guided:  # resolved before its first trace: dynamo cannot trace the provider's import
+                get_op("energy_preserving_mix", key.kernel_backend, device)
         if self._compiled is None:
             self._compiled = torch.compile(
                 denoise_step,
