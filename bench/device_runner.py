@@ -202,14 +202,20 @@ NOISE = re.compile(r"^([WIE]\d{4} |Failed to load |=====|\s*$)|it/s\]|img/s\]") 
 
 def step_report(text: str, max_lines: int = 12) -> list[str]:
     """What a step printed worth keeping: its markdown tables (a header row, a |---| row, then rows; rows
-    printed as progress before a table are left out), or, with none, its last lines that are not noise."""
+    printed as progress before a table are left out), each with its caption (the text line just above it,
+    blank lines between allowed), or, with no table, its last lines that are not noise."""
     lines, tables, k = text.splitlines(), [], 0
     while k < len(lines) - 1:
         if lines[k].startswith("|") and lines[k + 1].startswith("|---"):
             end = k + 2
             while end < len(lines) and lines[end].startswith("|"):
                 end += 1
-            tables += [""] * bool(tables) + lines[k:end]
+            above = k - 1
+            while above >= 0 and not lines[above].strip():
+                above -= 1
+            caption = lines[above] if above >= 0 else ""
+            has_caption = bool(caption) and not caption.startswith(("|", "```")) and not NOISE.search(caption)
+            tables += [""] * bool(tables) + [caption, ""] * has_caption + lines[k:end]
             k = end
         else:
             k += 1

@@ -125,15 +125,17 @@ def engine_steps() -> list[Step]:
             # tests/engine first (two tests, one of them the CUDA graph); a hung test must not take the lease;
             # each new attention shape autotunes, so the tests try two configs a list, not all
             "gpu-tests", "3, 6", 210,
-            argv=[*pytest, "--timeout=90", "tests/engine", "tests/kernels"],
+            argv=[*pytest, "--timeout=90", "tests/engine", "tests/kernels", "tests/bench/test_kernels_timing.py"],
             dry_argv=[*pytest, "tests/kernels/test_renorm.py"],
             junit="gpu_tests.xml",
             env={"SELFE_TRITON_AUTOTUNE": "quick"},
         ),
-        Step(  # batch 1: the latency goals (2 steps), every step count, all three variants
+        Step(  # batch 1: the latency goals (2 steps), every step count, all three variants, and where a step's
+            # time goes in each (what to tune next)
             "sample-b1", "6", 180,
-            argv=[*sample, "--batch", "1", "--iters", "3", "--json", "{work}/sample_b1.json"],
-            dry_argv=[*dry_sample, "--batch", "1", "--json", "{work}/sample_b1.json"],
+            argv=[*sample, "--batch", "1", "--iters", "3", "--profile-kernels", "15",
+                  "--json", "{work}/sample_b1.json"],
+            dry_argv=[*dry_sample, "--batch", "1", "--profile-kernels", "5", "--json", "{work}/sample_b1.json"],
             json="sample_b1.json",
         ),
         Step(  # the same at 2 steps with the defaults before the H200 kernel table (SDPA's own order, torch
@@ -170,9 +172,9 @@ def engine_steps() -> list[Step]:
         Step(
             "model-fwd-bwd", "2", 60,
             argv=py("bench/model_fwd_bwd.py", "--preset", "2b", "--resolution", "512", "--txt-tokens", "512",
-                    "--batch", "4", "--json", "{work}/model_2b.json"),
+                    "--batch", "4", "--profile-kernels", "20", "--json", "{work}/model_2b.json"),
             dry_argv=py("bench/model_fwd_bwd.py", "--preset", "tiny", "--resolution", "64", "--txt-tokens", "16",
-                        "--batch", "2", "--iters", "1", "--json", "{work}/model_2b.json"),
+                        "--batch", "2", "--iters", "1", "--profile-kernels", "5", "--json", "{work}/model_2b.json"),
             json="model_2b.json",
         ),
         Step(

@@ -2,12 +2,14 @@
 
 Ops at the 2b model's shapes (B=4, L=512 text + 1024 image tokens, D=2048; the renorm on a (4, 16, 64, 64)
 latent), forward and forward + backward. Each case is timed with CUDA events after a warm-up, median of
---iters runs, each queued behind a 1 GiB zero-fill (L2 flushed, and the GPU kept busy while Python
-launches the op, so the events time the kernels), inputs rotated over --buffers copies. Achieved GB/s counts the
-minimal bytes an op must move (each input read once, each output written once) and is compared to the
-device's copy bandwidth, measured in the same run with a large `tensor.copy_`. Markdown table to stdout;
---json PATH writes the rows. The attention cases of bench/kernels_attention_cases.py are added when that
-file exists (its `cases(args)` returns dicts {"op", "impl", "fn", "bytes", "flops"}, as ours do).
+--iters runs, each queued behind a 1 GiB zero-fill (L2 flushed) and a GPU sleep longer than the host takes to
+queue the op (so the events time the kernels: "ms"), inputs rotated over --buffers copies; "host ms" is that
+host time (Python, dispatch, autograd, launches), which eager code pays when the GPU has nothing else queued.
+Achieved GB/s counts the minimal bytes an op must move (each input read once, each output written once)
+and is compared to the device's copy bandwidth, measured in the same run with a large `tensor.copy_`.
+Markdown table to stdout; --json PATH writes the rows. The attention cases of
+bench/kernels_attention_cases.py are added when that file exists (its `cases(args)` returns dicts
+{"op", "impl", "fn", "bytes", "flops"}, as ours do).
 
 Needs a CUDA device; without one it says so in one line and exits 2. `--cpu-smoke` instead runs every case
 once or twice on tiny shapes (Triton through the interpreter, wall-clock timer; it replaces the shape,
@@ -27,6 +29,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -104,10 +107,60 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 FLUSH_BYTES = 1 << 30
+COVER_MARGIN = 1.5  # the GPU idles this many times the host's queuing time of fn before fn's kernels run
+MAX_COVER_S = 0.05  # a fn that waits on the GPU inside (a sync) can't be covered; don't sleep for nothing
+HOST_RUNS = 5
 
 
-def time_fn(fn: Callable[[], Any], warmup: int, iters: int, device: torch.device) -> float:
-    """Median seconds of fn over iters runs after warmup runs (CUDA events on GPU, wall clock on CPU)."""
+@dataclass(frozen=True)
+class Timing:
+    """Median seconds of one call: `kernel_s` on the device (events; host time hidden), `host_s` the
+    host's time to queue it (Python, dispatch, autograd, launches). On CPU both are the wall clock."""
+
+    kernel_s: float
+    host_s: float
+
+
+def sleep_cycles_per_second(device: torch.device) -> float:
+    """Rate of `torch.cuda._sleep`, which spins on the SM clock: measured, since boost clocks vary."""
+    cycles = 1 << 22
+    torch.cuda._sleep(cycles)  # first launch pays module loading
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(cycles)
+    end.record()
+    torch.cuda.synchronize(device)
+    return cycles / (start.elapsed_time(end) / 1e3)
+
+
+def cover_cycles(host_s: float, cycles_per_s: float) -> int:
+    """Cycles the GPU should sleep before each timed call so the host has queued all of it by then."""
+    return int(min(COVER_MARGIN * host_s, MAX_COVER_S) * cycles_per_s)
+
+
+def host_seconds(fn: Callable[[], Any], device: torch.device) -> float:
+    """Median host time to queue fn, measured with the GPU idle (so no launch waits on a full queue)."""
+    times = []
+    for _ in range(HOST_RUNS):
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    torch.cuda.synchronize(device)
+    return statistics.median(times)
+
+
+def time_fn(
+    fn: Callable[[], Any], warmup: int, iters: int, device: torch.device, cycles_per_s: float | None = None
+) -> Timing:
+    """Median kernel and host seconds of fn over iters runs after warmup runs (CUDA events on GPU, wall clock
+    on CPU).
+
+    Each timed call is queued behind a 1 GiB zero-fill (L2 flushed) and a GPU sleep longer than the host's
+    queuing time of fn, so the events time fn's kernels, not the Python, autograd and launch overhead
+    around them: an op's backward queued through autograd takes the host far longer than the ~0.3 ms the
+    zero-fill alone covers. The host time is reported apart (eager training and sampling pay it unless the
+    GPU has other work queued; a CUDA graph does not)."""
     for _ in range(warmup):
         fn()
     if device.type != "cuda":
@@ -116,20 +169,22 @@ def time_fn(fn: Callable[[], Any], warmup: int, iters: int, device: torch.device
             start = time.perf_counter()
             fn()
             times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        return Timing(statistics.median(times), statistics.median(times))
+    host_s = host_seconds(fn, device)
+    sleep = cover_cycles(host_s, cycles_per_s or sleep_cycles_per_second(device))
     flush = torch.empty(FLUSH_BYTES // 4, dtype=torch.int32, device=device)
     torch.cuda.synchronize(device)
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
     for start, end in events:
-        # Zeroing 1 GiB evicts L2 and keeps the GPU busy (~0.3 ms) while the CPU queues fn behind it: the
-        # events then time fn's kernels, not the Python and launch overhead of a few-microsecond op.
         flush.zero_()
+        if sleep:
+            torch.cuda._sleep(sleep)
         start.record()
         fn()
         end.record()
     torch.cuda.synchronize(device)
     del flush
-    return statistics.median(start.elapsed_time(end) for start, end in events) / 1e3
+    return Timing(statistics.median(start.elapsed_time(end) for start, end in events) / 1e3, host_s)
 
 
 def copy_bandwidth(device: torch.device, warmup: int, iters: int) -> float:
@@ -137,8 +192,7 @@ def copy_bandwidth(device: torch.device, warmup: int, iters: int) -> float:
     n = (1 << 30) if device.type == "cuda" else (1 << 24)
     src = torch.empty(n, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    seconds = time_fn(lambda: dst.copy_(src), warmup, iters, device)
-    return 2 * n / seconds
+    return 2 * n / time_fn(lambda: dst.copy_(src), warmup, iters, device).kernel_s
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -287,12 +341,18 @@ def run(args: argparse.Namespace) -> dict:
             print(f"kernels.py: error: --only {args.only!r} matches no op; ops: {', '.join(ops)}", file=sys.stderr)
             raise SystemExit(2)
     copy_bw = copy_bandwidth(device, args.warmup, args.iters)
+    cycles_per_s = sleep_cycles_per_second(device) if device.type == "cuda" else None
     rows = []
     for i, case in enumerate(cases, 1):
-        seconds = time_fn(case["fn"], args.warmup, args.iters, device)
+        timing = time_fn(case["fn"], args.warmup, args.iters, device, cycles_per_s)
+        seconds = timing.kernel_s
         # progress on stderr: stdout is the table
-        print(f"# {i}/{len(cases)} {case['op']} {case['impl']}: {seconds * 1e3:.4f} ms", file=sys.stderr, flush=True)
-        row = {"op": case["op"], "impl": case["impl"], "ms": seconds * 1e3}
+        print(
+            f"# {i}/{len(cases)} {case['op']} {case['impl']}: {seconds * 1e3:.4f} ms (host {timing.host_s * 1e3:.4f})",
+            file=sys.stderr,
+            flush=True,
+        )
+        row = {"op": case["op"], "impl": case["impl"], "ms": seconds * 1e3, "host ms": timing.host_s * 1e3}
         if case.get("bytes"):
             row["GB/s"] = case["bytes"] / seconds / 1e9
             row["% copy BW"] = 100 * case["bytes"] / seconds / copy_bw
@@ -330,7 +390,14 @@ def fastest(rows: list[dict], suffix: str) -> dict[str, list[str]]:
     return {op: [impl for _, impl in sorted(entries)] for op, entries in by_op.items()}
 
 
-FORMATS = {"ms": "{:.4f}", "GB/s": "{:.0f}", "% copy BW": "{:.0f}%", "TFLOP/s": "{:.1f}", "x eager": "{:.2f}"}
+FORMATS = {
+    "ms": "{:.4f}",
+    "host ms": "{:.4f}",
+    "GB/s": "{:.0f}",
+    "% copy BW": "{:.0f}%",
+    "TFLOP/s": "{:.1f}",
+    "x eager": "{:.2f}",
+}
 
 
 def markdown(result: dict) -> str:

@@ -3,7 +3,8 @@
 Prints image tokens/s, peak memory and MFU (analytical FLOPs from selfe.flops over the GPU's dense bf16
 peak, `selfe.flops.device_peak_flops`: H100's where the device is not listed, or --peak-flops) to stdout;
 --json PATH writes every number (written whole or not at all). Arguments are checked before the model is
-built. The defaults are the 2b model's on a GPU; on CPU use the smoke run:
+built. The defaults are the 2b model's on a GPU; on CPU use the smoke run. --profile-kernels N then profiles
+one more step: where its device time goes (bench/kernel_profile.py).
 
     python bench/model_fwd_bwd.py --preset tiny --resolution 64 --txt-tokens 16 --batch 2 --iters 2
 """
@@ -19,11 +20,14 @@ from pathlib import Path
 
 import torch
 
-from selfe.atomic import atomic_write_bytes, folder_problem
-from selfe.config import PRESETS, mmdit_preset
-from selfe.devices import device_problem
-from selfe.flops import device_peak_flops, mmdit_forward_backward_flops
-from selfe.model import MMDiT
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `bench` as a package from a checkout
+
+from bench import kernel_profile  # noqa: E402
+from selfe.atomic import atomic_write_bytes, folder_problem  # noqa: E402
+from selfe.config import PRESETS, mmdit_preset  # noqa: E402
+from selfe.devices import device_problem  # noqa: E402
+from selfe.flops import device_peak_flops, mmdit_forward_backward_flops  # noqa: E402
+from selfe.model import MMDiT  # noqa: E402
 
 VAE_DOWNSAMPLE = 8  # FLUX autoencoder: 512 px -> 64 latent -> 32x32 = 1024 tokens with 2x2 patches
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -54,14 +58,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--peak-flops", type=float, default=None, help="device peak FLOP/s for MFU (default: the GPU's, selfe.flops)"
     )
     parser.add_argument("--seed", type=int, default=0, help="(default %(default)s)")
+    parser.add_argument(
+        "--profile-kernels",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also profile one more step: the N longest kernels and the share of each kind (default 0: off)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the results here (default: stdout only)")
     args = parser.parse_args(argv)
     # Checked before the model is built: a bad value should cost a second, not a traceback mid-run.
     for name in ("resolution", "txt_tokens", "batch", "iters"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.warmup < 0:
-        parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    for name in ("warmup", "profile_kernels"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if not 0 <= args.pad_fraction < 1:  # also refuses nan
         parser.error(f"--pad-fraction must be in [0, 1), got {args.pad_fraction}")
     if args.peak_flops is not None and not (math.isfinite(args.peak_flops) and args.peak_flops > 0):
@@ -169,14 +181,19 @@ def main(argv: list[str] | None = None) -> dict:
     }
     memory = f"{result['peak_memory_gib']:.2f} GiB" if cuda else "n/a (CPU)"
     print(
-        f"{args.preset} fwd+bwd  batch {b}  {img_tokens}+{args.txt_tokens} tokens  {result['dtype']}  "
-        f"attn={args.attention_backend} kernels={args.kernel_backend}"
+        f"{args.preset} ({result['params'] / 1e6:.1f}M params) fwd+bwd, {result['dtype']}, "
+        f"attn={args.attention_backend}, kernels={args.kernel_backend}, {'compiled' if args.compile else 'eager'}, "
+        f"{result['device']}, MFU over peak {peak / 1e12:.0f} TFLOP/s:\n"
     )
+    print("| batch | img + txt tokens | step ms | img tokens/s | tokens/s | TFLOP/s | MFU | peak memory |")
+    print("|---|---|---|---|---|---|---|---|")
     print(
-        f"  step {result['step_ms']:.2f} ms  |  {result['img_tokens_per_s']:.0f} img tokens/s  "
-        f"({result['tokens_per_s']:.0f} incl. text)  |  {result['tflops_per_s']:.2f} TFLOP/s  "
-        f"MFU {100 * result['mfu']:.1f}% of {peak:.3g}  |  peak memory {memory}"
+        f"| {b} | {img_tokens} + {args.txt_tokens} | {result['step_ms']:.2f} | {result['img_tokens_per_s']:.0f} | "
+        f"{result['tokens_per_s']:.0f} | {result['tflops_per_s']:.2f} | {100 * result['mfu']:.1f}% | {memory} |"
     )
+    if args.profile_kernels:  # after the timing, so the profiler's overhead is in no figure above
+        result["kernel_profile"] = kernel_profile.profile_call(step, device, args.profile_kernels)
+        print("\n" + kernel_profile.markdown(result["kernel_profile"], "Profile, one fwd+bwd step"))
     if args.json:  # temp file then rename: an interrupted run leaves no half-written JSON
         atomic_write_bytes(args.json, (json.dumps(result, indent=2) + "\n").encode())
     return result

@@ -6,7 +6,8 @@ images/s at each step count (default 1, 2, 4, 8, 50), its MFU per step from the 
 apart, and the warm-up (compile / capture) time apart from the steady state. Prints each row as it is
 measured, then a markdown table, to stdout; --json PATH writes every number and --markdown PATH the table
 (each written whole or not at all). Arguments are checked before any model is built. The defaults are
-the 2b model's on a GPU (compiled+graph needs CUDA and is skipped without it); on CPU use the smoke run:
+the 2b model's on a GPU (compiled+graph needs CUDA and is skipped without it); on CPU use the smoke run.
+--profile-kernels N adds, per batch and variant, where one call's device time goes (bench/kernel_profile.py).
 
 Text encoders: real local snapshots with --t5 / --clip, else random ones built in memory: T5-XXL- and
 CLIP-L-shaped for the 0.5b / 2b presets (the width the model expects), tiny ones for the tiny preset
@@ -39,6 +40,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tests/helpers_text for the offline tokenizers
 
+from bench import kernel_profile  # noqa: E402
 from bench.fp8 import RECIPE_LIBRARIES, relative_error  # noqa: E402
 from selfe.atomic import atomic_write_bytes, folder_problem  # noqa: E402
 from selfe.autoencoder import AUTOENCODER_PRESETS, AutoEncoder  # noqa: E402
@@ -92,6 +94,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fp8", choices=("none", "torchao", "te"), default="none", help="also sample in FP8, compared")
     parser.add_argument("--fp8-scaling", choices=("tensorwise", "rowwise"), default="tensorwise", help="torchao only")
     parser.add_argument("--seed", type=int, default=0, help="(default %(default)s)")
+    parser.add_argument(
+        "--profile-kernels",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also profile one call per batch and variant (fewest steps): the N longest kernels and the "
+        "share of each kind (bench/kernel_profile.py; default 0: off)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write every number here")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the table here")
     args = parser.parse_args(argv)
@@ -99,6 +109,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("batch", "steps"):
         if min(getattr(args, name)) < 1:
             parser.error(f"--{name} values must be >= 1, got {' '.join(map(str, getattr(args, name)))}")
+    if args.profile_kernels < 0:
+        parser.error(f"--profile-kernels must be >= 0, got {args.profile_kernels}")
     for name in ("resolution", "iters"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -223,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
         nets[args.fp8] = fp8_copy(model, fp8_config, training=False)  # same weights, large linears in FP8
     fp8_errors = []
 
-    rows, stages = [], []
+    rows, stages, profiles = [], [], []
     for batch in args.batch:
         prompts = ["a photo of a cat on the table"] * batch
         # Text encoder and autoencoder: once to warm, then timed.
@@ -288,6 +300,9 @@ def main(argv: list[str] | None = None) -> dict:
                         row["speedup_vs_high_precision"] = row["images_per_s"] / base["images_per_s"]
                     rows.append(row)
                     print(_row_md(rows[-1]), flush=True)
+                    if args.profile_kernels and not on and steps == min(args.steps):
+                        summary = kernel_profile.profile_call(run, device, args.profile_kernels)
+                        profiles.append({"batch": batch, "variant": variant, "steps": steps, **summary})
 
     result = {
         "preset": args.preset,
@@ -311,6 +326,8 @@ def main(argv: list[str] | None = None) -> dict:
         "stages": stages,
         "rows": rows,
     }
+    if args.profile_kernels:
+        result["kernel_profiles"] = profiles
     if fp8_config.enabled:
         result["fp8"] = {
             **fp8_config.to_dict(),
@@ -384,6 +401,9 @@ def markdown(result: dict) -> str:
         ]
     if result["skipped_variants"]:
         lines += ["", f"Skipped (needs CUDA): {', '.join(result['skipped_variants'])}."]
+    for p in result.get("kernel_profiles", []):
+        title = f"Profile, batch {p['batch']}, {p['variant']}, {p['steps']} step{'s' * (p['steps'] > 1)}"
+        lines += ["", kernel_profile.markdown(p, title)]
     return "\n".join(lines)
 
 

@@ -9,8 +9,8 @@ cannot run raises; `auto` falls back quietly.
 `auto` on CUDA picks per call, since the fastest forward kernel is not the fastest forward + backward:
 - no gradient (sampling, the objective's self-evaluation passes): AUTO_PREFERENCE["forward"];
 - a gradient, eager: AUTO_PREFERENCE["training"];
-- a gradient under torch.compile: the reference, which inductor fuses with its neighbours (the compiled
-  reference was the fastest forward + backward of every op).
+- a gradient under torch.compile: the reference, which inductor fuses with its neighbours (a custom op is
+  a wall to that fusion).
 
 Each op's provider module is imported on its own, on first request, so one module that cannot load
 (a missing extension, a Triton feature an old version lacks) costs only the ops it provides.
@@ -49,8 +49,9 @@ _PROVIDERS: dict[str, dict[str, str]] = {
 }
 # For `auto` on CUDA: per use, per op, fastest first. From bench/kernels.py on an H200 at the 2b shapes
 # (bf16; bench/RESULTS.md, 2026-12-04): the Triton forwards beat the compiled reference 1.2-4x (CUDA C++
-# within 5% of Triton); forward + backward in eager mode, the reference won except for the modulation with
-# its residual (CUDA C++) and the QK-norm + RoPE (Triton, 2.6x).
+# within 5% of Triton). The training row is provisional: that run's forward + backward rows timed the
+# host's autograd overhead more than the kernels (the timer has since been fixed), and it is to be taken
+# again from the corrected table's eager entries.
 AUTO_PREFERENCE: dict[str, dict[str, tuple[str, ...]]] = {
     "forward": {op: ("triton", "cuda", "torch") for op in OPS},
     "training": {

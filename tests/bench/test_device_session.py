@@ -55,6 +55,7 @@ def test_runner_records_each_step_and_falls_back(tmp_path: Path) -> None:
         "import json, sys\n"
         "print('| 1 | progress row |')\n"
         "print('| a | b |'); print('|---|---|'); print('| 1 | 2 |')\n"
+        "print('Caption of the second table:'); print(); print('| c |'); print('|---|'); print('| 3 |')\n"
         "json.dump({'x': 1}, open(sys.argv[1] + '/t.json', 'w'))\n"
     )
     rescue = Step("rescue", "9", 30, argv=python("print('rescued')"))
@@ -67,7 +68,10 @@ def test_runner_records_each_step_and_falls_back(tmp_path: Path) -> None:
     out = tmp_path / "out"
     got = results["steps"]
     assert got["table"]["status"] == "ok" and got["table"]["data"] == {"x": 1}
-    assert got["table"]["report"] == ["| a | b |", "|---|---|", "| 1 | 2 |"]  # the progress row left out
+    assert got["table"]["report"] == [  # the progress row left out, the caption kept
+        *("| a | b |", "|---|---|", "| 1 | 2 |", ""),
+        *("Caption of the second table:", "", "| c |", "|---|", "| 3 |"),
+    ]
     assert got["bad"]["status"] == "failed (exit 3)"
     assert got["bad"]["report"] == ["```", "boom", "```"]
     assert got["rescue"]["status"] == "ok" and got["fn"]["status"] == "ran with 30 s"

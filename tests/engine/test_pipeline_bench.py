@@ -23,7 +23,7 @@ def test_sample_throughput_cpu_smoke(tmp_path: Path, capsys) -> None:
     out = tmp_path / "bench.json"
     argv = ["--preset", "tiny", "--resolution", "32", "--batch", "1", "2", "--steps", "1", "2"]
     argv += ["--variants", "eager", "compiled", "compiled+graph", "--compile-backend", "aot_eager"]
-    argv += ["--iters", "1", "--txt-tokens", "8", "--json", str(out)]
+    argv += ["--iters", "1", "--txt-tokens", "8", "--profile-kernels", "4", "--json", str(out)]
     result = bench.main(argv)
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert result["skipped_variants"] == ["compiled+graph"]  # no CUDA here
@@ -36,5 +36,16 @@ def test_sample_throughput_cpu_smoke(tmp_path: Path, capsys) -> None:
         assert abs(row["step_ms"] * row["steps"] - row["latency_ms"]) < 1e-6 * row["latency_ms"] + 1e-9
     assert [s["batch"] for s in result["stages"]] == [1, 2]
     assert all(s["text_encoder_ms"] > 0 and s["decode_ms"] > 0 for s in result["stages"])
+    # one profile per batch and variant, at the fewest steps, each summing to its own total
+    profiles = result["kernel_profiles"]
+    assert [(p["batch"], p["variant"], p["steps"]) for p in profiles] == [
+        (b, v, 1) for b in (1, 2) for v in ("eager", "compiled")
+    ]
+    for p in profiles:
+        assert 0 < len(p["top"]) <= 4 and p["total_ms"] > 0
+        assert sum(k["share"] for k in p["kinds"]) == pytest.approx(1.0)
+    eager_kinds = {k["kind"] for k in profiles[0]["kinds"]}
+    assert {"gemm", "attention"} <= eager_kinds  # the denoiser's matmuls and SDPA are found by name
     table = capsys.readouterr().out
     assert "| batch | variant | steps |" in table and "text encoder ms" in table
+    assert "Profile, batch 2, compiled, 1 step:" in table and "| kernel | kind | calls | ms | share |" in table
