@@ -21,7 +21,8 @@ one on the same inputs and weights (bench/fp8.py `compare_fp8`).
     python bench/train_mfu.py --preset tiny --resolution 64 --steps 3 --fp8 torchao
 Under torchrun every rank trains; rank 0 prints. Images/s and tokens/s are for the whole job.
 Prints a line per run to stdout as it ends (each run's start to stderr); --json PATH writes every number
-(written whole or not at all). Arguments and trainer overrides are checked before anything trains.
+(written whole or not at all). A variant that runs out of GPU memory is reported as such and the next runs.
+Arguments and trainer overrides are checked before anything trains.
 """
 
 from __future__ import annotations
@@ -235,17 +236,23 @@ def main(argv: list[str] | None = None) -> int:
             for fp8 in ("none",) if args.fp8 == "none" else ("none", args.fp8):
                 if not dist.is_initialized() or dist.get_rank() == 0:  # progress: a compiled 2b run takes minutes
                     print(f"# {variant} fp8={fp8}: training {args.steps} timed steps", file=sys.stderr, flush=True)
-                result = run_variant(args, variant, Path(tmp) / f"{variant}-{fp8}", fp8)
+                try:
+                    result = run_variant(args, variant, Path(tmp) / f"{variant}-{fp8}", fp8)
+                except torch.OutOfMemoryError as err:  # e.g. no activation checkpointing at this batch: the
+                    # other variants still run (the trainer is closed and its memory freed by then)
+                    rank = dist.get_rank() if dist.is_initialized() else 0
+                    result = {"variant": variant, "fp8": fp8, "rank": rank, "error": _oom_message(err, args)}
                 label = variant if fp8 == "none" else f"{variant}+{fp8}"
-                if fp8 != "none":  # against the high-precision run of the same variant, just before
-                    result["speedup_vs_high_precision"] = results[-1]["step_time_s"] / result["step_time_s"]
+                base = results[-1] if fp8 != "none" else {}
+                if "step_time_s" in base and "step_time_s" in result:  # against the same variant, just before
+                    result["speedup_vs_high_precision"] = base["step_time_s"] / result["step_time_s"]
                 results.append(result)
                 if result["rank"] == 0:
                     _print(label, result)
     error = fp8_error(args) if args.fp8 != "none" else None
     if error is not None and results and results[0]["rank"] == 0:
         ratios = ", ".join(
-            f"{r['variant']} x{r['speedup_vs_high_precision']:.2f}" for r in results if r["fp8"] != "none"
+            f"{r['variant']} x{r['speedup_vs_high_precision']:.2f}" for r in results if "speedup_vs_high_precision" in r
         )
         print(f"fp8={args.fp8}/{args.fp8_scaling} training step throughput vs high precision: {ratios}")
         print(
@@ -267,7 +274,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _oom_message(err: torch.OutOfMemoryError, args: argparse.Namespace) -> str:
+    batch = args.batch or (8 if torch.cuda.is_available() else 2)
+    return f"out of memory at batch {batch} per rank ({str(err).splitlines()[0][:160]})"
+
+
 def _print(label: str, result: dict) -> None:
+    if "error" in result:
+        print(f"{label:19s} {result['error']}", flush=True)
+        return
     mem = f"{result['max_reserved_gib']:.1f} GiB" if result["max_reserved_gib"] is not None else "-"
     ratio = result.get("speedup_vs_high_precision")
     print(
