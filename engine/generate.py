@@ -3,7 +3,8 @@
     selfe generate --model DIR --prompt "a photo of a cat" "a red dog" --steps 1 2 4 8 --seed 0 --out grid.png
 
 Writes every image as OUT_STEM_p{prompt index}_{steps}steps.png beside the grid, and the grid itself
-(rows: prompts, columns: step counts, left to right as given). All prompts of one step count run as
+(rows: prompts, columns: step counts, left to right as given); images of that name that an earlier run
+left there and this one did not rewrite are removed, so the folder holds one run. All prompts of one step count run as
 one batch, with the same seed at every step count, so a row shows one noise draw sampled at each
 budget. DIR is a pipeline directory (see `selfe.pipeline`); without --model, the ShapesEval model
 shipped with the package (`selfe.shapes.shipped_model_dir()`) is used when this install has it.
@@ -14,12 +15,14 @@ upscaled (nearest neighbour, --upscale) so that small ones (ShapesEval's 32x32) 
 from __future__ import annotations
 
 import argparse
+import glob
 import io
 import math
+import re
 import sys
 from pathlib import Path
 
-from selfe.atomic import folder_problem
+from selfe.atomic import atomic_write_bytes, folder_problem
 from selfe.devices import device_problem
 
 NO_MODEL_HELP = """selfe generate: error: no model given; pass --model DIR.
@@ -228,16 +231,41 @@ def generate_main(argv: list[str] | None = None) -> int:
         for steps, images in zip(args.steps, columns):
             for i, image in enumerate(images):
                 path = args.out.with_name(f"{args.out.stem}_p{i:02d}_{steps}steps.png")
-                image.save(path)
+                save_image(image, path)
                 paths.append(path)
-        image_grid(columns).save(args.out)
+        save_image(image_grid(columns), args.out)
+        stale = earlier_images(args.out, keep=paths)
+        for path in stale:
+            path.unlink(missing_ok=True)
     except OSError as err:
         print(f"selfe generate: error: could not write the images: {err}", file=sys.stderr)
         return 1
     scaled = f", upscaled {factor}x from {width}x{height}" if factor > 1 else ""
     count = f"{len(paths)} image{'s' * (len(paths) != 1)}"
-    print(f"wrote {count} and the grid {args.out} (rows: prompts, columns: steps {args.steps}{scaled})")
+    removed = f"; removed {len(stale)} image{'s' * (len(stale) != 1)} of an earlier run beside it" if stale else ""
+    print(f"wrote {count} and the grid {args.out} (rows: prompts, columns: steps {args.steps}{scaled}){removed}")
     return 0
+
+
+def save_image(image, path: Path) -> None:
+    """Encode in memory, then write to a temp file and rename: an interrupted run leaves no half image."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    image.save(buffer, format=Image.registered_extensions()[path.suffix.lower()])
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def earlier_images(out: Path, keep: list[Path]) -> list[Path]:
+    """The single images an earlier run with the same --out left beside the grid (more prompts or other
+    step counts) that this run did not rewrite: left there, they would pass for this run's."""
+    pattern = re.compile(re.escape(out.stem) + r"_p\d{2,}_\d+steps\.png")
+    kept = {path.name for path in keep}
+    return sorted(
+        path
+        for path in out.parent.glob(f"{glob.escape(out.stem)}_p*steps.png")
+        if pattern.fullmatch(path.name) and path.name not in kept
+    )
 
 
 def argument_problem(args: argparse.Namespace) -> str | None:

@@ -83,16 +83,34 @@ def test_out_keeps_writing_beside_the_grid(tmp_path: Path, fake_pipe: FakePipe) 
     ]  # fmt: skip
 
 
+def test_a_second_run_removes_the_single_images_the_first_left(tmp_path: Path, fake_pipe: FakePipe, capsys) -> None:
+    out = tmp_path / "grid.png"
+    generate_main(["--model", str(tmp_path), "--prompt", "a", "b", "--steps", "1", "3", "--out", str(out)])
+    others = ["grid_p00_1steps_edited.png", "other_p00_1steps.png", "grid_notes.txt", "grid_pxx_1steps.png"]
+    for name in others:  # not of the pattern this grid's images are named by: left alone
+        (tmp_path / name).write_text("")
+    capsys.readouterr()
+    assert generate_main(["--model", str(tmp_path), "--prompt", "a", "--steps", "1", "--out", str(out)]) == 0
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("grid", "other")))
+    assert left == sorted(["grid.png", "grid_p00_1steps.png", *others])
+    assert "removed 3 images of an earlier run" in capsys.readouterr().out
+
+
 def test_a_write_failure_after_sampling_is_one_line(tmp_path: Path, fake_pipe: FakePipe, monkeypatch, capsys) -> None:
     import selfe.generate
 
-    def disk_full(path):
-        raise OSError(28, "No space left on device")
+    real_write = selfe.generate.atomic_write_bytes
 
-    monkeypatch.setattr(selfe.generate, "image_grid", lambda columns: SimpleNamespace(save=disk_full))
+    def disk_full_at_the_grid(path, data):
+        if path.name == "g.png":
+            raise OSError(28, "No space left on device")
+        real_write(path, data)
+
+    monkeypatch.setattr(selfe.generate, "atomic_write_bytes", disk_full_at_the_grid)
     assert generate_main(["--model", str(tmp_path), "--prompt", "a", "--out", str(tmp_path / "g.png")]) == 1
     err = capsys.readouterr().err
     assert "could not write the images" in err and "No space left" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"g_p00_{n}steps.png" for n in (1, 2, 4, 8)]  # no grid
 
 
 def test_device_is_checked_before_the_model_loads(tmp_path: Path, no_load, monkeypatch, capsys) -> None:
