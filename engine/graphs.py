@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from selfe.kernels.dispatch import get_op
-from selfe.sampler import SamplerConfig, denoise_step, s_grid
+from selfe.sampler import Generators, SamplerConfig, denoise_step, draw_noise, s_grid
 from selfe.schedule import sampling_grid
 
 CUDA_GRAPH_MODES = ("auto", "on", "off")
@@ -375,7 +375,7 @@ class FastSampler:
         null_cond: Mapping[str, Tensor] | None,
         config: SamplerConfig,
         num_tokens: int | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         progress=None,
     ) -> Tensor:
         """Same contract and the same random draws as `selfe.sampler.sample`; returns a fresh tensor.
@@ -401,7 +401,7 @@ class FastSampler:
         s_cur = s_values[:, None].expand(config.steps, b).contiguous()
         x = noise
         for k in range(config.steps):
-            z = torch.randn(noise.shape, generator=generator, device=device, dtype=noise.dtype)
+            z = draw_noise(noise.shape, generator, device, noise.dtype)
             args = dict(
                 x=x,
                 t_cur=t_cur[k],

@@ -68,7 +68,7 @@ from selfe.pipeline_inputs import (
     warn_truncated,
 )
 from selfe.pixel_autoencoder import SpaceToDepthAutoEncoder, SpaceToDepthConfig
-from selfe.sampler import METHODS, S_POLICIES, SamplerConfig, sample
+from selfe.sampler import METHODS, S_POLICIES, SamplerConfig, draw_noise, sample
 from selfe.text_encoders import DTYPE_NAMES, TextEncoders
 from selfe.weights import check_safetensors_file, load_safetensors_into
 
@@ -375,7 +375,7 @@ class SelfEPipeline:
         height: int | None = None,
         width: int | None = None,
         seed: int | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
         sampler: str | None = None,
         s_policy: str | None = None,
         s_fixed: float | None = None,
@@ -396,13 +396,15 @@ class SelfEPipeline:
             Omega 1 equals no CFG exactly, so it runs as None (one forward per step).
         height / width: pixels, multiples of `size_multiple`; None: `default_size` (the config's resolution).
             Each side defaults on its own, as in diffusers: height=64 alone gives 64 x the default width.
-        seed (an int in [0, 2**64)) or generator: the noise source (both: error).
+        seed (an int in [0, 2**64)) or generator: the noise source (both: error). generator may be a list,
+            one per image (prompt-major, num_images_per_prompt each), as in diffusers: image i's noise then
+            comes from generator i alone, so it does not depend on the rest of the batch.
         sampler: "ddim" (eta-DDIM) or "euler".
         s_policy / s_fixed / eta: see SamplerConfig. fast: the compiled / graphed step (False: the
         plain eager sampler loop, for reference). progress: a callable, called with the step index after
         each step (on both paths).
-        num_images_per_prompt: images per prompt, prompt-major (prompt 0's images first); the noise of all
-            of them comes from one draw of the seed / generator, so prompt 0's images depend on the batch.
+        num_images_per_prompt: images per prompt, prompt-major (prompt 0's images first); with a seed or one
+            generator, the noise of all of them comes from one draw, so prompt 0's images depend on the batch.
         output_type "latent": `images` is the (B, C, h, w) latents tensor itself (no decode).
         negative_prompt: one prompt, or one per prompt, whose encoding replaces the null prompt's in CFG's
             unconditional branch (as in diffusers); it needs CFG (guidance not None or 1).
@@ -421,7 +423,7 @@ class SelfEPipeline:
         self._check_size(height, width)
         check_choice("output_type", output_type, OUTPUT_TYPES)
         check_int("num_images_per_prompt", num_images_per_prompt, 1)
-        generator = self._generator(seed, generator)
+        generator = self._generator(seed, generator, len(prompts) * num_images_per_prompt)
         if not isinstance(fast, bool):
             raise TypeError(f"fast must be a bool, got {fast!r}")
         if progress is not None and not callable(progress):
@@ -448,8 +450,13 @@ class SelfEPipeline:
         with clock("text_encoder"):
             cond, null = self.encode_prompts(prompts, guided, negatives)
         latent_shape = self._latent_shape(height, width)
-        noise = torch.randn((batch, *latent_shape), generator=generator, device=generator.device)
-        noise = noise.to(self.device)
+        if isinstance(generator, torch.Generator):
+            noise = torch.randn((batch, *latent_shape), generator=generator, device=generator.device)
+            noise = noise.to(self.device)
+            step_noise = _on(generator, noise)
+        else:  # one generator per image
+            noise = draw_noise((batch, *latent_shape), generator, self.device)
+            step_noise = [_on(g, noise) for g in generator]
         patch = self.model.config.patch_size
         num_tokens = (latent_shape[1] // patch) * (latent_shape[2] // patch)
         if fast:
@@ -458,10 +465,10 @@ class SelfEPipeline:
                 with clock("warmup"), fp8_autocast_context(self.fp8):
                     self.fast.warmup(noise, cond, null, config.method, config.kernel_backend)
             with clock("denoise"), fp8_autocast_context(self.fp8):
-                latents = self.fast.sample(noise, cond, null, config, num_tokens, _on(generator, noise), progress)
+                latents = self.fast.sample(noise, cond, null, config, num_tokens, step_noise, progress)
         else:
             with clock("denoise"), fp8_autocast_context(self.fp8):
-                latents = sample(self.model, noise, cond, null, config, num_tokens, _on(generator, noise), progress)
+                latents = sample(self.model, noise, cond, null, config, num_tokens, step_noise, progress)
         if output_type == "latent":
             return SelfEPipelineOutput(images=latents, latents=latents, timings=timings)
         with clock("decode"):
@@ -534,12 +541,24 @@ class SelfEPipeline:
         f = self.autoencoder.downsample_factor
         return (self.model.config.in_channels, height // f, width // f)
 
-    def _generator(self, seed: Any, generator: Any) -> torch.Generator:
+    def _generator(self, seed: Any, generator: Any, batch: int) -> torch.Generator | list[torch.Generator]:
         if seed is not None and generator is not None:
             raise ValueError("pass seed or generator, not both")
+        if isinstance(generator, (list, tuple)):
+            bad = [type(g).__name__ for g in generator if not isinstance(g, torch.Generator)]
+            if bad:
+                raise TypeError(f"generator list must hold torch.Generators only, got {', '.join(sorted(set(bad)))}")
+            if len(generator) != batch:
+                raise ValueError(
+                    f"a list of generators needs one per image: got {len(generator)} for {batch} images "
+                    "(prompts x num_images_per_prompt)"
+                )
+            return list(generator)
         if generator is not None:
             if not isinstance(generator, torch.Generator):
-                raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+                raise TypeError(
+                    f"generator must be a torch.Generator or a list of them, got {type(generator).__name__}"
+                )
             return generator
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())

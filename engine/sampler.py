@@ -8,7 +8,7 @@ graph once per shape and replay it for every step count. `sample` is the plain l
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -23,6 +23,21 @@ from selfe.schedule import TimeShift, sampling_grid
 
 S_POLICIES = ("next", "current", "midpoint", "fixed")
 METHODS = ("ddim", "euler")
+
+# One generator for the whole batch, or one per sample (diffusers' list of generators).
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def draw_noise(shape: Sequence[int], generator: Generators, device, dtype: torch.dtype | None = None) -> Tensor:
+    """Standard normal noise of `shape` on `device`. With a list of generators, sample b's slice comes from
+    generator b, drawn on that generator's device, so an image does not depend on the rest of its batch."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+    generators = list(generator)
+    if len(generators) != shape[0]:
+        raise ValueError(f"a list of generators needs one per sample: got {len(generators)} for {shape[0]} samples")
+    slices = [torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=dtype) for g in generators]
+    return torch.cat([z.to(device) for z in slices])
 
 
 @dataclass
@@ -174,11 +189,12 @@ def sample(
     null_cond: Any = None,
     config: SamplerConfig | None = None,
     num_tokens: int | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     progress: Callable[[int], Any] | None = None,
 ) -> Tensor:
     """Run `config.steps` steps from `noise` (x at t = 1) to a clean sample. Deterministic for a given generator.
 
+    generator: the per-step noise's source (eta-DDIM), one for the batch or one per sample (`draw_noise`).
     num_tokens: image tokens per sample for the length shift (unless the config fixes mu).
     progress: optional callable(k) called after step k (a progress bar's update).
     """
@@ -194,7 +210,7 @@ def sample(
     eta = torch.tensor(config.eta, device=device, dtype=noise.dtype)
     x = noise
     for k in range(config.steps):
-        z = torch.randn(noise.shape, generator=generator, device=device, dtype=noise.dtype)
+        z = draw_noise(noise.shape, generator, device, noise.dtype)
         x = denoise_step(
             net,
             x,

@@ -404,6 +404,23 @@ def test_rare_call_paths(pipe: SelfEPipeline, monkeypatch: pytest.MonkeyPatch) -
         pipe.warmup(1, guidance="yes")
 
 
+def test_a_list_of_generators_makes_each_image_independent_of_its_batch(pipe: SelfEPipeline) -> None:
+    def generators(*seeds: int) -> list[torch.Generator]:
+        return [torch.Generator().manual_seed(seed) for seed in seeds]
+
+    call = dict(steps=2, guidance=5.0, output_type="pt")  # eta-DDIM: fresh noise every step, and CFG
+    pair = pipe(["a red circle", "a blue square"], generator=generators(3, 4), **call).images
+    alone = pipe(["a blue square"], generator=generators(4), **call).images
+    swapped = pipe(["a blue square", "a red circle"], generator=generators(4, 3), **call).images
+    torch.testing.assert_close(pair[1], alone[0], atol=1e-5, rtol=0)  # only batched matmul rounding differs
+    torch.testing.assert_close(pair, swapped.flip(0), atol=1e-5, rtol=0)
+    # A list of one is the generator itself; one generator for two images draws them differently.
+    single = pipe(["a blue square"], generator=torch.Generator().manual_seed(4), **call).images
+    assert torch.equal(single, alone)
+    shared = pipe(["a red circle", "a blue square"], generator=torch.Generator().manual_seed(4), **call).images
+    assert (shared[1] - alone[0]).abs().max() > 0.1
+
+
 def test_long_prompts_are_truncated_with_a_warning(pipe: SelfEPipeline) -> None:
     t5_limit = pipe.text_encoders.t5.max_length
     long = " and ".join(["a red circle"] * t5_limit)

@@ -238,6 +238,9 @@ def test_graph_replay_bookkeeping(pipeline_dir: Path, monkeypatch: pytest.Monkey
         (dict(seed=-1), "seed"),
         (dict(seed=1, generator=torch.Generator()), "seed or generator"),
         (dict(generator=7), "generator"),
+        (dict(generator=[torch.Generator(), 7]), "torch.Generators only"),
+        (dict(generator=[torch.Generator()]), "one per image: got 1 for 2 images"),
+        (dict(generator=[torch.Generator()] * 2, num_images_per_prompt=2), "got 2 for 4 images"),
         (dict(fast="yes"), "fast"),
     ],
 )

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from selfe.renorm import energy_preserving_cfg
-from selfe.sampler import SamplerConfig, denoise_step, guided_velocity, s_grid, sample
+from selfe.sampler import SamplerConfig, denoise_step, draw_noise, guided_velocity, s_grid, sample
 from selfe.schedule import TimeShift, sampling_grid, shift_time
 
 f64 = torch.float64
@@ -137,3 +137,15 @@ def test_config_and_input_errors():
         SamplerConfig(guidance=float("nan"))
     with pytest.raises(ValueError, match="null"):
         sample(PointMass(torch.zeros(1, 2)), torch.randn(1, 2), None, None, SamplerConfig(guidance=2.0))
+
+
+def test_draw_noise_takes_one_generator_per_sample() -> None:
+    shape = (3, 4, 2, 2)
+    got = draw_noise(shape, [torch.Generator().manual_seed(s) for s in (5, 6, 7)], "cpu")
+    want = torch.cat([torch.randn((1, 4, 2, 2), generator=torch.Generator().manual_seed(s)) for s in (5, 6, 7)])
+    assert torch.equal(got, want)
+    one = draw_noise(shape, torch.Generator().manual_seed(5), "cpu")  # one generator: one draw for the batch
+    assert torch.equal(one, torch.randn(shape, generator=torch.Generator().manual_seed(5)))
+    assert not torch.equal(one[1], got[1])
+    with pytest.raises(ValueError, match="one per sample: got 2 for 3 samples"):
+        draw_noise(shape, [torch.Generator(), torch.Generator()], "cpu")
