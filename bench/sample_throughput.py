@@ -52,7 +52,7 @@ from selfe.graphs import FastPathConfig, FastSampler  # noqa: E402
 from selfe.model import MMDiT  # noqa: E402
 from selfe.optional import probe, unavailable_reason  # noqa: E402
 from selfe.sampler import SamplerConfig  # noqa: E402
-from selfe.text_encoders import CLIPTextEncoder, T5TextEncoder, TextEncoders  # noqa: E402
+from selfe.text_encoders import CLIPTextEncoder, T5TextEncoder, TextEncoders, cut_to_text_bucket  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 VARIANTS = ("eager", "compiled", "compiled+graph")
@@ -71,6 +71,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-cfg", action="store_true", help="no CFG: one forward per step")
     parser.add_argument("--sampler", choices=("ddim", "euler"), default="ddim", help="(default %(default)s)")
     parser.add_argument("--txt-tokens", type=int, default=None, help="T5 padded length (default 512; tiny: 64)")
+    parser.add_argument(
+        "--text-bucket",
+        type=_bucket,
+        default=FastPathConfig().text_bucket,
+        help="cut the denoiser's text tokens to the smallest of N, 2N, 4N, ... that holds the prompt, as the "
+        "pipeline does (FastPathConfig.text_bucket, default %(default)s); 'none': the padded length",
+    )
     parser.add_argument(
         "--autoencoder",
         choices=sorted(AUTOENCODER_PRESETS),
@@ -143,6 +150,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             if problem:
                 parser.error(f"--{name} {path}: {problem}")
     return args
+
+
+def _bucket(value: str) -> int | None:
+    if value == "none":
+        return None
+    try:
+        bucket = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1 or 'none', got {value!r}") from None
+    if bucket < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1 or 'none', got {value!r}")
+    return bucket
 
 
 def _sync(device: torch.device) -> None:
@@ -242,16 +261,25 @@ def main(argv: list[str] | None = None) -> dict:
         text.encode(prompts)
         enc_s, cond = timed(lambda p=prompts: text.encode(p), device, args.iters)
         null = text.null_condition(batch, cond["txt"].shape[1]) if guidance is not None else None
+        cond, null = cut_to_text_bucket(cond, null, args.text_bucket)
+        denoiser_txt = cond["txt"].shape[1]
         noise = torch.randn(batch, config.in_channels, latent, latent, device=device)
         with torch.no_grad():
             autoencoder.decode(noise.to(dtype))
             dec_s, _ = timed(lambda z=noise: autoencoder.decode(z.to(dtype)), device, args.iters)
-        stages.append({"batch": batch, "text_encoder_ms": enc_s * 1e3, "decode_ms": dec_s * 1e3})
+        stages.append(
+            {
+                "batch": batch,
+                "text_encoder_ms": enc_s * 1e3,
+                "decode_ms": dec_s * 1e3,
+                "denoiser_txt_tokens": denoiser_txt,
+            }
+        )
 
         if fp8_config.enabled:
             fp8_errors.append({"batch": batch, "relative_error": denoiser_error(nets, fp8_config, noise, cond)})
 
-        flops_step = mmdit_forward_flops(config, batch * (2 if guidance is not None else 1), img_tokens, txt_tokens)
+        flops_step = mmdit_forward_flops(config, batch * (2 if guidance is not None else 1), img_tokens, denoiser_txt)
         for variant in variants:
             for fp8, net in nets.items():
                 fast = FastSampler(
@@ -310,6 +338,7 @@ def main(argv: list[str] | None = None) -> dict:
         "resolution": args.resolution,
         "img_tokens": img_tokens,
         "txt_tokens": txt_tokens,
+        "text_bucket": args.text_bucket,
         "guidance": guidance,
         "sampler": args.sampler,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -375,10 +404,18 @@ def _label(r: dict) -> str:
     return f"{r['variant']} fp8={r['fp8']} (x{r['speedup_vs_high_precision']:.2f})"
 
 
+def _text_tokens(result: dict) -> str:
+    """The denoiser's text tokens: T5's padded length, or what the text bucket cut it to."""
+    used = sorted({stage["denoiser_txt_tokens"] for stage in result["stages"]})
+    if used == [result["txt_tokens"]]:
+        return str(result["txt_tokens"])
+    return f"{'/'.join(map(str, used))} (T5 pads to {result['txt_tokens']}; text bucket {result['text_bucket']})"
+
+
 def markdown(result: dict) -> str:
     lines = [
         f"{result['preset']} ({result['params'] / 1e6:.1f}M params), {result['resolution']}², "
-        f"{result['img_tokens']} image + {result['txt_tokens']} text tokens, {result['dtype']}, "
+        f"{result['img_tokens']} image + {_text_tokens(result)} text tokens, {result['dtype']}, "
         f"CFG {result['guidance']}, {result['sampler']}, {result['device']}, torch {result['torch']}. "
         "Denoiser only; MFU over peak "
         f"{result['peak_flops'] / 1e12:.0f} TFLOP/s; warm-up = compile (+ capture), paid once per shape.",

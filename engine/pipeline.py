@@ -69,7 +69,7 @@ from selfe.pipeline_inputs import (
 )
 from selfe.pixel_autoencoder import SpaceToDepthAutoEncoder, SpaceToDepthConfig
 from selfe.sampler import METHODS, S_POLICIES, SamplerConfig, draw_noise, sample
-from selfe.text_encoders import DTYPE_NAMES, TextEncoders
+from selfe.text_encoders import DTYPE_NAMES, TextEncoders, cut_to_text_bucket
 from selfe.weights import check_safetensors_file, load_safetensors_into
 
 OUTPUT_TYPES = ("pil", "pt", "np", "latent")
@@ -303,11 +303,12 @@ class SelfEPipeline:
     # Stages
 
     def encode_prompts(
-        self, prompts: list[str], guided: bool, negative: list[str] | None = None
+        self, prompts: list[str], guided: bool, negative: list[str] | None = None, text_tokens: int | None = None
     ) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
         """cond {"txt": (B, Lt, d), "txt_mask": (B, Lt), "pooled": (B, d_clip)} and the null condition
         (the cached encoding of "", same Lt) or None without guidance. negative: B prompts that take the
-        null condition's place (encoded in the same call as the prompts, so at the same length)."""
+        null condition's place (encoded in the same call as the prompts, so at the same length). Lt is the
+        text bucket (FastPathConfig.text_bucket) of the longest prompt, or of `text_tokens` when given."""
         if negative is not None:
             both = self.text_encoders.encode(prompts + negative)
             cond = {k: v[: len(prompts)] for k, v in both.items()}
@@ -315,6 +316,7 @@ class SelfEPipeline:
         else:
             cond = self.text_encoders.encode(prompts)
             null = self.text_encoders.null_condition(len(prompts), cond["txt"].shape[1]) if guided else None
+        cond, null = cut_to_text_bucket(cond, null, self.fast.config.text_bucket, text_tokens)
         to_model = lambda c: {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in c.items()}
         return to_model(cond), (None if null is None else to_model(null))
 
@@ -325,12 +327,15 @@ class SelfEPipeline:
         width: int | None = None,
         guidance: bool | None = None,
         sampler: str | None = None,
+        text_tokens: int | None = None,
     ) -> float:
         """Compile (and on CUDA capture) the step for `batch` images of height x width; returns seconds.
 
         batch counts images, not prompts x images. height / width None: `default_size`. guidance (warm
         the guided step or not) and sampler None: as a call with the pipeline's defaults would run.
-        The first call of a new shape does this by itself.
+        text_tokens: warm the text bucket of prompts up to this many T5 tokens (EOS included; default: the
+        smallest bucket, FastPathConfig.text_bucket, which short prompts use). The first call of a new
+        shape does this by itself.
         """
         batch, height, width = plain_numbers(batch, height, width)
         check_int("batch", batch, 1)
@@ -342,7 +347,10 @@ class SelfEPipeline:
             guidance = runs_cfg(self.sampler_defaults.guidance)
         if not isinstance(guidance, bool):
             raise TypeError(f"guidance must be a bool (warm up the guided step or not) or None, got {guidance!r}")
-        cond, null = self.encode_prompts([""] * batch, guided=guidance)
+        if text_tokens is not None:
+            (text_tokens,) = plain_numbers(text_tokens)
+            check_int("text_tokens", text_tokens, 1)
+        cond, null = self.encode_prompts([""] * batch, guided=guidance, text_tokens=text_tokens)
         x = torch.zeros(batch, *self._latent_shape(height, width), device=self.device)
         with fp8_autocast_context(self.fp8):
             return self.fast.warmup(x, cond, null, sampler, self.sampler_defaults.kernel_backend)

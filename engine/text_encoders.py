@@ -344,6 +344,33 @@ def fit_condition_length(cond: dict[str, Tensor], length: int) -> dict[str, Tens
     return {**cond, "txt": txt, "txt_mask": mask}
 
 
+def text_bucket_length(tokens: int, bucket: int, full: int) -> int:
+    """The smallest of bucket, 2 * bucket, 4 * bucket, ... that holds `tokens`, at most `full`."""
+    length = bucket
+    while length < tokens:
+        length *= 2
+    return min(length, full)
+
+
+def cut_to_text_bucket(
+    cond: dict[str, Tensor], null: dict[str, Tensor] | None, bucket: int | None, text_tokens: int | None = None
+) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
+    """cond and null (same token length) cut to the text bucket of their longest prompt, or of
+    `text_tokens` real tokens when given (`selfe.graphs.FastPathConfig.text_bucket`). Exact for the MMDiT,
+    which masks padded text out as attention keys; without a mask or a bucket, unchanged."""
+    full = cond["txt"].shape[1]
+    if bucket is None or cond.get("txt_mask") is None:
+        return cond, null
+    if text_tokens is None:  # one host sync per call, before sampling
+        text_tokens = max(int(c["txt_mask"].sum(dim=1).max()) for c in (cond, null) if c is not None)
+    elif text_tokens > full:
+        raise ValueError(f"text_tokens must be at most the text encoder's padded length {full}, got {text_tokens}")
+    length = text_bucket_length(max(text_tokens, 1), bucket, full)
+    if length == full:
+        return cond, null
+    return fit_condition_length(cond, length), (None if null is None else fit_condition_length(null, length))
+
+
 class NullConditionCache:
     """The null condition (the encoding of "") for any PromptEncoder: encoded once, then fitted to
     the requested token length and expanded to the batch."""

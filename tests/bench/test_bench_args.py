@@ -156,6 +156,8 @@ SAMPLE = ["--preset", "tiny", "--resolution", "64", "--batch", "1", "--steps", "
         (["--steps", "0"], "--steps values must be >= 1"),
         (["--iters", "0"], "--iters must be >= 1"),
         (["--txt-tokens", "0"], "--txt-tokens must be >= 1"),
+        (["--text-bucket", "0"], "--text-bucket: must be an integer >= 1 or 'none', got '0'"),
+        (["--profile-kernels", "-1"], "--profile-kernels must be >= 0"),
         (["--guidance", "nan"], "--guidance must be a finite number >= 0"),
         (["--peak-flops", "-1"], "--peak-flops must be a finite number > 0"),
         (["--resolution", "62"], "--resolution must be a multiple of 4"),

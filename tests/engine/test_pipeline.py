@@ -255,6 +255,35 @@ def test_inputs_are_checked_before_any_work(
         run(pipe, **kwargs)
 
 
+def test_the_text_bucket_cuts_padding_and_keeps_the_images(pipeline_dir: Path) -> None:
+    eager = dataclasses.replace(FAST, compile=False)
+    full = SelfEPipeline.from_pretrained(pipeline_dir, fast_path=dataclasses.replace(eager, text_bucket=None))
+    cut = SelfEPipeline.from_pretrained(pipeline_dir, fast_path=dataclasses.replace(eager, text_bucket=2))
+    # T5 pads to 16 here; the longest prompt has 7 tokens (EOS included), so the bucket is 8 (2, 4, 8).
+    cond_full, null_full = full.encode_prompts(PROMPTS, guided=True)
+    cond, null = cut.encode_prompts(PROMPTS, guided=True)
+    assert cond_full["txt"].shape[1] == 16 and int(cond_full["txt_mask"].sum(1).max()) == 7
+    assert cond["txt"].shape[1] == null["txt"].shape[1] == 8
+    assert torch.equal(cond["txt"], cond_full["txt"][:, :8]) and torch.equal(
+        null["txt_mask"], null_full["txt_mask"][:, :8]
+    )
+    # Padded text is masked out as keys and sits at position 0: the images do not change.
+    for fast in (True, False):
+        want, got = run(full, seed=3, fast=fast).images, run(cut, seed=3, fast=fast).images
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+    # A long prompt keeps the encoder's length; warm-up takes the bucket to prepare.
+    long_prompt = " ".join(["red"] * 40)
+    assert cut.encode_prompts([long_prompt], guided=False)[0]["txt"].shape[1] == 16
+    assert cut.encode_prompts([""], guided=False, text_tokens=5)[0]["txt"].shape[1] == 8
+    with pytest.raises(ValueError, match="at most the text encoder's padded length 16, got 17"):
+        cut.warmup(1, text_tokens=17)
+    with pytest.raises(ValueError, match="text_tokens"):
+        cut.warmup(1, text_tokens=0)
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match="text_bucket"):
+            FastPathConfig(text_bucket=bad)
+
+
 def test_pipeline_directory_errors(pipeline_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="pipeline directory"):
         SelfEPipeline.from_pretrained(tmp_path / "nothing")

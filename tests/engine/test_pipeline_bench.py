@@ -23,7 +23,7 @@ def test_sample_throughput_cpu_smoke(tmp_path: Path, capsys) -> None:
     out = tmp_path / "bench.json"
     argv = ["--preset", "tiny", "--resolution", "32", "--batch", "1", "2", "--steps", "1", "2"]
     argv += ["--variants", "eager", "compiled", "compiled+graph", "--compile-backend", "aot_eager"]
-    argv += ["--iters", "1", "--txt-tokens", "8", "--profile-kernels", "4", "--json", str(out)]
+    argv += ["--iters", "1", "--txt-tokens", "32", "--text-bucket", "4", "--profile-kernels", "4", "--json", str(out)]
     result = bench.main(argv)
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert result["skipped_variants"] == ["compiled+graph"]  # no CUDA here
@@ -35,6 +35,8 @@ def test_sample_throughput_cpu_smoke(tmp_path: Path, capsys) -> None:
         assert row["mfu"] == pytest.approx(row["tflops_per_s"] * 1e12 / 989e12)
         assert abs(row["step_ms"] * row["steps"] - row["latency_ms"]) < 1e-6 * row["latency_ms"] + 1e-9
     assert [s["batch"] for s in result["stages"]] == [1, 2]
+    # the bench's prompt, 8 words and EOS, fits in 16 of T5's 32 tokens: the text bucket 4 cuts there (4, 8, 16)
+    assert {s["denoiser_txt_tokens"] for s in result["stages"]} == {16}
     assert all(s["text_encoder_ms"] > 0 and s["decode_ms"] > 0 for s in result["stages"])
     # one profile per batch and variant, at the fewest steps, each summing to its own total
     profiles = result["kernel_profiles"]
