@@ -107,7 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 FLUSH_BYTES = 1 << 30
-COVER_MARGIN = 1.5  # the GPU idles this many times the host's queuing time of fn before fn's kernels run
+COVER_MARGIN = 1.5  # the GPU sleeps this many times the host's queuing time of fn before fn's kernels run
 MAX_COVER_S = 0.05  # a fn that waits on the GPU inside (a sync) can't be covered; don't sleep for nothing
 HOST_RUNS = 5
 

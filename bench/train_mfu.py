@@ -239,9 +239,13 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     result = run_variant(args, variant, Path(tmp) / f"{variant}-{fp8}", fp8)
                 except torch.OutOfMemoryError as err:  # e.g. no activation checkpointing at this batch: the
-                    # other variants still run (the trainer is closed and its memory freed by then)
+                    # other variants still run
                     rank = dist.get_rank() if dist.is_initialized() else 0
                     result = {"variant": variant, "fp8": fp8, "rank": rank, "error": _oom_message(err, args)}
+                if "error" in result:  # the traceback held the failed step's tensors until the except ended
+                    gc.collect()
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
                 label = variant if fp8 == "none" else f"{variant}+{fp8}"
                 base = results[-1] if fp8 != "none" else {}
                 if "step_time_s" in base and "step_time_s" in result:  # against the same variant, just before

@@ -4,10 +4,11 @@
 
 Writes every image as OUT_STEM_p{prompt index}_{steps}steps.png beside the grid, and the grid itself
 (rows: prompts, columns: step counts, left to right as given); images of that name that an earlier run
-left there and this one did not rewrite are removed, so the folder holds one run. All prompts of one step count run as
-one batch, with the same seed at every step count, so a row shows one noise draw sampled at each
-budget. DIR is a pipeline directory (see `selfe.pipeline`); without --model, the ShapesEval model
-shipped with the package (`selfe.shapes.shipped_model_dir()`) is used when this install has it.
+left there and this one did not rewrite are removed, so the folder holds one run. All prompts of one
+step count run as one batch, with the same seed at every step count, so a row shows one noise draw
+sampled at each budget. DIR is a pipeline directory (see `selfe.pipeline`); without --model, the
+ShapesEval model shipped with the package (`selfe.shapes.shipped_model_dir()`) is used when this
+install has it.
 Images are written at the model's native resolution unless --height / --width say otherwise, and
 upscaled (nearest neighbour, --upscale) so that small ones (ShapesEval's 32x32) are visible.
 """

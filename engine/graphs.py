@@ -57,7 +57,8 @@ class FastPathConfig:
     2x, 4x, ... (at most the encoder's padded length) that holds the call's longest prompt, null and
     negative prompts included. Exact: padded text is masked out as attention keys and text sits at RoPE
     position 0, so only the cost changes (a short prompt at T5's 512: a 2b step at 512² drops from 1536
-    tokens to 1088). Each bucket is a shape of its own (compiled, captured); None keeps the encoder's length."""
+    tokens to 1088, and T5 encodes 64 tokens, `TextEncoders.encode(bucket=...)`). Each bucket is a shape of
+    its own (compiled, captured); None keeps the encoder's length."""
 
     compile: bool | str = "auto"
     cuda_graph: str = "auto"

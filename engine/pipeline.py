@@ -69,7 +69,7 @@ from selfe.pipeline_inputs import (
 )
 from selfe.pixel_autoencoder import SpaceToDepthAutoEncoder, SpaceToDepthConfig
 from selfe.sampler import METHODS, S_POLICIES, SamplerConfig, draw_noise, sample
-from selfe.text_encoders import DTYPE_NAMES, TextEncoders, cut_to_text_bucket
+from selfe.text_encoders import DTYPE_NAMES, TextEncoders, cut_to_text_bucket, text_bucket_length
 from selfe.weights import check_safetensors_file, load_safetensors_into
 
 OUTPUT_TYPES = ("pil", "pt", "np", "latent")
@@ -309,16 +309,31 @@ class SelfEPipeline:
         (the cached encoding of "", same Lt) or None without guidance. negative: B prompts that take the
         null condition's place (encoded in the same call as the prompts, so at the same length). Lt is the
         text bucket (FastPathConfig.text_bucket) of the longest prompt, or of `text_tokens` when given."""
+        bucket = self.fast.config.text_bucket
+        length = self._text_length(bucket, text_tokens)
         if negative is not None:
-            both = self.text_encoders.encode(prompts + negative)
+            both = self.text_encoders.encode(prompts + negative, **length)
             cond = {k: v[: len(prompts)] for k, v in both.items()}
             null = {k: v[len(prompts) :] for k, v in both.items()}
         else:
-            cond = self.text_encoders.encode(prompts)
+            cond = self.text_encoders.encode(prompts, **length)
             null = self.text_encoders.null_condition(len(prompts), cond["txt"].shape[1]) if guided else None
-        cond, null = cut_to_text_bucket(cond, null, self.fast.config.text_bucket, text_tokens)
+        # Other encoders (and T5 without its mask) ran at their full length: cut their states here.
+        cond, null = cut_to_text_bucket(cond, null, bucket, text_tokens)
         to_model = lambda c: {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in c.items()}
         return to_model(cond), (None if null is None else to_model(null))
+
+    def _text_length(self, bucket: int | None, text_tokens: int | None) -> dict[str, int]:
+        """How TextEncoders should pad: to the bucket of the prompts (T5 runs on fewer tokens), or of
+        `text_tokens` (warm-up). {} for other encoders and without a bucket."""
+        if bucket is None or not isinstance(self.text_encoders, TextEncoders):
+            return {}
+        if text_tokens is None:
+            return {"bucket": bucket}
+        limit = self.text_encoders.t5.max_length
+        if text_tokens > limit:
+            raise ValueError(f"text_tokens must be at most the text encoder's padded length {limit}, got {text_tokens}")
+        return {"length": text_bucket_length(text_tokens, bucket, limit)}
 
     def warmup(
         self,

@@ -210,15 +210,20 @@ class T5TextEncoder:
         return int(self.model.config.d_model)
 
     @torch.no_grad()
-    def encode(self, prompts: Sequence[str], *, length: int | None = None) -> tuple[Tensor, Tensor]:
+    def encode(
+        self, prompts: Sequence[str], *, length: int | None = None, bucket: int | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Token states (B, L, d) and mask (B, L) bool.
 
         L = `length` when given (pad or truncate to exactly it), else the longest prompt (at most
-        max_length). The EOS token survives truncation.
+        max_length), padded up to its text bucket when `bucket` is given (`text_bucket_length`). The EOS
+        token survives truncation.
         """
         prompts = check_prompts(prompts)
         if length is not None and not 1 <= length <= self.max_length:
             raise ValueError(f"T5 length must be in [1, {self.max_length}], got {length}")
+        if length is not None and bucket is not None:
+            raise ValueError("pass a T5 length or a bucket, not both")
         tokens = self.tokenizer(
             prompts,
             padding="max_length" if length is not None else "longest",
@@ -226,8 +231,13 @@ class T5TextEncoder:
             truncation=True,
             return_tensors="pt",
         )
-        ids = tokens["input_ids"].to(self.device)
-        mask = tokens["attention_mask"].to(self.device).bool()
+        ids, mask = tokens["input_ids"], tokens["attention_mask"]
+        if bucket is not None:
+            extra = text_bucket_length(ids.shape[1], bucket, self.max_length) - ids.shape[1]
+            ids = torch.nn.functional.pad(ids, (0, extra), value=self.tokenizer.pad_token_id)
+            mask = torch.nn.functional.pad(mask, (0, extra), value=0)
+        ids = ids.to(self.device)
+        mask = mask.to(self.device).bool()
         states = self.model(input_ids=ids, attention_mask=mask.long() if self.attention_mask else None)
         states = states.last_hidden_state
         if self.attention_mask:
@@ -433,12 +443,20 @@ class TextEncoders:
         )
         return cls(t5, clip, pad_to_max_length=pad_to_max_length)
 
-    def encode(self, prompts: Sequence[str], *, length: int | None = None) -> dict[str, Tensor]:
+    def encode(
+        self, prompts: Sequence[str], *, length: int | None = None, bucket: int | None = None
+    ) -> dict[str, Tensor]:
         """{"txt": (B, Lt, d_t5), "txt_mask": (B, Lt) bool, "pooled": (B, d_clip)}.
 
-        Lt = `length` if given, else t5 max_length (pad_to_max_length) or the batch's longest prompt.
+        Lt = `length` if given; else, with a `bucket`, the text bucket of the longest prompt
+        (`text_bucket_length`: T5 then runs on those tokens only, exact when T5 takes the attention mask;
+        without it the real tokens' states depend on the padding, so T5 runs at max_length and the bucket
+        is left to `cut_to_text_bucket`); else t5 max_length (pad_to_max_length) or the longest prompt.
         """
         prompts = check_prompts(prompts)
+        if length is None and bucket is not None and self.t5.attention_mask:
+            txt, txt_mask = self.t5.encode(prompts, bucket=bucket)
+            return {"txt": txt, "txt_mask": txt_mask, "pooled": self.clip.encode(prompts)}
         if length is None and self.pad_to_max_length:
             length = self.t5.max_length
         txt, txt_mask = self.t5.encode(prompts, length=length)

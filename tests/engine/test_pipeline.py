@@ -264,9 +264,8 @@ def test_the_text_bucket_cuts_padding_and_keeps_the_images(pipeline_dir: Path) -
     cond, null = cut.encode_prompts(PROMPTS, guided=True)
     assert cond_full["txt"].shape[1] == 16 and int(cond_full["txt_mask"].sum(1).max()) == 7
     assert cond["txt"].shape[1] == null["txt"].shape[1] == 8
-    assert torch.equal(cond["txt"], cond_full["txt"][:, :8]) and torch.equal(
-        null["txt_mask"], null_full["txt_mask"][:, :8]
-    )
+    torch.testing.assert_close(cond["txt"], cond_full["txt"][:, :8])  # T5 ran on 8 tokens, not 16
+    assert torch.equal(null["txt_mask"], null_full["txt_mask"][:, :8])
     # Padded text is masked out as keys and sits at position 0: the images do not change.
     for fast in (True, False):
         want, got = run(full, seed=3, fast=fast).images, run(cut, seed=3, fast=fast).images

@@ -13,12 +13,14 @@ import pytest
 import torch
 
 from selfe.text_encoders import (
+    T5TextEncoder,
     TextEncoders,
     check_model_dir,
     fit_condition_length,
     load_clip_encoder,
     load_t5_encoder,
     resolve_dtype,
+    text_bucket_length,
 )
 from tests.helpers_text import forbid_network_and_unpickling, make_tiny_clip_snapshot, make_tiny_t5_snapshot
 
@@ -101,6 +103,27 @@ def test_pad_to_longest_equals_max_cut(encoders: TextEncoders) -> None:
     torch.testing.assert_close(fit_condition_length(short, L)["txt"], full["txt"])
     with pytest.raises(ValueError, match="real tokens"):
         fit_condition_length(short, length - 1)
+
+
+def test_a_bucket_runs_t5_on_the_bucket_and_equals_max_cut(encoders: TextEncoders) -> None:
+    longest = max(token_counts(encoders, PROMPTS))
+    bucketed, full = encoders.encode(PROMPTS, bucket=4), encoders.encode(PROMPTS)
+    length = text_bucket_length(longest, 4, L)
+    assert longest < length < L and bucketed["txt"].shape == (4, length, 32)
+    torch.testing.assert_close(bucketed["txt"], full["txt"][:, :length])
+    assert torch.equal(bucketed["txt_mask"], full["txt_mask"][:, :length])
+    # Without its mask T5's real states depend on the padding: it runs at max_length, the bucket ignored.
+    unmasked = TextEncoders(
+        T5TextEncoder(encoders.t5.model, encoders.t5.tokenizer, max_length=L, attention_mask=False), encoders.clip
+    )
+    assert unmasked.encode(PROMPTS, bucket=4)["txt"].shape == (4, L, 32)
+    with pytest.raises(ValueError, match="not both"):
+        encoders.t5.encode(PROMPTS, length=8, bucket=4)
+
+
+def test_text_buckets_double_up_to_the_full_length() -> None:
+    assert [text_bucket_length(n, 64, 512) for n in (1, 64, 65, 200, 257, 512)] == [64, 64, 128, 256, 512, 512]
+    assert text_bucket_length(9, 64, 16) == 16  # never past the encoder's length
 
 
 def test_truncation_keeps_eos(snapshots: tuple[Path, Path]) -> None:
