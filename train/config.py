@@ -60,6 +60,11 @@ class DataSection:
     resolution: int = 64  # pixels; latents are resolution / 8 with 16 channels (procedural/synthetic)
     num_samples: int = 256  # procedural data set size
     text_length: int = 16  # tokens of the procedural/synthetic text states
+    # [ours] Each micro-batch's text cut (or padded) to the smallest of text_bucket, 2x, 4x, ... that holds its
+    # longest caption, fake prompts included: exact (padded text is masked out as keys, at RoPE position 0),
+    # fewer tokens a step for short captions at T5's 512. Each bucket is a shape of its own to torch.compile;
+    # None keeps the source's length (one shape).
+    text_bucket: int | None = None
     seed: int = 0
     manifest: str | None = None
     base_dir: str | None = None
@@ -97,6 +102,8 @@ class DataSection:
         for name in ("batch_size", "num_samples", "text_length", "t5_max_length", "pixel_factor", "min_side"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+        if self.text_bucket is not None and self.text_bucket < 1:
+            raise ValueError(f"data.text_bucket must be >= 1 or none, got {self.text_bucket}")
         if not 0 <= self.seed < 2**64:  # numpy's seed sequence takes no negative, torch's generator 64 bits
             raise ValueError(f"data.seed must lie in [0, 2**64), got {self.seed}")
         if self.resolution < 16 or self.resolution % 16:

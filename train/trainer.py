@@ -53,7 +53,7 @@ from selfe.train.initial_weights import load_initial_weights
 from selfe.train.lr import build_optimizer, build_scheduler, load_schedule
 from selfe.train.metrics import MetricsLogger, memory_stats, nvtx_range, self_eval_samples, step_flops
 from selfe.train.parallelize import parallelize, reshard_all
-from selfe.train.sources import build_source
+from selfe.train.sources import build_source, cut_batch_text
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +291,7 @@ class Trainer:
         sums = torch.zeros(len(SCALARS), dtype=torch.float64, device=device)
         flops = 0
         for micro, batch in enumerate(micro_batches):
-            batch = _to_device(batch, device)
+            batch = _to_device(cut_batch_text(batch, cfg.data.text_bucket), device)
             generator = self._generator(iteration, micro * world + self.dist.rank)
             # TE's fp8 autocast around the forward passes only (TE's rule; backward reuses their recipe).
             with fp8_autocast_context(cfg.fp8):

@@ -99,3 +99,28 @@ def test_the_procedural_order_refuses_another_grad_accum_naming_it() -> None:
     state = build_source(config.data, config.model, 0, 1, 1).state_dict()
     with pytest.raises(ValueError, match=r"saved global batch 4, now 8 \(.*optim\.grad_accum\)"):
         build_source(config.data, config.model, 0, 1, 2).load_state_dict(state)
+
+
+def test_cut_batch_text_fits_all_four_conditions_to_one_bucket() -> None:
+    from selfe.train.sources import cut_batch_text
+
+    def cond(length: int, real: list[int]) -> dict[str, torch.Tensor]:
+        mask = torch.arange(length)[None, :] < torch.tensor(real)[:, None]
+        return {
+            "txt": torch.randn(len(real), length, 4) * mask[..., None],
+            "txt_mask": mask,
+            "pooled": torch.randn(len(real), 3),
+        }
+
+    batch = {"x0": torch.zeros(2, 1), "cond": cond(16, [3, 5]), "null_cond": cond(16, [0, 0]),
+             "fake_cond": cond(32, [6, 2]), "fake_null_cond": cond(32, [1, 1]), "num_tokens": 4}  # fmt: skip
+    out = cut_batch_text(batch, 2)  # the longest, 6 real tokens, fits in 8 (2, 4, 8)
+    for key in ("cond", "null_cond", "fake_cond", "fake_null_cond"):
+        assert out[key]["txt"].shape[1] == out[key]["txt_mask"].shape[1] == 8
+        assert torch.equal(out[key]["txt"], batch[key]["txt"][:, :8]) and out[key]["pooled"] is batch[key]["pooled"]
+    # a fake prompt encoded shorter than the captions is padded to their bucket
+    longer = {**batch, "cond": cond(16, [12, 1]), "fake_cond": cond(8, [6, 2]), "fake_null_cond": cond(8, [1, 1])}
+    padded = cut_batch_text(longer, 4)
+    assert padded["fake_cond"]["txt"].shape[1] == 16 and not padded["fake_cond"]["txt_mask"][:, 8:].any()
+    assert cut_batch_text(batch, None) is batch
+    assert cut_batch_text({**batch, "fake_cond": None, "fake_null_cond": None}, 64)["cond"]["txt"].shape[1] == 16

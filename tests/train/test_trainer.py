@@ -475,3 +475,15 @@ def test_activation_checkpointing_changes_nothing_but_memory(tmp_path):
     assert a.keys() == b.keys()  # the wrapper leaves the state-dict names alone
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6)
+
+
+def test_the_text_bucket_changes_the_cost_not_the_training(tmp_path):
+    # The smoke captions ("a red circle", fake ones with the prefix) fit in 8 of data.text_length=16 tokens.
+    extra = ("data.text_length=16", "objective.aux_start=1")
+    plain = _run(tiny_config(tmp_path / "plain", 3, *extra))
+    cut = _run(tiny_config(tmp_path / "cut", 3, *extra, "data.text_bucket=2"))
+    torch.testing.assert_close(torch.tensor(cut.losses), torch.tensor(plain.losses), rtol=0, atol=1e-5)
+    flops = lambda run: [m["tflops_per_step"] for m in read_metrics(tmp_path / run)]  # noqa: E731
+    assert all(c < p for c, p in zip(flops("cut"), flops("plain"), strict=True))  # fewer text tokens counted
+    with pytest.raises(ValueError, match="data.text_bucket must be >= 1"):
+        tiny_config(tmp_path / "bad", 1, "data.text_bucket=0")
