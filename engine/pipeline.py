@@ -325,12 +325,14 @@ class SelfEPipeline:
 
     def _text_length(self, bucket: int | None, text_tokens: int | None) -> dict[str, int]:
         """How TextEncoders should pad: to the bucket of the prompts (T5 runs on fewer tokens), or of
-        `text_tokens` (warm-up). {} for other encoders and without a bucket."""
-        if bucket is None or not isinstance(self.text_encoders, TextEncoders):
+        `text_tokens` (warm-up). {} without a bucket, for other encoders, and for a T5 without its attention
+        mask (its real states depend on the padding: it runs at full length, `cut_to_text_bucket` cuts after)."""
+        encoders = self.text_encoders
+        if bucket is None or not isinstance(encoders, TextEncoders) or not encoders.t5.attention_mask:
             return {}
         if text_tokens is None:
             return {"bucket": bucket}
-        limit = self.text_encoders.t5.max_length
+        limit = encoders.t5.max_length
         if text_tokens > limit:
             raise ValueError(f"text_tokens must be at most the text encoder's padded length {limit}, got {text_tokens}")
         return {"length": text_bucket_length(text_tokens, bucket, limit)}

@@ -283,6 +283,23 @@ def test_the_text_bucket_cuts_padding_and_keeps_the_images(pipeline_dir: Path) -
             FastPathConfig(text_bucket=bad)
 
 
+def test_the_text_bucket_with_an_unmasked_t5_cuts_its_states_after(pipeline_dir: Path, tmp_path: Path) -> None:
+    # FLUX's way: T5 without its attention mask, so real states depend on the padding. T5 then runs at its
+    # full length and only the denoiser's input is cut: still exact.
+    unmasked = tmp_path / "unmasked"
+    shutil.copytree(pipeline_dir, unmasked)
+    meta = json.loads((unmasked / "config.json").read_text())
+    meta["text"]["t5_attention_mask"] = False
+    (unmasked / "config.json").write_text(json.dumps(meta))
+    eager = dataclasses.replace(FAST, compile=False)
+    full = SelfEPipeline.from_pretrained(unmasked, fast_path=dataclasses.replace(eager, text_bucket=None))
+    cut = SelfEPipeline.from_pretrained(unmasked, fast_path=dataclasses.replace(eager, text_bucket=2))
+    cond_full, _ = full.encode_prompts(PROMPTS, guided=True)
+    cond, _ = cut.encode_prompts(PROMPTS, guided=True)
+    assert cond["txt"].shape[1] == 8 and torch.equal(cond["txt"], cond_full["txt"][:, :8])  # the same T5 run
+    torch.testing.assert_close(run(cut, seed=3).images, run(full, seed=3).images, atol=2e-5, rtol=0)
+
+
 def test_pipeline_directory_errors(pipeline_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="pipeline directory"):
         SelfEPipeline.from_pretrained(tmp_path / "nothing")
