@@ -41,10 +41,10 @@ def no_network():
         yield
 
 
-def write_tiny_pipeline(root: Path, seed: int = 0) -> Path:
+def write_tiny_pipeline(root: Path, seed: int = 0, **model_overrides) -> Path:
     """A pipeline directory with random weights: the layout `SelfEPipeline.from_pretrained` documents."""
     root.mkdir(parents=True, exist_ok=True)
-    config, ae_config = tiny_mmdit(), tiny_autoencoder()
+    config, ae_config = dataclasses.replace(tiny_mmdit(), **model_overrides), tiny_autoencoder()
     model = random_mmdit(config, seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -162,6 +162,48 @@ def test_compiled_step_serves_more_shapes_than_dynamos_recompile_limit(pipeline_
     eager = run(pipe, prompt="a cat", steps=2, seed=0, num_images_per_prompt=limit + 1, guidance=None, fast=False)
     torch.testing.assert_close(past.images, eager.images, rtol=0, atol=0)
     torch.testing.assert_close(again.images, eager.images, rtol=0, atol=0)
+
+
+def test_blocks_compile_as_nested_regions_and_fall_back_whole(tmp_path: Path, monkeypatch) -> None:
+    """FastPathConfig.compile_regions: the step's one graph calls each block through a nested compile
+    region (compiled once per block kind); the images are the eager ones, with regions or without. If the
+    compiler fails on the regions, the step is compiled whole, with one warning."""
+    import selfe.model
+
+    # Two blocks of each kind: dynamo inlines a region that is called once.
+    pipeline_dir = write_tiny_pipeline(tmp_path / "deeper", depth_double=2, depth_single=2)
+
+    def recorder(graphs: list[str]):
+        def backend(gm, example_inputs):
+            graphs.append(gm.code)
+            return gm.forward
+
+        return backend
+
+    eager = run(SelfEPipeline.from_pretrained(pipeline_dir, fast_path=FastPathConfig(compile=False)), seed=4)
+    for regions in (True, False):
+        torch._dynamo.reset()
+        graphs: list[str] = []
+        fast_path = FastPathConfig(compile=True, compile_backend=recorder(graphs), compile_regions=regions)
+        pipe = SelfEPipeline.from_pretrained(pipeline_dir, fast_path=fast_path)
+        torch.testing.assert_close(run(pipe, seed=4).images, eager.images, rtol=0, atol=1e-6)
+        assert len(graphs) == 1 and ("invoke_subgraph" in graphs[0]) == regions, f"regions={regions}"
+
+    @torch.compiler.nested_compile_region
+    def breaks(block, *args):  # a region the compiler refuses under fullgraph
+        torch._dynamo.graph_break()
+        return block(*args)
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(selfe.model, "_block_region", breaks)
+    graphs = []
+    pipe = SelfEPipeline.from_pretrained(
+        pipeline_dir, fast_path=FastPathConfig(compile=True, compile_backend=recorder(graphs))
+    )
+    with pytest.warns(UserWarning, match="compiling it whole"):
+        fallen_back = run(pipe, seed=4)
+    torch.testing.assert_close(fallen_back.images, eager.images, rtol=0, atol=1e-6)
+    assert pipe.model.compile_regions is False and "invoke_subgraph" not in graphs[-1]
 
 
 def test_eager_step_of_the_fast_path_matches(pipeline_dir: Path) -> None:
