@@ -198,6 +198,14 @@ def engine_steps() -> list[Step]:
             junit="gpu_tests_fp.xml",
             env={"SELFE_TRITON_AUTOTUNE": "quick"},
         ),
+        Step(  # the 2b model's compile with each block a nested region and whole, fresh caches each
+            "compile-time", "6", 150,
+            argv=py("bench/compile_time.py", "--preset", "2b", "--resolution", "512", "--batch", "2",
+                    "--json", "{work}/compile_time.json"),
+            dry_argv=py("bench/compile_time.py", "--preset", "tiny", "--depth", "2", "2", "--resolution", "32",
+                        "--backend", "aot_eager", "--iters", "1", "--json", "{work}/compile_time.json"),
+            json="compile_time.json",
+        ),
     ]  # fmt: skip
 
 

@@ -60,8 +60,8 @@ class FastPathConfig:
     tokens to 1088, and T5 encodes 64 tokens, `TextEncoders.encode(bucket=...)`). Each bucket is a shape of
     its own (compiled, captured); None keeps the encoder's length.
     `compile_regions`: compile each block of the network (an MMDiT's `compile_regions`) as a nested compile
-    region, traced once per block kind and reused for the rest: a several-fold shorter compile of a deep
-    stack. If the compiler fails on it, the step is compiled whole, with a warning."""
+    region, traced once per block kind and reused for the rest: a shorter compile of a deep stack (2.1x on
+    a CPU, bench/compile_time.py). If the compiler fails on it, the step is compiled whole, with a warning."""
 
     compile: bool | str = "auto"
     cuda_graph: str = "auto"

@@ -225,7 +225,7 @@ def test_dry_run_of_each_profile_passes_every_step(profile: str, tmp_path: Path,
     assert len(files) <= 8 and all(os.path.getsize(out / f) < 16 * 2**20 for f in files)  # what the device returns
     if profile == "engine":
         assert steps["gpu-tests"]["tests"]["tests"] > 0
-        for name in ("kernels", "sample-b1", "train-mfu", "sample-b16", "model-fwd-bwd", "autoencoder"):
+        for name in ("kernels", "sample-b1", "train-mfu", "sample-b16", "model-fwd-bwd", "autoencoder", "compile-time"):
             assert steps[name]["data"], name
     else:
         assert steps["shapes-pair"]["iterations"] == session_cli.DRY_SHAPES.max_steps
@@ -254,4 +254,6 @@ def test_the_engine_profile_s_benchmark_commands_parse_here() -> None:
         except SystemExit as exit_info:  # only a refusal for want of a GPU is expected here
             assert script == "bench/kernels.py" and exit_info.code == 2, f"{step.name}: {argv}"
         checked.append(step.name)
-    assert {"kernels", "sample-b1", "train-mfu", "sample-b16", "model-fwd-bwd", "autoencoder"} <= set(checked)
+    assert {"kernels", "sample-b1", "train-mfu", "sample-b16", "model-fwd-bwd", "autoencoder", "compile-time"} <= set(
+        checked
+    )
