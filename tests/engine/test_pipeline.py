@@ -312,6 +312,13 @@ def test_the_text_bucket_cuts_padding_and_keeps_the_images(pipeline_dir: Path) -
     for fast in (True, False):
         want, got = run(full, seed=3, fast=fast).images, run(cut, seed=3, fast=fast).images
         torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+    # Negative prompts count towards the bucket, and take the null prompt's place at the same length.
+    for negatives, length in ((["a blurry photo of a dog and a cat and a table", ""], 16), (["a photo", ""], 4)):
+        cond, neg = cut.encode_prompts(["a cat", "a dog"], guided=True, negative=negatives)
+        assert cond["txt"].shape[1] == neg["txt"].shape[1] == length
+        want = run(full, prompt=["a cat", "a dog"], seed=3, negative_prompt=negatives).images
+        got = run(cut, prompt=["a cat", "a dog"], seed=3, negative_prompt=negatives).images
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
     # A long prompt keeps the encoder's length; warm-up takes the bucket to prepare.
     long_prompt = " ".join(["red"] * 40)
     assert cut.encode_prompts([long_prompt], guided=False)[0]["txt"].shape[1] == 16
