@@ -23,11 +23,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from selfe.atomic import atomic_write_bytes, folder_problem  # noqa: E402
-from selfe.config import PRESETS, mmdit_preset  # noqa: E402
+from selfe.atomic import atomic_write_bytes, folder_problem
+from selfe.config import PRESETS, mmdit_preset
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -52,7 +52,7 @@ from selfe.graphs import FastPathConfig, FastSampler  # noqa: E402
 from selfe.model import MMDiT  # noqa: E402
 from selfe.optional import probe, unavailable_reason  # noqa: E402
 from selfe.sampler import SamplerConfig  # noqa: E402
-from selfe.text_encoders import CLIPTextEncoder, T5TextEncoder, TextEncoders, cut_to_text_bucket  # noqa: E402
+from selfe.text_encoders import CLIPTextEncoder, T5TextEncoder, TextEncoders  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 VARIANTS = ("eager", "compiled", "compiled+graph")
@@ -269,7 +269,6 @@ def main(argv: list[str] | None = None) -> dict:
         text.encode(prompts, bucket=args.text_bucket)
         enc_s, cond = timed(lambda p=prompts: text.encode(p, bucket=args.text_bucket), device, args.iters)
         null = text.null_condition(batch, cond["txt"].shape[1]) if guidance is not None else None
-        cond, null = cut_to_text_bucket(cond, null, args.text_bucket)  # a no-op unless T5 ran unmasked
         denoiser_txt = cond["txt"].shape[1]
         noise = torch.randn(batch, config.in_channels, latent, latent, device=device)
         with torch.no_grad():

@@ -69,7 +69,7 @@ from selfe.pipeline_inputs import (
 )
 from selfe.pixel_autoencoder import SpaceToDepthAutoEncoder, SpaceToDepthConfig
 from selfe.sampler import METHODS, S_POLICIES, SamplerConfig, draw_noise, sample
-from selfe.text_encoders import DTYPE_NAMES, TextEncoders, cut_to_text_bucket, text_bucket_length
+from selfe.text_encoders import DTYPE_NAMES, TextEncoders, fit_to_text_bucket, text_bucket_length
 from selfe.weights import check_safetensors_file, load_safetensors_into
 
 OUTPUT_TYPES = ("pil", "pt", "np", "latent")
@@ -310,7 +310,7 @@ class SelfEPipeline:
         null condition's place (encoded in the same call as the prompts, so at the same length). Lt is the
         text bucket (FastPathConfig.text_bucket) of the longest prompt, or of `text_tokens` when given."""
         bucket = self.fast.config.text_bucket
-        length = self._text_length(bucket, text_tokens)
+        length = self._text_length(bucket, text_tokens)  # T5 runs on the bucket, when that is exact
         if negative is not None:
             both = self.text_encoders.encode(prompts + negative, **length)
             cond = {k: v[: len(prompts)] for k, v in both.items()}
@@ -318,15 +318,15 @@ class SelfEPipeline:
         else:
             cond = self.text_encoders.encode(prompts, **length)
             null = self.text_encoders.null_condition(len(prompts), cond["txt"].shape[1]) if guided else None
-        # Other encoders (and T5 without its mask) ran at their full length: cut their states here.
-        cond, null = cut_to_text_bucket(cond, null, bucket, text_tokens)
+        if not length:  # other encoders, and T5 without its mask, ran at their full length: cut their states
+            cond, null = fit_to_text_bucket([cond, null], bucket, text_tokens)
         to_model = lambda c: {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in c.items()}
         return to_model(cond), (None if null is None else to_model(null))
 
     def _text_length(self, bucket: int | None, text_tokens: int | None) -> dict[str, int]:
         """How TextEncoders should pad: to the bucket of the prompts (T5 runs on fewer tokens), or of
         `text_tokens` (warm-up). {} without a bucket, for other encoders, and for a T5 without its attention
-        mask (its real states depend on the padding: it runs at full length, `cut_to_text_bucket` cuts after)."""
+        mask (its real states depend on the padding: it runs at full length, `fit_to_text_bucket` cuts after)."""
         encoders = self.text_encoders
         if bucket is None or not isinstance(encoders, TextEncoders) or not encoders.t5.attention_mask:
             return {}
@@ -475,13 +475,8 @@ class SelfEPipeline:
         with clock("text_encoder"):
             cond, null = self.encode_prompts(prompts, guided, negatives)
         latent_shape = self._latent_shape(height, width)
-        if isinstance(generator, torch.Generator):
-            noise = torch.randn((batch, *latent_shape), generator=generator, device=generator.device)
-            noise = noise.to(self.device)
-            step_noise = _on(generator, noise)
-        else:  # one generator per image
-            noise = draw_noise((batch, *latent_shape), generator, self.device)
-            step_noise = [_on(g, noise) for g in generator]
+        noise = draw_noise((batch, *latent_shape), generator, self.device)
+        step_noise = _on(generator, noise)
         patch = self.model.config.patch_size
         num_tokens = (latent_shape[1] // patch) * (latent_shape[2] // patch)
         if fast:
@@ -621,8 +616,11 @@ def _alias(name: str, value: Any, unset: Any, alias: str, alias_value: Any) -> A
     return alias_value
 
 
-def _on(generator: torch.Generator, like: Tensor) -> torch.Generator | None:
-    """The generator for per-step noise: it must live on the latents' device."""
+def _on(generator: torch.Generator | list[torch.Generator], like: Tensor) -> torch.Generator | list[torch.Generator]:
+    """The generator (or each of a list) for per-step noise, on the latents' device: drawing there needs no
+    host-to-device copy each step."""
+    if isinstance(generator, list):
+        return [_on(g, like) for g in generator]
     if generator.device.type == like.device.type:
         return generator
     # A CPU generator with CUDA latents: derive a device generator deterministically from it.

@@ -29,10 +29,12 @@ Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
 def draw_noise(shape: Sequence[int], generator: Generators, device, dtype: torch.dtype | None = None) -> Tensor:
-    """Standard normal noise of `shape` on `device`. With a list of generators, sample b's slice comes from
-    generator b, drawn on that generator's device, so an image does not depend on the rest of its batch."""
-    if generator is None or isinstance(generator, torch.Generator):
-        return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+    """Standard normal noise of `shape` on `device`, drawn on the generator's own device. With a list of
+    generators, sample b's slice comes from generator b, so an image does not depend on the rest of its batch."""
+    if generator is None:
+        return torch.randn(tuple(shape), device=device, dtype=dtype)
+    if isinstance(generator, torch.Generator):
+        return torch.randn(tuple(shape), generator=generator, device=generator.device, dtype=dtype).to(device)
     generators = list(generator)
     if len(generators) != shape[0]:
         raise ValueError(f"a list of generators needs one per sample: got {len(generators)} for {shape[0]} samples")

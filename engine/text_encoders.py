@@ -362,23 +362,23 @@ def text_bucket_length(tokens: int, bucket: int, full: int) -> int:
     return min(length, full)
 
 
-def cut_to_text_bucket(
-    cond: dict[str, Tensor], null: dict[str, Tensor] | None, bucket: int | None, text_tokens: int | None = None
-) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
-    """cond and null (same token length) cut to the text bucket of their longest prompt, or of
-    `text_tokens` real tokens when given (`selfe.graphs.FastPathConfig.text_bucket`). Exact for the MMDiT,
-    which masks padded text out as attention keys; without a mask or a bucket, unchanged."""
-    full = cond["txt"].shape[1]
-    if bucket is None or cond.get("txt_mask") is None:
-        return cond, null
-    if text_tokens is None:  # one host sync per call, before sampling
-        text_tokens = max(int(c["txt_mask"].sum(dim=1).max()) for c in (cond, null) if c is not None)
+def fit_to_text_bucket(
+    conds: Sequence[dict[str, Tensor] | None], bucket: int | None, text_tokens: int | None = None
+) -> list[dict[str, Tensor] | None]:
+    """The conditions (None entries kept) fitted to one token length: the text bucket of their longest real
+    text, or of `text_tokens` real tokens when given (`selfe.graphs.FastPathConfig.text_bucket`,
+    `data.text_bucket`). Each is cut or padded (`fit_condition_length`). Exact for the MMDiT, which masks
+    padded text out as attention keys; without a bucket or a mask, unchanged."""
+    present = [c for c in conds if c is not None]
+    if bucket is None or any(c.get("txt_mask") is None for c in present):
+        return list(conds)
+    full = max(c["txt"].shape[1] for c in present)
+    if text_tokens is None:  # one host sync where the masks live on the GPU
+        text_tokens = max(int(c["txt_mask"].sum(dim=1).max()) for c in present)
     elif text_tokens > full:
         raise ValueError(f"text_tokens must be at most the text encoder's padded length {full}, got {text_tokens}")
     length = text_bucket_length(max(text_tokens, 1), bucket, full)
-    if length == full:
-        return cond, null
-    return fit_condition_length(cond, length), (None if null is None else fit_condition_length(null, length))
+    return [c if c is None or c["txt"].shape[1] == length else fit_condition_length(c, length) for c in conds]
 
 
 class NullConditionCache:
@@ -451,15 +451,14 @@ class TextEncoders:
         Lt = `length` if given; else, with a `bucket`, the text bucket of the longest prompt
         (`text_bucket_length`: T5 then runs on those tokens only, exact when T5 takes the attention mask;
         without it the real tokens' states depend on the padding, so T5 runs at max_length and the bucket
-        is left to `cut_to_text_bucket`); else t5 max_length (pad_to_max_length) or the longest prompt.
+        is left to `fit_to_text_bucket`); else t5 max_length (pad_to_max_length) or the longest prompt.
         """
         prompts = check_prompts(prompts)
-        if length is None and bucket is not None and self.t5.attention_mask:
-            txt, txt_mask = self.t5.encode(prompts, bucket=bucket)
-            return {"txt": txt, "txt_mask": txt_mask, "pooled": self.clip.encode(prompts)}
-        if length is None and self.pad_to_max_length:
+        if length is not None or not self.t5.attention_mask:
+            bucket = None
+        if length is None and bucket is None and self.pad_to_max_length:
             length = self.t5.max_length
-        txt, txt_mask = self.t5.encode(prompts, length=length)
+        txt, txt_mask = self.t5.encode(prompts, length=length, bucket=bucket)
         return {"txt": txt, "txt_mask": txt_mask, "pooled": self.clip.encode(prompts)}
 
     def to(self, device: torch.device | str) -> TextEncoders:

@@ -23,7 +23,7 @@ import torch
 
 from selfe.config import MMDiTConfig
 from selfe.objective import DEFAULT_FAKE_PROMPT_PREFIX
-from selfe.text_encoders import fit_condition_length, text_bucket_length
+from selfe.text_encoders import fit_to_text_bucket
 from selfe.train.config import DataSection
 
 # What a cache stores (CachedDataset.widths) -> the model key that must equal it
@@ -301,17 +301,11 @@ CONDITION_KEYS = ("cond", "null_cond", "fake_cond", "fake_null_cond")
 
 
 def cut_batch_text(batch: dict[str, Any], bucket: int | None) -> dict[str, Any]:
-    """The batch with its four conditions fitted to one text length: the smallest of bucket, 2x, ... that
-    holds the longest real text among them (`data.text_bucket`; None or no masks: unchanged). Conditions
-    are padded or cut (`fit_condition_length`), so a fake prompt encoded at another length joins too."""
-    conds = {k: batch[k] for k in CONDITION_KEYS if batch.get(k) is not None}
-    if bucket is None or any(c.get("txt_mask") is None for c in conds.values()):
+    """The batch with its four conditions fitted to one text length, the bucket of the longest real text
+    among them (`data.text_bucket`; `fit_to_text_bucket`): a fake prompt encoded at another length joins."""
+    if bucket is None:
         return batch
-    longest = max(int(c["txt_mask"].sum(dim=1).max()) for c in conds.values())
-    full = max(c["txt"].shape[1] for c in conds.values())
-    length = text_bucket_length(max(longest, 1), bucket, full)
-    fitted = {k: c if c["txt"].shape[1] == length else fit_condition_length(c, length) for k, c in conds.items()}
-    return {**batch, **fitted}
+    return {**batch, **dict(zip(CONDITION_KEYS, fit_to_text_bucket([batch.get(k) for k in CONDITION_KEYS], bucket)))}
 
 
 def objective_batch(
