@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from selfe.atomic import atomic_write_bytes, folder_problem
-from selfe.autoencoder import AUTOENCODER_PRESETS, AutoEncoder
-from selfe.devices import device_problem
+from selfe.components.autoencoder import AUTOENCODER_PRESETS, AutoEncoder
+from selfe.utils.atomic import atomic_write_bytes, folder_problem
+from selfe.utils.devices import device_problem
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from selfe.atomic import atomic_write_bytes, folder_problem
-from selfe.config import PRESETS, mmdit_preset
+from selfe.network.config import PRESETS, mmdit_preset
+from selfe.utils.atomic import atomic_write_bytes, folder_problem
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def measure(args: argparse.Namespace, regions: bool) -> dict:
     """One setting, in this process: the first call's seconds, the steady ms per call, the error."""
-    from selfe.model import MMDiT
+    from selfe.network.model import MMDiT
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -28,7 +28,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from selfe.fp8 import FP8_RECIPES, TORCHAO_SCALINGS, FP8Config, converted_modules, fp8_autocast_context, fp8_copy
+from selfe.components.fp8 import (
+    FP8_RECIPES,
+    TORCHAO_SCALINGS,
+    FP8Config,
+    converted_modules,
+    fp8_autocast_context,
+    fp8_copy,
+)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -181,14 +188,14 @@ def denoiser_inputs(
     return x.to(device, dtype), t.to(device), s.to(device), cond
 
 
-RECIPE_LIBRARIES = {"torchao": "torchao", "te": "transformer_engine"}  # selfe.optional's names
+RECIPE_LIBRARIES = {"torchao": "torchao", "te": "transformer_engine"}  # selfe.utils.optional's names
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from selfe.atomic import folder_problem
-    from selfe.config import PRESETS, mmdit_preset
-    from selfe.devices import device_problem
-    from selfe.optional import probe, unavailable_reason
+    from selfe.network.config import PRESETS, mmdit_preset
+    from selfe.utils.atomic import folder_problem
+    from selfe.utils.devices import device_problem
+    from selfe.utils.optional import probe, unavailable_reason
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="MMDiT preset (default %(default)s)")
@@ -239,9 +246,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> list[FP8Comparison]:
-    from selfe.atomic import atomic_write_bytes
-    from selfe.config import mmdit_preset
-    from selfe.model import MMDiT
+    from selfe.network.config import mmdit_preset
+    from selfe.network.model import MMDiT
+    from selfe.utils.atomic import atomic_write_bytes
 
     args = parse_args(argv)
     device = torch.device(args.device)

@@ -85,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.pad_fraction is not None and not 0 <= args.pad_fraction < 1:  # also refuses nan
         parser.error(f"--pad-fraction must be in [0, 1), got {args.pad_fraction}")
     if args.json is not None:
-        from selfe.atomic import folder_problem
+        from selfe.utils.atomic import folder_problem
 
         problem = "is a directory" if args.json.is_dir() else folder_problem(args.json.parent)
         if problem:
@@ -421,7 +421,7 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from selfe.atomic import atomic_write_bytes
+    from selfe.utils.atomic import atomic_write_bytes
 
     args = parse_args(argv)
     if args.cpu_smoke:

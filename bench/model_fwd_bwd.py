@@ -1,7 +1,7 @@
 """Forward + backward throughput of the MMDiT with random weights and inputs.
 
-Prints image tokens/s, peak memory and MFU (analytical FLOPs from selfe.flops over the GPU's dense bf16
-peak, `selfe.flops.device_peak_flops`: H100's where the device is not listed, or --peak-flops) to stdout;
+Prints image tokens/s, peak memory and MFU (analytical FLOPs from selfe.network.flops over the GPU's dense bf16
+peak, `selfe.network.flops.device_peak_flops`: H100's where the device is not listed, or --peak-flops) to stdout;
 --json PATH writes every number (written whole or not at all). Arguments are checked before the model is
 built. The defaults are the 2b model's on a GPU; on CPU use the smoke run. --profile-kernels N then profiles
 one more step: where its device time goes (bench/kernel_profile.py).
@@ -23,11 +23,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `bench` as a package from a checkout
 
 from bench import kernel_profile  # noqa: E402
-from selfe.atomic import atomic_write_bytes, folder_problem  # noqa: E402
-from selfe.config import PRESETS, mmdit_preset  # noqa: E402
-from selfe.devices import device_problem  # noqa: E402
-from selfe.flops import device_peak_flops, mmdit_forward_backward_flops  # noqa: E402
-from selfe.model import MMDiT  # noqa: E402
+from selfe.network.config import PRESETS, mmdit_preset  # noqa: E402
+from selfe.network.flops import device_peak_flops, mmdit_forward_backward_flops  # noqa: E402
+from selfe.network.model import MMDiT  # noqa: E402
+from selfe.utils.atomic import atomic_write_bytes, folder_problem  # noqa: E402
+from selfe.utils.devices import device_problem  # noqa: E402
 
 VAE_DOWNSAMPLE = 8  # FLUX autoencoder: 512 px -> 64 latent -> 32x32 = 1024 tokens with 2x2 patches
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -55,7 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps (default %(default)s)")
     parser.add_argument("--iters", type=int, default=10, help="timed steps, averaged (default %(default)s)")
     parser.add_argument(
-        "--peak-flops", type=float, default=None, help="device peak FLOP/s for MFU (default: the GPU's, selfe.flops)"
+        "--peak-flops", type=float, default=None,
+        help="device peak FLOP/s for MFU (default: the GPU's, selfe.network.flops)",
     )
     parser.add_argument("--seed", type=int, default=0, help="(default %(default)s)")
     parser.add_argument(

@@ -2,7 +2,7 @@
 
 For a preset with random weights, a resolution and some batch sizes: the denoiser's latency and
 images/s at each step count (default 1, 2, 4, 8, 50), its MFU per step from the analytical FLOPs
-(selfe.flops; with CFG one step is one forward of 2B samples), the text-encoder and autoencoder time
+(selfe.network.flops; with CFG one step is one forward of 2B samples), the text-encoder and autoencoder time
 apart, and the warm-up (compile / capture) time apart from the steady state. Prints each row as it is
 measured, then a markdown table, to stdout; --json PATH writes every number and --markdown PATH the table
 (each written whole or not at all). Arguments are checked before any model is built. The defaults are
@@ -18,7 +18,7 @@ CLIP-L-shaped for the 0.5b / 2b presets (the width the model expects), tiny ones
     python bench/sample_throughput.py --preset tiny --resolution 64 --batch 1 --steps 1 2 --fp8 torchao
 
 --fp8 torchao|te also samples with an FP8 copy of the same model (its large linears converted for
-inference, selfe.fp8), every variant and step count, and reports it against the high-precision model
+inference, selfe.components.fp8), every variant and step count, and reports it against the high-precision model
 of the same run: images/s ratio per point, and the relative error of one denoiser forward on the same
 inputs (bench/fp8.py `relative_error`).
 """
@@ -42,17 +42,17 @@ sys.path.insert(0, str(ROOT))  # tests/helpers_text for the offline tokenizers
 
 from bench import kernel_profile  # noqa: E402
 from bench.fp8 import RECIPE_LIBRARIES, relative_error  # noqa: E402
-from selfe.atomic import atomic_write_bytes, folder_problem  # noqa: E402
-from selfe.autoencoder import AUTOENCODER_PRESETS, AutoEncoder  # noqa: E402
-from selfe.config import PRESETS, mmdit_preset  # noqa: E402
-from selfe.devices import device_problem  # noqa: E402
-from selfe.flops import device_peak_flops, mmdit_forward_flops  # noqa: E402
-from selfe.fp8 import FP8Config, converted_modules, fp8_autocast_context, fp8_copy  # noqa: E402
-from selfe.graphs import FastPathConfig, FastSampler  # noqa: E402
-from selfe.model import MMDiT  # noqa: E402
-from selfe.optional import probe, unavailable_reason  # noqa: E402
-from selfe.sampler import SamplerConfig  # noqa: E402
-from selfe.text_encoders import CLIPTextEncoder, T5TextEncoder, TextEncoders  # noqa: E402
+from selfe.components.autoencoder import AUTOENCODER_PRESETS, AutoEncoder  # noqa: E402
+from selfe.components.fp8 import FP8Config, converted_modules, fp8_autocast_context, fp8_copy  # noqa: E402
+from selfe.components.text_encoders import CLIPTextEncoder, T5TextEncoder, TextEncoders  # noqa: E402
+from selfe.network.config import PRESETS, mmdit_preset  # noqa: E402
+from selfe.network.flops import device_peak_flops, mmdit_forward_flops  # noqa: E402
+from selfe.network.model import MMDiT  # noqa: E402
+from selfe.sampling.fast_path import FastPathConfig, FastSampler  # noqa: E402
+from selfe.sampling.sampler import SamplerConfig  # noqa: E402
+from selfe.utils.atomic import atomic_write_bytes, folder_problem  # noqa: E402
+from selfe.utils.devices import device_problem  # noqa: E402
+from selfe.utils.optional import probe, unavailable_reason  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 VARIANTS = ("eager", "compiled", "compiled+graph")
@@ -103,7 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--iters", type=int, default=5, help="timed repeats per point, median (default %(default)s)")
     parser.add_argument(
-        "--peak-flops", type=float, default=None, help="device peak FLOP/s (default: the GPU's dense bf16, selfe.flops)"
+        "--peak-flops", type=float, default=None,
+        help="device peak FLOP/s (default: the GPU's dense bf16, selfe.network.flops)",
     )
     parser.add_argument("--fp8", choices=("none", "torchao", "te"), default="none", help="also sample in FP8, compared")
     parser.add_argument("--fp8-scaling", choices=("tensorwise", "rowwise"), default="tensorwise", help="torchao only")
@@ -192,7 +193,7 @@ def random_text_encoders(txt_dim: int, vec_dim: int, txt_tokens: int, device, dt
     """T5 and CLIP with random weights at the widths the model expects; real depths when real_shape."""
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from selfe.text_snapshots import DEFAULT_WORDS, clip_tokenizer, t5_tokenizer
+    from selfe.components.text_snapshots import DEFAULT_WORDS, clip_tokenizer, t5_tokenizer
 
     t5_tok, clip_tok = t5_tokenizer(DEFAULT_WORDS), clip_tokenizer()
     layers, heads = (24, 64) if real_shape else (2, 4)  # T5-XXL: 24 layers, 64 heads of 64, d_ff 10240

@@ -9,7 +9,7 @@ with its self-evaluation passes on the s < t half), one run per variant:
     compile+ac
 MFU counts every pass (main fwd+bwd, the two no-grad self-eval forwards, and with --aux the fake
 fwd+bwd, whose forward also gives g_f), activation-checkpointing recomputation excluded, over the GPU's dense bf16
-peak (`selfe.flops.device_peak_flops`: H100's where the device is not listed) or --peak-flops.
+peak (`selfe.network.flops.device_peak_flops`: H100's where the device is not listed) or --peak-flops.
 tau is 1 from the start (tau_warmup=0) so the self-eval passes run at full size.
 With --fp8 torchao|te every variant also runs with the live network's large linears in FP8
 (`fp8.recipe=...`), reported against the high-precision run of the same variant (throughput ratio),
@@ -65,7 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--aux", action="store_true", help="auxiliary fake-score term on (one more forward and backward, at B/2)"
     )
     parser.add_argument(
-        "--peak-flops", type=float, default=None, help="per device (default: the GPU's dense bf16 peak, selfe.flops)"
+        "--peak-flops", type=float, default=None,
+        help="per device (default: the GPU's dense bf16 peak, selfe.network.flops)",
     )
     parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"), help="(default %(default)s)")
     parser.add_argument("--attention-backend", default=None, help="default: the preset's")
@@ -88,7 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.peak_flops is not None and not (math.isfinite(args.peak_flops) and args.peak_flops > 0):
         parser.error(f"--peak-flops must be a finite number > 0, got {args.peak_flops}")
     if args.fp8 != "none":
-        from selfe.optional import probe, unavailable_reason
+        from selfe.utils.optional import probe, unavailable_reason
 
         library = {"torchao": "torchao", "te": "transformer_engine"}[args.fp8]
         if not probe(library).available:
@@ -102,7 +103,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             except ValueError as err:
                 parser.error(str(err))
     if args.json is not None:
-        from selfe.atomic import folder_problem
+        from selfe.utils.atomic import folder_problem
 
         path = Path(args.json)
         problem = "is a directory" if path.is_dir() else folder_problem(path.parent)
@@ -192,9 +193,9 @@ def fp8_error(args: argparse.Namespace) -> dict:
     if root not in sys.path:  # bench/fp8.py imports as `bench.fp8` from the repository root
         sys.path.insert(0, root)
     from bench.fp8 import compare_fp8, denoiser_inputs
-    from selfe.config import mmdit_preset
-    from selfe.fp8 import FP8Config
-    from selfe.model import MMDiT
+    from selfe.components.fp8 import FP8Config
+    from selfe.network.config import mmdit_preset
+    from selfe.network.model import MMDiT
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda") if cuda else torch.device("cpu")
@@ -220,7 +221,7 @@ def fp8_error(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from selfe.flops import device_peak_flops
+    from selfe.network.flops import device_peak_flops
 
     args = parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]  # checked by parse_args
@@ -271,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         payload = {"device": device, "torch": torch.__version__, "args": vars(args), "results": results}
         if error is not None:
             payload["fp8_error"] = error
-        from selfe.atomic import atomic_write_bytes
+        from selfe.utils.atomic import atomic_write_bytes
 
         # temp file then rename: an interrupted run leaves no half-written JSON
         atomic_write_bytes(args.json, json.dumps(payload, indent=1).encode())

@@ -1,6 +1,7 @@
 """selfe: an engine for training and sampling Self-E any-step text-to-image models.
 
-engine/ installs as `selfe`, kernels/ as `selfe.kernels`, train/ as `selfe.train`.
+engine/ installs as `selfe`, kernels/ as `selfe.kernels`, train/ as `selfe.train`. The engine's rooms: utils,
+network, components, method, sampling, shapes (docs/architecture.md).
 Public names load lazily so `import selfe.kernels` stays light and import order never cycles.
 """
 
@@ -9,21 +10,35 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from selfe.checkout import install_kernels_finder
+from selfe.utils.checkout import install_kernels_finder
 
 __version__ = "0.1.0"
 
 # In a source checkout the bare name `kernels` would find our kernels/ folder (or bench/kernels.py) before the
-# installed `kernels` package that transformers imports; see selfe.checkout.
+# installed `kernels` package that transformers imports; see selfe.utils.checkout.
 install_kernels_finder()
 
+# Every public name, importable as `from selfe import X`; the room it lives in is in docs/architecture.md.
 _EXPORTS = {
-    "MMDiTConfig": "selfe.config",
-    "MMDiT": "selfe.model",
-    "SelfELoss": "selfe.objective",
-    "ObjectiveConfig": "selfe.objective",
-    "SamplerConfig": "selfe.sampler",
-    "sample": "selfe.sampler",
+    # the network
+    "MMDiTConfig": "selfe.network.config",
+    "mmdit_preset": "selfe.network.config",
+    "MMDiT": "selfe.network.model",
+    # the method
+    "SelfELoss": "selfe.method.objective",
+    "ObjectiveConfig": "selfe.method.objective",
+    # the sampling path
+    "SamplerConfig": "selfe.sampling.sampler",
+    "sample": "selfe.sampling.sampler",
+    "FastPathConfig": "selfe.sampling.fast_path",
+    "SelfEPipeline": "selfe.sampling.pipeline",
+    "SelfEPipelineOutput": "selfe.sampling.pipeline",
+    # components
+    "AutoEncoder": "selfe.components.autoencoder",
+    "TextEncoders": "selfe.components.text_encoders",
+    "FP8Config": "selfe.components.fp8",
+    # ShapesEval's model, shipped with the package
+    "shipped_model_dir": "selfe.shapes",
 }
 
 

@@ -11,8 +11,8 @@ DELEGATED = {
     "train": ("selfe.train.cli", "train_main", "train a Self-E model (FSDP2; under torchrun or plain python)"),
     "export": ("selfe.train.export", "export_main", "export a training checkpoint's EMA weights for sampling"),
     "generate": ("selfe.generate", "generate_main", "sample images from a trained model at any step counts"),
-    "cache": ("selfe.train.cache", "cache_main", "precompute latents and text states into safetensors shards"),
-    "data": ("selfe.train.shapes_data", "data_main", "make a built-in data set (ShapesEval: `selfe data shapes`)"),
+    "cache": ("selfe.train.cache_cli", "cache_main", "precompute latents and text states into safetensors shards"),
+    "data": ("selfe.shapes.data", "data_main", "make a built-in data set (ShapesEval: `selfe data shapes`)"),
     "eval": ("selfe.shapes.evaluate", "eval_main", "evaluate a model (ShapesEval: `selfe eval shapes --model DIR`)"),
 }
 

@@ -6,7 +6,7 @@ Writes every image as OUT_STEM_p{prompt index}_{steps}steps.png beside the grid,
 (rows: prompts, columns: step counts, left to right as given); images of that name that an earlier run
 left there and this one did not rewrite are removed, so the folder holds one run. All prompts of one
 step count run as one batch, with the same seed at every step count, so a row shows one noise draw
-sampled at each budget. DIR is a pipeline directory (see `selfe.pipeline`); without --model, the
+sampled at each budget. DIR is a pipeline directory (see `selfe.sampling.pipeline`); without --model, the
 ShapesEval model shipped with the package (`selfe.shapes.shipped_model_dir()`) is used when this
 install has it.
 Images are written at the model's native resolution unless --height / --width say otherwise, and
@@ -23,8 +23,8 @@ import re
 import sys
 from pathlib import Path
 
-from selfe.atomic import atomic_write_bytes, folder_problem
-from selfe.devices import device_problem
+from selfe.utils.atomic import atomic_write_bytes, folder_problem
+from selfe.utils.devices import device_problem
 
 NO_MODEL_HELP = """selfe generate: error: no model given; pass --model DIR.
 (This install lacks the shipped ShapesEval model, selfe/assets/shapes-selfe/, that is used by default.)
@@ -176,8 +176,8 @@ def generate_main(argv: list[str] | None = None) -> int:
     import torch
     from tqdm import tqdm
 
-    from selfe.graphs import FastPathConfig
-    from selfe.pipeline import SelfEPipeline
+    from selfe.sampling.fast_path import FastPathConfig
+    from selfe.sampling.pipeline import SelfEPipeline
 
     compile_step = {"auto": "auto", "on": True, "off": False}[args.compile]
     fast_path = FastPathConfig(compile=False if args.eager else compile_step)
@@ -285,7 +285,7 @@ def argument_problem(args: argparse.Namespace) -> str | None:
     if problem is None and args.dtype is not None:
         import torch
 
-        from selfe.text_encoders import resolve_dtype
+        from selfe.components.text_encoders import resolve_dtype
 
         try:
             resolve_dtype(args.dtype, torch.device("cpu"))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 # Before any test module imports transformers: from the repo root, selfe steers the bare name `kernels` to the
-# installed package rather than our kernels/ folder (selfe.checkout).
+# installed package rather than our kernels/ folder (selfe.utils.checkout).
 import selfe  # noqa: F401
 
 if not torch.cuda.is_available():

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from selfe.config import MMDiTConfig
-from selfe.model import MMDiT
+from selfe.network.config import MMDiTConfig
+from selfe.network.model import MMDiT
 from tests.helpers_text import make_tiny_clip_snapshot, make_tiny_t5_snapshot
 
 

@@ -1,4 +1,4 @@
-"""Test helpers for text encoders: tiny offline snapshots (built by selfe.text_snapshots) and a guard
+"""Test helpers for text encoders: tiny offline snapshots (built by selfe.components.text_snapshots) and a guard
 that fails a test on any network access or unpickling.
 """
 
@@ -11,7 +11,7 @@ import socket
 import pytest
 import torch
 
-from selfe.text_snapshots import DEFAULT_WORDS, make_clip_snapshot, make_t5_snapshot
+from selfe.components.text_snapshots import DEFAULT_WORDS, make_clip_snapshot, make_t5_snapshot
 
 make_tiny_t5_snapshot = make_t5_snapshot
 make_tiny_clip_snapshot = make_clip_snapshot

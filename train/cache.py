@@ -29,7 +29,6 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -39,7 +38,6 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from selfe.atomic import atomic_write_json
 from selfe.train.cache_shards import (
     CacheConfig,
     ImageEncoder,
@@ -52,6 +50,7 @@ from selfe.train.cache_shards import (
 )
 from selfe.train.data.cached import FORMAT, INDEX_NAME, NULL_NAME, file_sha256
 from selfe.train.data.manifest import UNDECODABLE_IMAGE, DataStats, scan_manifest
+from selfe.utils.atomic import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +146,7 @@ def build_cache(
         kept_null = previous.get("null") or {}
         if null_path.is_file() and null_path.stat().st_size == kept_null.get("bytes"):
             null = kept_null
-    # shard and null files: NAME.tmp; the index: .index.json.XXXX.tmp (selfe.atomic)
+    # shard and null files: NAME.tmp; the index: .index.json.XXXX.tmp (selfe.utils.atomic)
     stale = [*out.glob("shard-*.safetensors.tmp"), out / (NULL_NAME + ".tmp"), *out.glob(f".{INDEX_NAME}.*.tmp")]
     for path in stale:
         path.unlink(missing_ok=True)  # a file a kill left half-written
@@ -225,10 +224,3 @@ def build_cache(
     atomic_write_json(index_path, index)
     log.info("cache %s: %d/%d shards written; %s", out, len(index["shards"]), len(plans), counts)
     return index
-
-
-def cache_main(argv: Sequence[str] | None = None) -> int:
-    """`selfe cache ...` (the `selfe` command routes here): see selfe.train.cache_cli."""
-    from selfe.train.cache_cli import cache_main as run
-
-    return run(argv)

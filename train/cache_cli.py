@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
-from selfe.atomic import folder_problem
 from selfe.train.cache import CacheMismatchError, build_cache
 from selfe.train.cache_shards import STORE_DTYPES, CacheConfig, ImageEncoder, TextEncoder
 from selfe.train.data.cached import content_digest
 from selfe.train.data.manifest import EmptyManifestError, ManifestConfig
 from selfe.train.smoke_encoders import SmokeImageEncoder, SmokeTextEncoder
+from selfe.utils.atomic import folder_problem
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,7 +75,7 @@ def _check_inputs(args: argparse.Namespace) -> None:
         folders = {"--t5": args.t5, "--t5-tokenizer": args.t5_tokenizer}
         folders |= {"--clip": args.clip, "--clip-tokenizer": args.clip_tokenizer}
         for flag, path in folders.items():
-            # expanduser: the loaders (selfe.text_encoders) expand a quoted ~ too.
+            # expanduser: the loaders (selfe.components.text_encoders) expand a quoted ~ too.
             if path is not None and not Path(path).expanduser().is_dir():
                 raise InputError(f"{flag} {path}: no such folder (expected a local snapshot folder)")
     problem = folder_problem(args.out)
@@ -89,8 +89,8 @@ def _real_encoders(
     # Imported here: the real models need transformers and weights, the smoke path neither.
     from safetensors import SafetensorError
 
-    from selfe.autoencoder import load_autoencoder
-    from selfe.text_encoders import TextEncoders
+    from selfe.components.autoencoder import load_autoencoder
+    from selfe.components.text_encoders import TextEncoders
 
     # What a missing, truncated or foreign weight file raises (TypeError: a tokenizer file of another model).
     load_errors = (OSError, ValueError, TypeError, SafetensorError)
@@ -127,7 +127,7 @@ def _real_encoders(
 
 
 def _device(parser: argparse.ArgumentParser, name: str | None) -> torch.device:
-    from selfe.devices import device_problem  # the one --device check the commands share
+    from selfe.utils.devices import device_problem  # the one --device check the commands share
 
     if name is not None and (problem := device_problem(name)) is not None:
         parser.error(problem)
@@ -145,7 +145,7 @@ def cache_main(argv: Sequence[str] | None = None) -> int:
     device = _device(parser, args.device)
     dtype = torch.float32  # the real encoders' is resolved below; the smoke ones take none
     if not args.smoke:
-        from selfe.text_encoders import resolve_dtype
+        from selfe.components.text_encoders import resolve_dtype
 
         try:
             dtype = resolve_dtype(args.dtype, device)

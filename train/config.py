@@ -20,12 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from selfe.atomic import atomic_write_json
-from selfe.config import MMDiTConfig, mmdit_preset
-from selfe.fp8 import FP8Config
-from selfe.objective import ObjectiveConfig
-from selfe.schedule import TimeShift
-from selfe.shapes import PIXEL_FACTOR, SHAPES_AE_CHANNELS
+from selfe.components.fp8 import FP8Config
+from selfe.method.objective import ObjectiveConfig
+from selfe.method.schedule import TimeShift
+from selfe.network.config import MMDiTConfig, mmdit_preset
+from selfe.utils.atomic import atomic_write_json
 
 DATA_SOURCES = ("procedural", "synthetic", "cache", "images")
 ENCODERS = ("smoke", "flux", "pixels")
@@ -46,7 +45,7 @@ class DataSection:
     images: a TSV manifest; batches from `cache_dir` when it holds a cache (that manifest's, fitting the
         model: any other is an error at start-up), else decoded and encoded on the fly with `encoders`:
         "flux" (the FLUX.1 autoencoder, T5, CLIP from ae_path/t5_path/clip_path; an autoencoder file
-        written by selfe.autoencoder.save_autoencoder carries its own config), "pixels" (pixel space: the
+        written by selfe.components.autoencoder.save_autoencoder carries its own config), "pixels" (pixel space: the
         space-to-depth autoencoder with pixel_factor/pixel_scale, T5 and CLIP from t5_path/clip_path;
         ShapesEval) or "smoke" (SMOKE ONLY: random-init stand-ins, a pipeline check).
     With a cache and the auxiliary term on, the fake prompt is encoded online by `encoders` (the trainer
@@ -212,7 +211,7 @@ class CheckpointConfig:
 @dataclass
 class MetricsConfig:
     log_every: int = 10  # progress line period (JSONL gets every step)
-    # per device FLOP/s for MFU; None: the GPU's dense bf16 peak (selfe.flops.DENSE_BF16_PEAK_FLOPS), the
+    # per device FLOP/s for MFU; None: the GPU's dense bf16 peak (selfe.network.flops.DENSE_BF16_PEAK_FLOPS), the
     # H100's 989e12 where the device is not listed (a CPU included)
     peak_flops: float | None = None
     tensorboard: bool = True  # only if tensorboard is installed
@@ -361,6 +360,16 @@ def paper_2b() -> TrainConfig:
     )
 
 
+# Space-to-depth factor of ShapesEval's pixel autoencoder: a token is a 4x4 RGB patch, 48 values, 64 tokens
+# at 32^2. (8x8 patches, 192 values, are more than a width-128 network can carry: with velocity targets its
+# samples kept the noise.)
+SHAPES_PIXEL_FACTOR = 4
+
+# Latent channels of the tiny trained autoencoder (`selfe data shapes --autoencoder trained`): 8x8x8 latents,
+# 512 values per scene against the pixels' 3072, at the same 64 tokens.
+SHAPES_AE_CHANNELS = 8
+
+
 def shapes_model() -> MMDiTConfig:
     """ShapesEval's MMDiT: pixel space, a token per 4x4 RGB patch (space-to-depth 4, patch 1: 64 tokens at
     32^2), width 128 in 2 heads of 64, 4 double + 2 single blocks, the tiny T5 / CLIP widths."""
@@ -371,7 +380,7 @@ def shapes_model() -> MMDiTConfig:
         depth_double=4,
         depth_single=2,
         axes_dim=(8, 28, 28),
-        in_channels=3 * PIXEL_FACTOR**2,
+        in_channels=3 * SHAPES_PIXEL_FACTOR**2,
         patch_size=1,
         txt_dim=64,
         vec_dim=64,
@@ -410,7 +419,7 @@ def shapes(self_eval: bool = True, autoencoder: str = "pixels") -> TrainConfig:
             t5_path="data/shapes/text_encoder",
             clip_path="data/shapes/text_encoder_2",
             t5_max_length=16,
-            pixel_factor=PIXEL_FACTOR,
+            pixel_factor=SHAPES_PIXEL_FACTOR,
             resolution=32,
             min_side=32,
             batch_size=64,

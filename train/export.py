@@ -1,5 +1,5 @@
 """Export of the EMA weights for sampling: DIR/model.safetensors + DIR/config.json (what
-selfe.pipeline.SelfEPipeline.from_pretrained reads) + DIR/train_config.json, written atomically; with
+selfe.sampling.pipeline.SelfEPipeline.from_pretrained reads) + DIR/train_config.json, written atomically; with
 checkpoint.export_text_encoders / export_autoencoder also the (small) encoders, so DIR loads on its own.
 
 Every rank calls `export_ema` (gathering the sharded weights is collective); rank 0 writes.
@@ -22,8 +22,8 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from selfe.fp8 import plain_tensor
-from selfe.pipeline_files import AE_FILE
+from selfe.components.fp8 import plain_tensor
+from selfe.sampling.pipeline_files import AE_FILE
 from selfe.train.config import TrainConfig
 
 
@@ -37,7 +37,7 @@ def pipeline_config(config: TrainConfig) -> dict:
         "resolution": data.resolution,
     }
     if config.checkpoint.export_autoencoder:
-        from selfe.autoencoder import config_from_file, flux1
+        from selfe.components.autoencoder import config_from_file, flux1
 
         out["autoencoder"] = (config_from_file(_exported_autoencoder(config)) or flux1()).to_dict()
     elif data.encoders == "pixels":
@@ -136,7 +136,7 @@ def export_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike) -> 
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
-    from selfe.model import MMDiT
+    from selfe.network.model import MMDiT
     from selfe.train.checkpoint import Checkpointer
     from selfe.train.config import load_config
 

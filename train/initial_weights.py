@@ -20,9 +20,7 @@ from pathlib import Path
 
 from torch import nn
 
-from selfe.config import MMDiTConfig
-from selfe.pipeline_files import CONFIG_FILE, MODEL_FILE, read_pipeline_config
-from selfe.weights import (
+from selfe.components.weights import (
     StateDictMismatch,
     StateDictMismatchError,
     compare_shapes,
@@ -32,6 +30,8 @@ from selfe.weights import (
     load_state_dict_into,
     safetensors_shapes,
 )
+from selfe.network.config import MMDiTConfig
+from selfe.sampling.pipeline_files import CONFIG_FILE, MODEL_FILE, read_pipeline_config
 
 RUN_TIME_FIELDS = ("attention_backend", "kernel_backend")  # how the model runs, not what it computes
 GROWN_FIELDS = ("depth_double", "depth_single")  # what init_grow lets the run's model have more of

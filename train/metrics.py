@@ -2,7 +2,7 @@
 (when installed), a progress line, and NVTX ranges (no-ops without CUDA).
 
 FLOPs per micro-batch of B samples, B_self of them self-evaluated (SELFE.md §7), F(n) = one forward
-of n samples from selfe.flops:
+of n samples from selfe.network.flops:
     3 F(B)              main forward + backward
     2 F(B_self)         the EMA-conditional and live-unconditional self-evaluation forwards (no grad)
     3 F(B_self)         with the auxiliary term on: the fake forward + backward (its forward, detached,
@@ -25,11 +25,11 @@ from typing import Any
 
 import torch
 
-from selfe import optional
-from selfe.atomic import atomic_write_bytes
-from selfe.config import MMDiTConfig
-from selfe.flops import mmdit_forward_flops
-from selfe.schedule import self_eval_count
+from selfe.method.schedule import self_eval_count
+from selfe.network.config import MMDiTConfig
+from selfe.network.flops import mmdit_forward_flops
+from selfe.utils import optional
+from selfe.utils.atomic import atomic_write_bytes
 
 
 def self_eval_samples(batch: int, split: str, self_eval: bool, frac_self: float | None = None) -> int:

@@ -19,7 +19,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from selfe.fp8 import FP8Config, convert_for_training
+from selfe.components.fp8 import FP8Config, convert_for_training
 from selfe.train.config import ParallelConfig
 
 

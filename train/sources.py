@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from selfe.config import MMDiTConfig
-from selfe.objective import DEFAULT_FAKE_PROMPT_PREFIX
-from selfe.text_encoders import fit_to_text_bucket
+from selfe.components.text_encoders import fit_to_text_bucket
+from selfe.method.objective import DEFAULT_FAKE_PROMPT_PREFIX
+from selfe.network.config import MMDiTConfig
 from selfe.train.config import DataSection
 
 # What a cache stores (CachedDataset.widths) -> the model key that must equal it
@@ -332,7 +332,7 @@ def _image_encoder(data: DataSection, model: MMDiTConfig, device: torch.device):
         return pixel_autoencoder(data).to(device).encode
     if not data.ae_path:
         raise ValueError("data.encoders='flux' needs data.ae_path (or data.encoders=smoke for a pipeline check)")
-    from selfe.autoencoder import load_autoencoder
+    from selfe.components.autoencoder import load_autoencoder
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     return load_autoencoder(data.ae_path, device=device, dtype=dtype).encode
@@ -350,7 +350,7 @@ def _text_encoder(data: DataSection, model: MMDiTConfig, device: torch.device):
         raise ValueError(
             f"data.encoders={data.encoders!r} needs {missing} (or data.encoders=smoke for a pipeline check)"
         )
-    from selfe.text_encoders import TextEncoders
+    from selfe.components.text_encoders import TextEncoders
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     encoders = TextEncoders.from_snapshots(
@@ -360,8 +360,8 @@ def _text_encoder(data: DataSection, model: MMDiTConfig, device: torch.device):
 
 
 def pixel_autoencoder(data: DataSection):
-    """The space-to-depth autoencoder of data.encoders="pixels" (see selfe.pixel_autoencoder)."""
-    from selfe.pixel_autoencoder import SpaceToDepthAutoEncoder, SpaceToDepthConfig
+    """The space-to-depth autoencoder of data.encoders="pixels" (see selfe.components.pixel_autoencoder)."""
+    from selfe.components.pixel_autoencoder import SpaceToDepthAutoEncoder, SpaceToDepthConfig
 
     return SpaceToDepthAutoEncoder(
         SpaceToDepthConfig(downsample_factor=data.pixel_factor, scale_factor=data.pixel_scale)

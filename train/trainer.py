@@ -3,7 +3,7 @@ exact resume, fault handling and MFU accounting.
 
 One optimizer step (an "iteration", the objective's clock):
     for each of grad_accum micro-batches: SelfELoss(live, EMA, batch) forward, backward; the self-eval
-    passes run without grad on the s < t half (selfe.objective). Gradients are reduce-scattered after
+    passes run without grad on the s < t half (selfe.method.objective). Gradients are reduce-scattered after
     every micro-batch, as torchtitan does: they accumulate in the fp32 shards, not in unsharded bf16.
     one all-reduce of the step's scalars (losses, non-finite flag, stop request) -> every rank agrees
     clip (the global grad norm); a non-finite loss or norm skips optimizer.step and the EMA update
@@ -40,12 +40,11 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import init_device_mesh
 
-from selfe.atomic import folder_problem
-from selfe.flops import device_peak_flops
-from selfe.fp8 import fp8_autocast_context, post_optimizer_step
-from selfe.model import MMDiT
-from selfe.objective import SelfELoss
-from selfe.schedule import tau_at
+from selfe.components.fp8 import fp8_autocast_context, post_optimizer_step
+from selfe.method.objective import SelfELoss
+from selfe.method.schedule import tau_at
+from selfe.network.flops import device_peak_flops
+from selfe.network.model import MMDiT
 from selfe.train.checkpoint import Checkpointer, rng_state, set_rng_state
 from selfe.train.config import TrainConfig, check_fake_prompt_encoder, save_config
 from selfe.train.ema import EMA
@@ -54,6 +53,7 @@ from selfe.train.lr import build_optimizer, build_scheduler, load_schedule
 from selfe.train.metrics import MetricsLogger, memory_stats, nvtx_range, self_eval_samples, step_flops
 from selfe.train.parallelize import parallelize, reshard_all
 from selfe.train.sources import build_source, cut_batch_text
+from selfe.utils.atomic import folder_problem
 
 log = logging.getLogger(__name__)
 

@@ -106,7 +106,7 @@ def _time_shift(pipe: Any, mu: float | None) -> Iterator[None]:
     if mu is None:
         yield
         return
-    from selfe.schedule import TimeShift
+    from selfe.method.schedule import TimeShift
 
     saved = pipe.sampler_defaults
     pipe.sampler_defaults = dataclasses.replace(saved, time_shift=TimeShift(mu=mu))
@@ -262,8 +262,8 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
         models = [shipped]
     # Every model folder and the other arguments are checked before the first model is evaluated, so a typo
     # in the last --model does not surface only after the others have run.
-    from selfe.devices import device_problem
-    from selfe.pipeline_files import check_pipeline_dir
+    from selfe.sampling.pipeline_files import check_pipeline_dir
+    from selfe.utils.devices import device_problem
 
     for path in models:
         try:
@@ -279,8 +279,8 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
 
     from PIL import Image
 
-    from selfe.graphs import FastPathConfig
-    from selfe.pipeline import SelfEPipeline
+    from selfe.sampling.fast_path import FastPathConfig
+    from selfe.sampling.pipeline import SelfEPipeline
 
     all_results: dict[str, dict] = {}
     taken: set[str] = set()
@@ -303,7 +303,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
         results["model"] = str(path)
         all_results[name] = results
         Image.fromarray(grid(images, config)).save(args.out / f"shapes_grid_{name.strip(chr(39))}.png")
-    from selfe.atomic import atomic_write_json
+    from selfe.utils.atomic import atomic_write_json
 
     atomic_write_json(args.out / "shapes_eval.json", all_results)
     print(markdown_table(all_results))

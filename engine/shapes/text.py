@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from selfe.components.text_snapshots import make_clip_snapshot, make_t5_snapshot
 from selfe.shapes.scene import COLOURS, COUNT_WORDS, RELATIONS, SHAPES
-from selfe.text_snapshots import make_clip_snapshot, make_t5_snapshot
 
 T5_DIR, CLIP_DIR = "text_encoder", "text_encoder_2"  # the pipeline directory's folder names
 TEXT_WIDTH = 64  # T5 d_model = the MMDiT's txt_dim; CLIP hidden = vec_dim

@@ -1,4 +1,4 @@
-"""selfe.atomic: whole-or-nothing writes with ordinary file modes, and the output-folder check."""
+"""selfe.utils.atomic: whole-or-nothing writes with ordinary file modes, and the output-folder check."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from selfe.atomic import atomic_write_bytes, atomic_write_json, folder_problem
+from selfe.utils.atomic import atomic_write_bytes, atomic_write_json, folder_problem
 
 
 def test_a_write_has_the_mode_of_a_plain_open(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from selfe.autoencoder import (
+from selfe.components.autoencoder import (
     CONFIG_METADATA_KEY,
     AutoEncoder,
     AutoEncoderConfig,
@@ -20,7 +20,7 @@ from selfe.autoencoder import (
     save_autoencoder,
     tiny,
 )
-from selfe.weights import (
+from selfe.components.weights import (
     StateDictMismatchError,
     check_state_dict,
     load_safetensors,

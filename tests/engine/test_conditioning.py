@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from selfe.conditioning import ConditioningConfig, TextConditioner
-from selfe.text_encoders import TextEncoders
+from selfe.components.text_encoders import TextEncoders
+from selfe.method.conditioning import ConditioningConfig, TextConditioner
 from tests.helpers_text import forbid_network_and_unpickling, make_tiny_clip_snapshot, make_tiny_t5_snapshot
 
 CAPTIONS = ["a photo of a cat", "a red dog", "the blue table", "a cat on the table", "dog", "a photo"]

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from selfe.config import PRESETS, MMDiTConfig, mmdit_preset
-from selfe.model import MMDiT
+from selfe.network.config import PRESETS, MMDiTConfig, mmdit_preset
+from selfe.network.model import MMDiT
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

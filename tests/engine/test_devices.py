@@ -1,12 +1,12 @@
-"""`selfe.devices`: the device check shared by the commands (`--device`) and the library (`device=`)."""
+"""`selfe.utils.devices`: the device check shared by the commands (`--device`) and the library (`device=`)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from selfe.devices import device_problem, unavailable_reason
-from selfe.pipeline_inputs import checked_device
+from selfe.sampling.pipeline_inputs import checked_device
+from selfe.utils.devices import device_problem, unavailable_reason
 
 
 def test_cpu_is_usable() -> None:

@@ -1,4 +1,4 @@
-"""FP8 behind one switch (selfe.fp8), the optional-library probes (selfe.optional), bench/fp8.py helpers.
+"""FP8 behind one switch (selfe.components.fp8), the optional-library probes (selfe.utils.optional), bench/fp8.py.
 
 On CPU torchao emulates the FP8 GEMM: inputs and weights really are rounded to e4m3 with dynamic scales,
 only the multiply runs in high precision, so the numerical claims below are tested for real.
@@ -32,9 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfe import optional
-from selfe.config import mmdit_preset
-from selfe.fp8 import (
+from selfe.components.fp8 import (
     FP8Config,
     convert_for_inference,
     convert_for_training,
@@ -45,8 +43,10 @@ from selfe.fp8 import (
     load_high_precision_state_dict,
     post_optimizer_step,
 )
-from selfe.model import MMDiT
-from selfe.optional import torchao_available, transformer_engine_available, unavailable_reason
+from selfe.network.config import mmdit_preset
+from selfe.network.model import MMDiT
+from selfe.utils import optional
+from selfe.utils.optional import torchao_available, transformer_engine_available, unavailable_reason
 
 REPO = Path(__file__).resolve().parents[2]
 E4M3_UNIT_ROUNDOFF = 2.0**-4
@@ -302,7 +302,7 @@ def test_compiled_converted_block_matches_eager():
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(2, 24, 64, generator=gen, requires_grad=True)
     vec = torch.randn(2, 64, generator=gen)
-    from selfe.rope import joint_rope_tables
+    from selfe.network.rope import joint_rope_tables
 
     cos, sin = joint_rope_tables(8, 4, 4, model.config.axes_dim, model.config.rope_theta, device=x.device)
     torch._dynamo.reset()
@@ -341,7 +341,7 @@ FSDP_SCRIPT = textwrap.dedent(
         torch.set_num_threads(1)
         from torch.distributed.fsdp import fully_shard
         from torchao.float8.fsdp_utils import WeightWithDynamicFloat8CastTensor
-        from selfe.fp8 import FP8Config, convert_for_training, post_optimizer_step
+        from selfe.components.fp8 import FP8Config, convert_for_training, post_optimizer_step
         sys.path.insert(0, os.path.dirname(__file__))
         from common import make_model, make_inputs, run_steps
         gathered = []  # dtypes FSDP2 all-gathers for the converted weights
@@ -370,8 +370,8 @@ FSDP_SCRIPT = textwrap.dedent(
 COMMON_SCRIPT = textwrap.dedent(
     """
     import math, torch
-    from selfe.config import mmdit_preset
-    from selfe.model import MMDiT
+    from selfe.network.config import mmdit_preset
+    from selfe.network.model import MMDiT
 
     def make_model():
         torch.manual_seed(0)
@@ -505,7 +505,7 @@ def test_probe_records_the_import_error(monkeypatch):
 
 def test_importing_fp8_imports_no_optional_library():
     code = (
-        "import sys, selfe.fp8, selfe.optional; "
+        "import sys, selfe.components.fp8, selfe.utils.optional; "
         "print([m for m in ('torchao', 'transformer_engine', 'flash_attn', 'nvtx') if m in sys.modules])"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)

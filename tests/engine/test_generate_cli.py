@@ -10,9 +10,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import selfe.pipeline
+import selfe.sampling.pipeline
 from selfe.generate import build_parser, generate_main
-from selfe.pipeline_files import text_encoder_dirs
+from selfe.sampling.pipeline_files import text_encoder_dirs
 from selfe.shapes import shipped_model_dir
 
 SHIPPED = shipped_model_dir()
@@ -37,7 +37,8 @@ class FakePipe:
 @pytest.fixture
 def fake_pipe(monkeypatch: pytest.MonkeyPatch) -> FakePipe:
     pipe = FakePipe()
-    monkeypatch.setattr(selfe.pipeline.SelfEPipeline, "from_pretrained", classmethod(lambda cls, *a, **k: pipe))
+    pipeline_class = selfe.sampling.pipeline.SelfEPipeline
+    monkeypatch.setattr(pipeline_class, "from_pretrained", classmethod(lambda cls, *a, **k: pipe))
     return pipe
 
 
@@ -48,7 +49,7 @@ def no_load(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(cls, *args, **kwargs):
         raise AssertionError("the model was loaded before the arguments were checked")
 
-    monkeypatch.setattr(selfe.pipeline.SelfEPipeline, "from_pretrained", classmethod(refuse))
+    monkeypatch.setattr(selfe.sampling.pipeline.SelfEPipeline, "from_pretrained", classmethod(refuse))
 
 
 def refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
@@ -165,7 +166,7 @@ def test_guidance_help_names_no_stale_default() -> None:
 @needs_shipped
 def test_a_size_the_model_cannot_take_is_one_line_before_sampling(tmp_path: Path, capsys, monkeypatch) -> None:
     sampled = []
-    monkeypatch.setattr(selfe.pipeline, "sample", lambda *a, **k: sampled.append(1))
+    monkeypatch.setattr(selfe.sampling.pipeline, "sample", lambda *a, **k: sampled.append(1))
     argv = ["--prompt", "a", "--height", "30", "--eager", "--no-progress", "--out", str(tmp_path / "g.png")]
     assert generate_main(argv) == 2  # the multiple needs the model (autoencoder x patch): checked after loading
     err = capsys.readouterr().err

@@ -3,7 +3,7 @@ error naming the argument / field / key, raised before any weights load or any s
 
 Complements tests/engine/test_pipeline.py (whose `test_inputs_are_checked_before_any_work` covers the common
 `__call__` arguments): here `from_pretrained`'s keywords and pipeline folders, the config dataclasses built
-directly, `selfe.weights` and the rarer call paths. Everything runs on the shipped tiny ShapesEval model.
+directly, `selfe.components.weights` and the rarer call paths. Everything runs on the shipped tiny ShapesEval model.
 """
 
 from __future__ import annotations
@@ -21,18 +21,18 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import selfe.pipeline
-from selfe.autoencoder import AutoEncoderConfig
-from selfe.config import MMDiTConfig
-from selfe.config import tiny as tiny_mmdit
-from selfe.graphs import FastPathConfig, FastSampler
-from selfe.model import MMDiT
-from selfe.pipeline import SelfEPipeline
-from selfe.pixel_autoencoder import SpaceToDepthConfig
-from selfe.sampler import SamplerConfig
-from selfe.schedule import TimeShift
+import selfe.sampling.pipeline
+from selfe.components.autoencoder import AutoEncoderConfig
+from selfe.components.pixel_autoencoder import SpaceToDepthConfig
+from selfe.components.weights import StateDictMismatchError, load_safetensors, load_safetensors_into
+from selfe.method.schedule import TimeShift
+from selfe.network.config import MMDiTConfig
+from selfe.network.config import tiny as tiny_mmdit
+from selfe.network.model import MMDiT
+from selfe.sampling.fast_path import FastPathConfig, FastSampler
+from selfe.sampling.pipeline import SelfEPipeline
+from selfe.sampling.sampler import SamplerConfig
 from selfe.shapes import shipped_model_dir
-from selfe.weights import StateDictMismatchError, load_safetensors, load_safetensors_into
 from tests.helpers_text import forbid_network_and_unpickling
 
 SHIPPED = shipped_model_dir()
@@ -60,9 +60,9 @@ def no_loading(monkeypatch: pytest.MonkeyPatch) -> None:
     def no_work(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("weights started loading before the inputs were checked")
 
-    monkeypatch.setattr(selfe.pipeline, "load_safetensors_into", no_work)
-    monkeypatch.setattr(selfe.pipeline, "load_autoencoder", no_work)
-    monkeypatch.setattr(selfe.pipeline.TextEncoders, "from_snapshots", no_work)
+    monkeypatch.setattr(selfe.sampling.pipeline, "load_safetensors_into", no_work)
+    monkeypatch.setattr(selfe.sampling.pipeline, "load_autoencoder", no_work)
+    monkeypatch.setattr(selfe.sampling.pipeline.TextEncoders, "from_snapshots", no_work)
 
 
 def shipped_meta() -> dict[str, Any]:
@@ -288,7 +288,7 @@ def test_valid_configs_still_build_and_ints_are_not_bools() -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# selfe.weights
+# selfe.components.weights
 
 
 def test_weight_files_name_every_bad_key(tmp_path: Path) -> None:

@@ -10,17 +10,17 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
-from selfe.attention import (
+from selfe.kernels import reference
+from selfe.network.attention import (
     attention,
     get_attention_backend,
     known_attention_backends,
     register_attention_backend,
 )
-from selfe.config import mmdit_preset
-from selfe.flops import mmdit_forward_backward_flops, mmdit_forward_flops, mmdit_forward_flops_breakdown
-from selfe.kernels import reference
-from selfe.model import MMDiT, patchify, unpatchify
-from selfe.rope import image_position_ids, joint_rope_tables, rope_tables
+from selfe.network.config import mmdit_preset
+from selfe.network.flops import mmdit_forward_backward_flops, mmdit_forward_flops, mmdit_forward_flops_breakdown
+from selfe.network.model import MMDiT, patchify, unpatchify
+from selfe.network.rope import image_position_ids, joint_rope_tables, rope_tables
 
 
 def randomize(module: torch.nn.Module, seed: int = 0, skip: tuple[torch.nn.Module, ...] = ()) -> None:
@@ -352,7 +352,7 @@ def test_attention_function_and_registry() -> None:
             attention(q, k, v, mask, "test_double"), 2 * attention(q, k, v, mask, "math")
         )
     finally:
-        from selfe import attention as attention_module
+        from selfe.network import attention as attention_module
 
         attention_module._REGISTRY.pop("test_double")
 

@@ -19,8 +19,11 @@ import pytest
 import torch
 from torch import Tensor
 
-from selfe import attention as attention_module
-from selfe.attention import (
+from selfe.kernels import dispatch, reference
+from selfe.method.objective import ObjectiveConfig, SelfELoss
+from selfe.method.schedule import TimeShift
+from selfe.network import attention as attention_module
+from selfe.network.attention import (
     applies_rope,
     attention,
     known_attention_backends,
@@ -28,11 +31,8 @@ from selfe.attention import (
     register_rope_attention_backend,
     rope_attention,
 )
-from selfe.config import MMDiTConfig, mmdit_preset
-from selfe.kernels import dispatch, reference
-from selfe.model import MMDiT
-from selfe.objective import ObjectiveConfig, SelfELoss
-from selfe.schedule import TimeShift
+from selfe.network.config import MMDiTConfig, mmdit_preset
+from selfe.network.model import MMDiT
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -10,16 +10,16 @@ import pytest
 import torch
 from torch import nn
 
-from selfe import condition_tree
-from selfe.objective import (
+from selfe.method import condition_tree
+from selfe.method.objective import (
     ObjectiveConfig,
     SelfELoss,
     clean_estimate,
     loss_weight,
     self_eval_lambda,
 )
-from selfe.renorm import energy_preserving_cfg, energy_preserving_target
-from selfe.schedule import TimeShift, sample_s, sample_t, shift_time, tau_at
+from selfe.method.renorm import energy_preserving_cfg, energy_preserving_target
+from selfe.method.schedule import TimeShift, sample_s, sample_t, shift_time, tau_at
 
 f64 = torch.float64
 
@@ -392,8 +392,8 @@ def test_config_validation():
 
 
 def test_the_mmdit_runs_the_same_objective():
-    from selfe.config import mmdit_preset
-    from selfe.model import MMDiT
+    from selfe.network.config import mmdit_preset
+    from selfe.network.model import MMDiT
 
     torch.manual_seed(0)
     model, ema = MMDiT(mmdit_preset("tiny")), MMDiT(mmdit_preset("tiny"))

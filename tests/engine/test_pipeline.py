@@ -20,12 +20,12 @@ import torch
 from safetensors.torch import save_file
 
 import selfe.shapes
-from selfe.autoencoder import AutoEncoder
-from selfe.autoencoder import tiny as tiny_autoencoder
-from selfe.config import tiny as tiny_mmdit
+from selfe.components.autoencoder import AutoEncoder
+from selfe.components.autoencoder import tiny as tiny_autoencoder
 from selfe.generate import generate_main
-from selfe.graphs import FastPathConfig, FastSampler, _GraphedStep
-from selfe.pipeline import SelfEPipeline, SelfEPipelineOutput
+from selfe.network.config import tiny as tiny_mmdit
+from selfe.sampling.fast_path import FastPathConfig, FastSampler, _GraphedStep
+from selfe.sampling.pipeline import SelfEPipeline, SelfEPipelineOutput
 from tests.helpers_pipeline import random_mmdit, write_pipeline_dir
 from tests.helpers_text import allow_inductor_unpickling, forbid_network_and_unpickling
 
@@ -168,7 +168,7 @@ def test_blocks_compile_as_nested_regions_and_fall_back_whole(tmp_path: Path, mo
     """FastPathConfig.compile_regions: the step's one graph calls each block through a nested compile
     region (compiled once per block kind); the images are the eager ones, with regions or without. If the
     compiler fails on the regions, the step is compiled whole, with one warning."""
-    import selfe.model
+    import selfe.network.model
 
     # Two blocks of each kind: dynamo inlines a region that is called once.
     pipeline_dir = write_tiny_pipeline(tmp_path / "deeper", depth_double=2, depth_single=2)
@@ -195,7 +195,7 @@ def test_blocks_compile_as_nested_regions_and_fall_back_whole(tmp_path: Path, mo
         return block(*args)
 
     torch._dynamo.reset()
-    monkeypatch.setattr(selfe.model, "_block_region", breaks)
+    monkeypatch.setattr(selfe.network.model, "_block_region", breaks)
     graphs = []
     pipe = SelfEPipeline.from_pretrained(
         pipeline_dir, fast_path=FastPathConfig(compile=True, compile_backend=recorder(graphs))

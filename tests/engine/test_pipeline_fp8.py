@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from selfe.fp8 import FP8Config, converted_modules
+from selfe.components.fp8 import FP8Config, converted_modules
 from selfe.generate import generate_main
-from selfe.pipeline import SelfEPipeline
+from selfe.sampling.pipeline import SelfEPipeline
 from tests.engine.test_pipeline import FAST, PROMPTS, SIZE, no_network, pipeline_dir, run  # noqa: F401 (fixtures)
 
 pytest.importorskip("torchao.float8", reason="torchao is the tested FP8 path (pip install torchao)")

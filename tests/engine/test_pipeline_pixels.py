@@ -16,12 +16,12 @@ import pytest
 import torch
 
 import selfe.shapes
-from selfe.config import mmdit_preset
+from selfe.components.pixel_autoencoder import SpaceToDepthAutoEncoder, SpaceToDepthConfig
 from selfe.generate import NO_MODEL_HELP, auto_upscale, generate_main
-from selfe.graphs import FastPathConfig
-from selfe.pipeline import SelfEPipeline
-from selfe.pipeline_files import read_pipeline_config
-from selfe.pixel_autoencoder import SpaceToDepthAutoEncoder, SpaceToDepthConfig
+from selfe.network.config import mmdit_preset
+from selfe.sampling.fast_path import FastPathConfig
+from selfe.sampling.pipeline import SelfEPipeline
+from selfe.sampling.pipeline_files import read_pipeline_config
 from tests.helpers_pipeline import random_mmdit, write_pipeline_dir
 from tests.helpers_text import forbid_network_and_unpickling
 

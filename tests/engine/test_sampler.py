@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from selfe.renorm import energy_preserving_cfg
-from selfe.sampler import SamplerConfig, denoise_step, draw_noise, guided_velocity, s_grid, sample
-from selfe.schedule import TimeShift, sampling_grid, shift_time
+from selfe.method.renorm import energy_preserving_cfg
+from selfe.method.schedule import TimeShift, sampling_grid, shift_time
+from selfe.sampling.sampler import SamplerConfig, denoise_step, draw_noise, guided_velocity, s_grid, sample
 
 f64 = torch.float64
 

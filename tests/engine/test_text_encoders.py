@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from selfe.text_encoders import (
+from selfe.components.text_encoders import (
     T5TextEncoder,
     TextEncoders,
     check_model_dir,
@@ -222,7 +222,7 @@ def test_default_lengths(snapshots: tuple[Path, Path]) -> None:
     assert enc.null_condition(2)["txt"].shape == (2, 512, 32)
 
 
-@pytest.mark.parametrize("module", ["selfe.text_encoders", "selfe.conditioning"])
+@pytest.mark.parametrize("module", ["selfe.components.text_encoders", "selfe.method.conditioning"])
 def test_transformers_imported_lazily(module: str) -> None:
     """No module-level import of transformers or tokenizers, so `import selfe` stays light."""
     tree = ast.parse(Path(importlib.util.find_spec(module).origin).read_text())
@@ -242,7 +242,7 @@ def test_loading_is_quiet_and_restores_settings(snapshots: tuple[Path, Path], tm
     script = f"""
 import logging
 from transformers.utils import logging as hf_logging
-from selfe.text_encoders import TextEncoders
+from selfe.components.text_encoders import TextEncoders
 for name in ("torchao", "torch.utils._pytree"):
     logging.getLogger(name).setLevel(logging.INFO)
 TextEncoders.from_snapshots({str(snapshots[0])!r}, {str(snapshots[1])!r}, t5_max_length=8, device="cpu")
@@ -266,10 +266,10 @@ def test_defaults_on_gpu_are_bf16(snapshots: tuple[Path, Path]) -> None:
 
 
 LOADING_MODULES = [
-    "selfe.weights",
-    "selfe.autoencoder",
-    "selfe.text_encoders",
-    "selfe.conditioning",
+    "selfe.components.weights",
+    "selfe.components.autoencoder",
+    "selfe.components.text_encoders",
+    "selfe.method.conditioning",
     "selfe.train.cache",
     "selfe.train.cache_cli",
     "selfe.train.cache_shards",
@@ -302,7 +302,7 @@ def test_loaders_never_unpickle(module: str) -> None:
             if node.func.attr == "load" and owner in {"np", "numpy"} and not _keyword_is(node, "allow_pickle", False):
                 problems.append(f"np.load without allow_pickle=False at line {node.lineno}")
     assert not problems, problems
-    if module == "selfe.text_encoders":  # the one place transformers models are loaded
+    if module == "selfe.components.text_encoders":  # the one place transformers models are loaded
         assert "use_safetensors=True" in Path(importlib.util.find_spec(module).origin).read_text()
 
 

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from selfe.train.shapes_data import MANIFEST
+from selfe.shapes.data import MANIFEST
 from tests.train.helpers_trainer import REPO, child_env
 
 

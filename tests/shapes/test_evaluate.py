@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from selfe.sampler import SamplerConfig
-from selfe.schedule import TimeShift
+from selfe.method.schedule import TimeShift
+from selfe.sampling.sampler import SamplerConfig
 from selfe.shapes import scene
 from selfe.shapes.evaluate import EvalConfig, build_parser, evaluate
 
@@ -104,7 +104,7 @@ def test_every_model_is_checked_before_the_first_is_evaluated(tmp_path, monkeypa
     """A missing or broken later --model is a one-line error (exit 2) before any model loads or samples."""
     from pathlib import Path
 
-    import selfe.pipeline
+    import selfe.sampling.pipeline
     import selfe.shapes.evaluate as evaluate_module
     from selfe.shapes import shipped_model_dir
 
@@ -115,7 +115,7 @@ def test_every_model_is_checked_before_the_first_is_evaluated(tmp_path, monkeypa
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded or evaluated before every --model was checked")
 
-    monkeypatch.setattr(selfe.pipeline.SelfEPipeline, "from_pretrained", classmethod(refuse))
+    monkeypatch.setattr(selfe.sampling.pipeline.SelfEPipeline, "from_pretrained", classmethod(refuse))
     monkeypatch.setattr(evaluate_module, "evaluate", refuse)
     broken = tmp_path / "broken"
     broken.mkdir()

@@ -11,11 +11,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from selfe.autoencoder import config_from_file, load_autoencoder
-from selfe.shapes import SHAPES_AE_CHANNELS
-from selfe.shapes.scene import CATEGORIES
-from selfe.train.config import preset
-from selfe.train.shapes_autoencoder import (
+from selfe.components.autoencoder import config_from_file, load_autoencoder
+from selfe.shapes.autoencoder import (
     AutoEncoderTraining,
     load_manifest_images,
     reconstruction_score,
@@ -23,7 +20,9 @@ from selfe.train.shapes_autoencoder import (
     to_unit,
     train_autoencoder,
 )
-from selfe.train.shapes_data import AE_CACHE, AE_FILE, AE_REPORT, MANIFEST, data_main, prepare
+from selfe.shapes.data import AE_CACHE, AE_FILE, AE_REPORT, MANIFEST, data_main, prepare
+from selfe.shapes.scene import CATEGORIES
+from selfe.train.config import SHAPES_AE_CHANNELS, preset
 from tests.shapes.helpers_shapes import train_shapes
 
 NUM = 64
@@ -131,8 +130,8 @@ def test_a_run_in_the_latents_exports_a_pipeline_that_carries_its_autoencoder(ae
     assert meta["autoencoder"] == config_from_file(ae_data / AE_FILE).to_dict()
     assert meta["sampler"]["guidance"] is None  # checkpoint.export_guidance of the Self-E latent preset
 
-    from selfe.graphs import FastPathConfig
-    from selfe.pipeline import SelfEPipeline
+    from selfe.sampling.fast_path import FastPathConfig
+    from selfe.sampling.pipeline import SelfEPipeline
 
     pipe = SelfEPipeline.from_pretrained(export, fast_path=FastPathConfig(compile=False))
     assert pipe.sampler_defaults.guidance is None

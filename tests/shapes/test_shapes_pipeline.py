@@ -11,11 +11,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from selfe.pixel_autoencoder import SpaceToDepthAutoEncoder, SpaceToDepthConfig
-from selfe.shapes import PIXEL_FACTOR
+from selfe.components.pixel_autoencoder import SpaceToDepthAutoEncoder, SpaceToDepthConfig
+from selfe.shapes.data import MANIFEST, prepare, sample
 from selfe.shapes.scene import CATEGORIES
-from selfe.train.config import preset
-from selfe.train.shapes_data import MANIFEST, prepare, sample
+from selfe.train.config import SHAPES_PIXEL_FACTOR, preset
 from tests.shapes.helpers_shapes import train_shapes
 
 NUM = 96
@@ -41,7 +40,7 @@ def test_data_set_is_a_manifest_of_its_seeded_samples_and_the_cache_inverts_exac
     shard = load_file(shapes_data / "cache" / index["shards"][0]["file"])
     latents = shard["latents"].float()
     assert latents.shape[1:] == (48, 8, 8)
-    autoencoder = SpaceToDepthAutoEncoder(SpaceToDepthConfig(downsample_factor=PIXEL_FACTOR))
+    autoencoder = SpaceToDepthAutoEncoder(SpaceToDepthConfig(downsample_factor=SHAPES_PIXEL_FACTOR))
     pixels = autoencoder.decode(latents)  # back to [-1, 1]
     first = int(shard["indices"][0])
     image = np.asarray(Image.open(shapes_data / rows[first].split("\t")[0]).convert("RGB"))
@@ -51,7 +50,7 @@ def test_data_set_is_a_manifest_of_its_seeded_samples_and_the_cache_inverts_exac
 
 def test_presets_train_the_same_budget_with_and_without_self_evaluation():
     selfe, fm = preset("shapes-selfe"), preset("shapes-fm")
-    assert selfe.objective.self_eval and not fm.objective.self_eval
+    assert selfe.method.objective.self_eval and not fm.objective.self_eval
     for section in ("model", "data", "optim", "ema", "steps", "seed"):
         assert getattr(selfe, section) == getattr(fm, section), section
     assert selfe.model.in_channels == 48 and selfe.model.patch_size == 1 and selfe.data.encoders == "pixels"
@@ -88,7 +87,7 @@ def test_train_export_pipeline_eval_and_generate(shapes_data, tmp_path, capsys):
 
 
 def test_a_cache_made_with_other_text_encoders_is_refused_not_reused(tmp_path):
-    from selfe.train.shapes_data import ShapesMismatchError
+    from selfe.shapes.data import ShapesMismatchError
 
     out = prepare(tmp_path / "data", 8, seed=1, progress=False)
     prepare(out, 8, seed=1, progress=False)  # the same encoders: the cache is complete and kept

@@ -52,8 +52,8 @@ def test_generate_works_out_of_the_box(tmp_path):
 def test_two_step_score_beats_flow_matching_at_equal_budget(offline):
     """At 2 steps the shipped Self-E model scores above flow matching trained with the same model, data, seed
     and iterations (its export is not shipped: its measured score is, with the README's table)."""
-    from selfe.graphs import FastPathConfig
-    from selfe.pipeline import SelfEPipeline
+    from selfe.sampling.fast_path import FastPathConfig
+    from selfe.sampling.pipeline import SelfEPipeline
 
     pipe = SelfEPipeline.from_pretrained(shipped_model_dir(), device="cpu", fast_path=FastPathConfig(compile=False))
     results, _ = evaluate(pipe, EvalConfig(steps=(2,)))

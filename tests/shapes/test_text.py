@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from selfe.components.text_encoders import TextEncoders
 from selfe.shapes.scene import CATEGORIES, all_prompts
 from selfe.shapes.text import T5_MAX_LENGTH, WORD_ORDER_BIAS, vocabulary, write_text_encoders
-from selfe.text_encoders import TextEncoders
 
 RED_FIRST = "a red circle to the left of a blue square"
 BLUE_FIRST = "a blue circle to the left of a red square"

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 import selfe.cli
-from selfe.train.cache import CacheConfig, build_cache, cache_main
+from selfe.train.cache import CacheConfig, build_cache
+from selfe.train.cache_cli import cache_main
 from selfe.train.data import (
     BucketConfig,
     CachedDataset,
@@ -276,9 +277,9 @@ def test_cache_cli_bad_input_is_a_clear_error(tmp_path, capsys):
 
 
 def test_cache_cli_real_path_wiring(tmp_path, monkeypatch, capsys):
-    """--ae/--t5/--clip reach selfe.autoencoder and selfe.text_encoders (loaders stubbed, stand-in files)."""
-    autoencoder = pytest.importorskip("selfe.autoencoder")
-    text_encoders = pytest.importorskip("selfe.text_encoders")
+    """--ae/--t5/--clip reach the autoencoder and text-encoder loaders (stubbed, stand-in files)."""
+    autoencoder = pytest.importorskip("selfe.components.autoencoder")
+    text_encoders = pytest.importorskip("selfe.components.text_encoders")
     seen = {}
 
     class StubAutoEncoder:

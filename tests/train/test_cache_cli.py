@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from selfe.autoencoder import AutoEncoder, AutoEncoderConfig, save_autoencoder, tiny
-from selfe.train.cache import cache_main
+from selfe.components.autoencoder import AutoEncoder, AutoEncoderConfig, save_autoencoder, tiny
+from selfe.train.cache_cli import cache_main
 from selfe.train.data import CachedDataset
 from tests.helpers_data import make_procedural_dataset
 from tests.helpers_text import forbid_network_and_unpickling, make_tiny_clip_snapshot, make_tiny_t5_snapshot
@@ -114,7 +114,8 @@ def test_bad_manifest_leaves_no_output_folder(tmp_path, weights, capsys):
     ],
 )
 def test_bad_options_fail_before_loading(tmp_path, weights, capsys, monkeypatch, extra, expected):
-    monkeypatch.setattr("selfe.autoencoder.load_autoencoder", lambda *a, **k: pytest.fail("loaded the autoencoder"))
+    refuse = lambda *a, **k: pytest.fail("loaded the autoencoder")
+    monkeypatch.setattr("selfe.components.autoencoder.load_autoencoder", refuse)
     argv, out = _argv(tmp_path, weights)
     with pytest.raises(SystemExit) as exc:
         cache_main([*argv, *extra])

@@ -12,7 +12,7 @@ import pytest
 from safetensors.torch import load_file
 
 from selfe.cli import main
-from selfe.model import MMDiT
+from selfe.network.model import MMDiT
 from selfe.train.export import export_ema
 from selfe.train.trainer import Trainer
 from tests.train.helpers_trainer import tiny_config

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from selfe.flops import DEFAULT_PEAK_FLOPS, device_peak_flops, peak_flops_of
+from selfe.network.flops import DEFAULT_PEAK_FLOPS, device_peak_flops, peak_flops_of
 from selfe.train.metrics import MetricsLogger
 
 

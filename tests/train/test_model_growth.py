@@ -8,11 +8,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from selfe.config import mmdit_preset
-from selfe.model import MMDiT
+from selfe.components.weights import StateDictMismatchError
+from selfe.network.config import mmdit_preset
+from selfe.network.model import MMDiT
 from selfe.train.config import apply_overrides, preset
 from selfe.train.initial_weights import load_initial_weights
-from selfe.weights import StateDictMismatchError
 
 SOURCE = mmdit_preset("tiny", depth_double=2, depth_single=1)
 

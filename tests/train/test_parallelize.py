@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
-from selfe.config import mmdit_preset
-from selfe.model import MMDiT
+from selfe.network.config import mmdit_preset
+from selfe.network.model import MMDiT
 from selfe.train.config import ParallelConfig
 from selfe.train.parallelize import parallelize
 

@@ -12,14 +12,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from selfe.config import mmdit_preset
-from selfe.flops import mmdit_forward_flops
-from selfe.model import MMDiT
+from selfe.components.weights import StateDictMismatchError
+from selfe.network.config import mmdit_preset
+from selfe.network.flops import mmdit_forward_flops
+from selfe.network.model import MMDiT
 from selfe.train.config import OptimConfig, apply_overrides, config_from_dict, load_config, preset
 from selfe.train.lr import lr_at
 from selfe.train.metrics import step_flops
 from selfe.train.trainer import NonFiniteLossError, Trainer
-from selfe.weights import StateDictMismatchError
 from tests.helpers_data import make_procedural_dataset
 from tests.train.helpers_trainer import read_metrics, tiny_config
 
@@ -240,7 +240,7 @@ def test_nonfinite_streak_aborts_with_a_clear_message(tmp_path):
 
 
 def test_export_loads_into_the_model_and_pipeline_config(tmp_path):
-    from selfe.pipeline import read_pipeline_config
+    from selfe.sampling.pipeline import read_pipeline_config
 
     config = tiny_config(tmp_path / "exp", 2)
     _run(config)

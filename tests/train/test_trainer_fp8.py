@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from selfe.config import MMDiTConfig
-from selfe.fp8 import FP8Config, converted_modules, fp8_plan, plain_tensor
-from selfe.model import MMDiT
+from selfe.components.fp8 import FP8Config, converted_modules, fp8_plan, plain_tensor
+from selfe.network.config import MMDiTConfig
+from selfe.network.model import MMDiT
 from selfe.train.config import load_config
 from selfe.train.trainer import Trainer
 from tests.train.helpers_trainer import REPO, read_metrics, run_train, tiny_config, tiny_overrides
@@ -103,7 +103,7 @@ def test_fp8_training_on_two_gloo_ranks_with_fp8_all_gather_resumes(tmp_path):
 
 
 def test_export_of_a_converted_network_is_plain_fp32(tmp_path):
-    from selfe.fp8 import convert_for_training
+    from selfe.components.fp8 import convert_for_training
     from selfe.train.export import export_ema
 
     config = tiny_config(tmp_path, 1, *FP8)

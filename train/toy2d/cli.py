@@ -14,10 +14,10 @@ from typing import NoReturn
 
 import torch
 
-from selfe.atomic import folder_problem
 from selfe.train.toy2d.data import RingMixture, load_npz, split_holdout
 from selfe.train.toy2d.experiment import Toy2DConfig, run_experiment
 from selfe.train.toy2d.report import markdown_table, write_results_json, write_sample_files, write_scatter_png
+from selfe.utils.atomic import folder_problem
 
 log = logging.getLogger("selfe.toy2d")
 

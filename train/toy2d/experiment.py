@@ -12,9 +12,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor
 
-from selfe.objective import ObjectiveConfig, SelfELoss
-from selfe.sampler import SamplerConfig, sample
-from selfe.schedule import TimeShift
+from selfe.method.objective import ObjectiveConfig, SelfELoss
+from selfe.method.schedule import TimeShift
+from selfe.sampling.sampler import SamplerConfig, sample
 from selfe.train.ema import EMA
 from selfe.train.toy2d.data import RingMixture
 from selfe.train.toy2d.metrics import evaluate_samples

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from selfe.atomic import atomic_write_json
 from selfe.train.toy2d.experiment import METHODS
+from selfe.utils.atomic import atomic_write_json
 
 
 def markdown_table(results: dict) -> str:

@@ -12,8 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from selfe.attention import known_attention_backends
 from selfe.kernels.dispatch import BACKENDS as KERNEL_BACKENDS
+from selfe.network.attention import known_attention_backends
 
 MLP_ACTIVATIONS = ("gelu_tanh", "gelu", "silu")
 

@@ -34,11 +34,11 @@ from pathlib import Path
 
 import numpy as np
 
-from selfe.atomic import atomic_write_bytes, folder_problem
-from selfe.shapes import PIXEL_FACTOR
+from selfe.shapes.autoencoder import AutoEncoderTraining
 from selfe.shapes.scene import IMAGE_SIZE, random_prompt, render
 from selfe.shapes.text import CLIP_DIR, T5_DIR, T5_MAX_LENGTH, T5_ORDER_BIAS, WORD_ORDER_BIAS, write_text_encoders
-from selfe.train.shapes_autoencoder import AutoEncoderTraining
+from selfe.train.config import SHAPES_PIXEL_FACTOR
+from selfe.utils.atomic import atomic_write_bytes, folder_problem
 
 MANIFEST = "train.tsv"
 IMAGES = "images"
@@ -137,8 +137,8 @@ def build_shapes_cache(
     or the trained one, out/ae.safetensors (in out/cache-ae)."""
     import torch
 
-    from selfe.pixel_autoencoder import SpaceToDepthAutoEncoder, SpaceToDepthConfig
-    from selfe.text_encoders import TextEncoders
+    from selfe.components.pixel_autoencoder import SpaceToDepthAutoEncoder, SpaceToDepthConfig
+    from selfe.components.text_encoders import TextEncoders
     from selfe.train.cache import build_cache
     from selfe.train.cache_shards import CacheConfig
     from selfe.train.data.cached import content_digest
@@ -152,10 +152,10 @@ def build_shapes_cache(
         out / "text_encoder", out / "text_encoder_2", t5_max_length=T5_MAX_LENGTH, device="cpu", dtype=torch.float32
     )
     if autoencoder == "pixels":
-        ae = SpaceToDepthAutoEncoder(SpaceToDepthConfig(downsample_factor=PIXEL_FACTOR))
+        ae = SpaceToDepthAutoEncoder(SpaceToDepthConfig(downsample_factor=SHAPES_PIXEL_FACTOR))
         image_tag, cache_dir = str(ae.config.to_dict()), out / CACHE
     elif autoencoder == "trained":
-        from selfe.autoencoder import load_autoencoder
+        from selfe.components.autoencoder import load_autoencoder
 
         ae = load_autoencoder(out / AE_FILE)
         image_tag, cache_dir = f"ae={content_digest([out / AE_FILE])}", out / AE_CACHE
@@ -203,8 +203,8 @@ def prepare(
     write_images(out, num, seed, progress=progress)
     write_text_encoders(out, t5_order_bias=t5_order_bias)  # deterministic: the same bias rewrites the same bytes
     if autoencoder == "trained":
-        from selfe.atomic import atomic_write_json
-        from selfe.train.shapes_autoencoder import train_and_save
+        from selfe.shapes.autoencoder import train_and_save
+        from selfe.utils.atomic import atomic_write_json
 
         if reuse_ae:  # retraining need not give the same weights (threaded kernels): it would orphan cache-ae/
             report = json.loads((out / AE_REPORT).read_text(encoding="utf-8"))
@@ -258,8 +258,8 @@ def data_main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--out {args.out}: {problem}")
     import torch
 
-    from selfe.devices import device_problem
     from selfe.train.cache import CacheMismatchError
+    from selfe.utils.devices import device_problem
 
     if args.device is not None and (problem := device_problem(args.device)) is not None:
         parser.error(problem)

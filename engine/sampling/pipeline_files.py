@@ -1,6 +1,6 @@
 """Reading a pipeline directory: config.json, the weight files and the two text-encoder snapshots.
 
-The layout is documented in selfe.pipeline; everything is local, nothing touches a hub.
+The layout is documented in selfe.sampling.pipeline; everything is local, nothing touches a hub.
 """
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from selfe.autoencoder import AutoEncoderConfig
-from selfe.config import MMDiTConfig
-from selfe.pixel_autoencoder import AUTOENCODER_TYPE as SPACE_TO_DEPTH
-from selfe.pixel_autoencoder import SpaceToDepthConfig
-from selfe.sampler import SamplerConfig
-from selfe.text_encoders import CLIP_MODEL_TYPES, T5_MODEL_TYPES, snapshot_model_type
+from selfe.components.autoencoder import AutoEncoderConfig
+from selfe.components.pixel_autoencoder import AUTOENCODER_TYPE as SPACE_TO_DEPTH
+from selfe.components.pixel_autoencoder import SpaceToDepthConfig
+from selfe.components.text_encoders import CLIP_MODEL_TYPES, T5_MODEL_TYPES, snapshot_model_type
+from selfe.network.config import MMDiTConfig
+from selfe.sampling.sampler import SamplerConfig
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"

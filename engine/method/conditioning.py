@@ -6,7 +6,7 @@ Per training batch (SELFE.md section 3) the objective needs three conditions of 
     fake: c_fake = fake_prompt_prefix + caption, for the auxiliary fake-score term (late training only)
 All three share one token length, so they mix per sample with torch.where.
 
-The encoder is anything with `encode(prompts) -> dict` (selfe.text_encoders.PromptEncoder): the real
+The encoder is anything with `encode(prompts) -> dict` (selfe.components.text_encoders.PromptEncoder): the real
 T5 + CLIP `TextEncoders`, or a small fake in tests and in the 2-D toy.
 """
 
@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from selfe.objective import DEFAULT_FAKE_PROMPT_PREFIX, check_fake_prompt_prefix
-from selfe.text_encoders import NullConditionCache, PromptEncoder, TextEncoders, check_prompts
+from selfe.components.text_encoders import NullConditionCache, PromptEncoder, TextEncoders, check_prompts
+from selfe.method.objective import DEFAULT_FAKE_PROMPT_PREFIX, check_fake_prompt_prefix
 
 
 @dataclass

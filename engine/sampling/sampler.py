@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from selfe import condition_tree
 from selfe.kernels.dispatch import BACKENDS as KERNEL_BACKENDS
-from selfe.objective import DualTimeNetwork
-from selfe.renorm import energy_preserving_cfg
-from selfe.schedule import TimeShift, sampling_grid
+from selfe.method import condition_tree
+from selfe.method.objective import DualTimeNetwork
+from selfe.method.renorm import energy_preserving_cfg
+from selfe.method.schedule import TimeShift, sampling_grid
 
 S_POLICIES = ("next", "current", "midpoint", "fixed")
 METHODS = ("ddim", "euler")

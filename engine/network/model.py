@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from selfe.config import MMDiTConfig
-from selfe.layers import (
+from selfe.network.config import MMDiTConfig
+from selfe.network.layers import (
     DoubleStreamBlock,
     KernelOps,
     LastLayer,
@@ -24,7 +24,7 @@ from selfe.layers import (
     SingleStreamBlock,
     timestep_embedding,
 )
-from selfe.rope import joint_rope_tables
+from selfe.network.rope import joint_rope_tables
 
 COND_KEYS = ("txt", "txt_mask", "pooled")
 

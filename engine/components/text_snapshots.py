@@ -1,7 +1,7 @@
 """Tiny random-init T5 and CLIP text snapshots, built offline from a word list.
 
 Each builder writes a folder laid out like a Hugging Face snapshot (config.json, model.safetensors,
-tokenizer.json + tokenizer_config.json) that `selfe.text_encoders` loads like the real ones. The
+tokenizer.json + tokenizer_config.json) that `selfe.components.text_encoders` loads like the real ones. The
 tokenizers are built with the `tokenizers` library in the same pipeline as the real ones (T5: Unigram +
 Metaspace with the given words whole; CLIP: byte-level BPE with "</w>" word ends, spelled per character)
 so nothing is downloaded. Weights are random (seeded, without touching the global RNG): the text states
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from selfe.text_encoders import quiet_transformers
+from selfe.components.text_encoders import quiet_transformers
 
 # Words a test prompt is likely to use; anything else still tokenizes (letters are in both vocabs).
 DEFAULT_WORDS = ("a", "photo", "of", "cat", "dog", "red", "blue", "fake", "image", "on", "the", "table")

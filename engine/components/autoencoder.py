@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from selfe.atomic import atomic_write_bytes
-from selfe.weights import load_safetensors_into
+from selfe.components.weights import load_safetensors_into
+from selfe.utils.atomic import atomic_write_bytes
 
 
 @dataclass
@@ -479,7 +479,8 @@ def load_autoencoder(
     path: e.g. the released FLUX.1 `ae.safetensors`, loaded without renaming. config: defaults to the
     one in the file's metadata (files written by `save_autoencoder`), else `flux1()`. Every key and shape
     is checked (from the file header, before data is read); a mismatch raises
-    `selfe.weights.StateDictMismatchError` naming the keys. Returns the model in eval mode on `device` in `dtype`.
+    `selfe.components.weights.StateDictMismatchError` naming the keys. Returns the model in eval mode on `device`
+    in `dtype`.
     """
     if config is None:
         config = config_from_file(path) or flux1()

@@ -12,9 +12,9 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from selfe import condition_tree
-from selfe.renorm import energy_preserving_target
-from selfe.schedule import TimeShift, sample_s, sample_t, self_eval_count, tau_at
+from selfe.method import condition_tree
+from selfe.method.renorm import energy_preserving_target
+from selfe.method.schedule import TimeShift, sample_s, sample_t, self_eval_count, tau_at
 
 DEFAULT_FAKE_PROMPT_PREFIX = "fake image, "  # [ours] c_fake = prefix + caption (SELFE.md leaves the string open)
 
@@ -100,7 +100,7 @@ class SelfELoss:
     """The loss of one training step. Call with the live network, the EMA network and a batch.
 
     batch keys: "x0" (B, ...) clean latents; "cond", "null_cond" (B-batched conditions, see
-    selfe.condition_tree); when the auxiliary term is on, "fake_cond" (c_fake of each caption) and, with
+    selfe.method.condition_tree); when the auxiliary term is on, "fake_cond" (c_fake of each caption) and, with
     caption dropout, "fake_null_cond" (c_fake of the empty caption, for the dropped ones); "num_tokens"
     (image tokens per sample, for the length shift) unless the config fixes mu.
     """

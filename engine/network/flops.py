@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from selfe.config import MMDiTConfig
+from selfe.network.config import MMDiTConfig
 
 
 def mmdit_forward_flops_breakdown(

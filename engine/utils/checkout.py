@@ -24,8 +24,8 @@ SHADOWED_NAME = "kernels"
 
 
 def checkout_root() -> Path | None:
-    """The repository root when selfe runs from a source checkout (this file in engine/), else None."""
-    engine_dir = Path(__file__).resolve().parent
+    """The repository root when selfe runs from a source checkout (this file in engine/utils/), else None."""
+    engine_dir = Path(__file__).resolve().parent.parent
     root = engine_dir.parent
     if engine_dir.name == "engine" and (root / SHADOWED_NAME / "dispatch.py").is_file():
         return root

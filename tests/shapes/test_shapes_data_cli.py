@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from selfe.train.shapes_data import AE_CACHE, AE_FILE, AE_REPORT, CACHE, data_main
+from selfe.shapes.data import AE_CACHE, AE_FILE, AE_REPORT, CACHE, data_main
 
 BASE = ["shapes", "--num", "4", "--no-progress"]
 

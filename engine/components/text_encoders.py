@@ -130,7 +130,7 @@ def check_tokenizer_dir(path: str | Path, what: str, alternatives: tuple[tuple[s
 # Loggers that speak when transformers' loading code first imports an optional package it found installed
 # (torchao, from the `fp8`/`dev` extras): its native libraries built for another Python or CUDA fail to load
 # and its enums hit a torch deprecation, none of which concerns a text encoder. Their own imports elsewhere
-# (selfe.fp8) are not quieted.
+# (selfe.components.fp8) are not quieted.
 _INCIDENTAL_IMPORT_LOGGERS = ("torchao", "torch.utils._pytree")
 
 
@@ -366,7 +366,7 @@ def fit_to_text_bucket(
     conds: Sequence[dict[str, Tensor] | None], bucket: int | None, text_tokens: int | None = None
 ) -> list[dict[str, Tensor] | None]:
     """The conditions (None entries kept) fitted to one token length: the text bucket of their longest real
-    text, or of `text_tokens` real tokens when given (`selfe.graphs.FastPathConfig.text_bucket`,
+    text, or of `text_tokens` real tokens when given (`selfe.sampling.fast_path.FastPathConfig.text_bucket`,
     `data.text_bucket`). Each is cut or padded (`fit_condition_length`). Exact for the MMDiT, which masks
     padded text out as attention keys; without a bucket or a mask, unchanged."""
     present = [c for c in conds if c is not None]

@@ -1,7 +1,7 @@
 """A tiny FLUX-architecture autoencoder trained on ShapesEval scenes (`selfe data shapes --autoencoder trained`).
 
 The issue allows pixels through an identity autoencoder "or a tiny trained one". This is the trained one:
-the FLUX.1 encoder/decoder (selfe.autoencoder, same module and key names) at 16/32/64 channels, 4x down to
+the FLUX.1 encoder/decoder (selfe.components.autoencoder, same module and key names) at 16/32/64 channels, 4x down to
 8x8x8 latents. Why it helps the denoiser: a 32x32x3 scene is 3072 pixel values the velocity must carry
 noise-free through a width-128 network, but only 512 latent values; and the decoder, trained on clean
 scenes only, maps what is left of the noise onto flat colours and sharp edges.
@@ -9,7 +9,7 @@ scenes only, maps what is left of the noise onto flat colours and sharp edges.
 Training: reconstruction MSE in [-1, 1] on posterior samples plus a small KL term (kl_weight), AdamW with
 a linear decay. Afterwards the latent affine (shift, scale) is set from the posterior means of the data, so
 normalised latents have zero mean and unit variance like FLUX.1's. The file is an ordinary `ae.safetensors`
-whose metadata carries the AutoEncoderConfig, so `selfe.autoencoder.load_autoencoder` rebuilds it alone.
+whose metadata carries the AutoEncoderConfig, so `selfe.components.autoencoder.load_autoencoder` rebuilds it alone.
 """
 
 from __future__ import annotations
@@ -24,9 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from selfe.autoencoder import AutoEncoder, AutoEncoderConfig, save_autoencoder
-from selfe.shapes import SHAPES_AE_CHANNELS
-from selfe.train.config import OptimConfig
+from selfe.components.autoencoder import AutoEncoder, AutoEncoderConfig, save_autoencoder
+from selfe.train.config import SHAPES_AE_CHANNELS, OptimConfig
 from selfe.train.lr import lr_at
 
 

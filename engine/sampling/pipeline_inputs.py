@@ -14,15 +14,11 @@ from typing import Any
 
 import torch
 
-from selfe.autoencoder import AutoEncoderConfig
-from selfe.autoencoder import config_from_file as autoencoder_config_from_file
-from selfe.autoencoder import flux1 as flux1_autoencoder
-from selfe.config import MMDiTConfig
-from selfe.devices import unavailable_reason
-from selfe.graphs import FastPathConfig
-from selfe.pipeline_files import AE_FILE, AE_HINT, CONFIG_FILE, MODEL_FILE, required_file
-from selfe.pixel_autoencoder import SpaceToDepthConfig
-from selfe.text_encoders import (
+from selfe.components.autoencoder import AutoEncoderConfig
+from selfe.components.autoencoder import config_from_file as autoencoder_config_from_file
+from selfe.components.autoencoder import flux1 as flux1_autoencoder
+from selfe.components.pixel_autoencoder import SpaceToDepthConfig
+from selfe.components.text_encoders import (
     CLIP_MODEL_TYPES,
     CLIP_TOKENIZER_FILES,
     DTYPE_NAMES,
@@ -33,6 +29,10 @@ from selfe.text_encoders import (
     resolve_device,
     resolve_dtype,
 )
+from selfe.network.config import MMDiTConfig
+from selfe.sampling.fast_path import FastPathConfig
+from selfe.sampling.pipeline_files import AE_FILE, AE_HINT, CONFIG_FILE, MODEL_FILE, required_file
+from selfe.utils.devices import unavailable_reason
 
 
 def checked_root(path: Any) -> Path:

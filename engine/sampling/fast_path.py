@@ -1,7 +1,7 @@
 """The fast sampling path: one denoising step compiled once and, on CUDA, captured in a CUDA graph per shape.
 
 Self-E's point is that one network serves every step budget; this module's point is that one captured
-step serves every step count. `selfe.sampler.denoise_step` takes every per-step scalar (t_k, t_{k+1},
+step serves every step count. `selfe.sampling.sampler.denoise_step` takes every per-step scalar (t_k, t_{k+1},
 s_k, omega, eta) and the step's fresh noise as tensors, so:
 
 - torch.compile (`dynamic=False`, `fullgraph=True`) traces it once per shape; a new t, s or guidance
@@ -17,7 +17,7 @@ s_k, omega, eta) and the step's fresh noise as tensors, so:
 On CPU there is no graph: the step runs directly, eager by default (`compile="auto"` compiles on CUDA
 only) or compiled with `compile=True`. Either way
 `FastSampler.sample` draws the same noise from the generator, in the same order, as the eager
-`selfe.sampler.sample`, so both paths give the same images for the same seed.
+`selfe.sampling.sampler.sample`, so both paths give the same images for the same seed.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from selfe.kernels.dispatch import get_op
-from selfe.sampler import Generators, SamplerConfig, denoise_step, draw_noise, s_grid
-from selfe.schedule import sampling_grid
+from selfe.method.schedule import sampling_grid
+from selfe.sampling.sampler import Generators, SamplerConfig, denoise_step, draw_noise, s_grid
 
 CUDA_GRAPH_MODES = ("auto", "on", "off")
 # torch.compile modes a FastPathConfig accepts (the two that capture CUDA graphs themselves are refused).
@@ -81,7 +81,7 @@ class FastPathConfig:
         if self.compile_mode in ("reduce-overhead", "max-autotune"):
             raise ValueError(
                 f"FastPathConfig.compile_mode={self.compile_mode!r} captures its own CUDA graphs; use None, "
-                "'default' or 'max-autotune-no-cudagraphs' (the step is captured by selfe.graphs)"
+                "'default' or 'max-autotune-no-cudagraphs' (the step is captured by selfe.sampling.fast_path)"
             )
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"FastPathConfig.compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
@@ -416,7 +416,7 @@ class FastSampler:
         generator: Generators = None,
         progress=None,
     ) -> Tensor:
-        """Same contract and the same random draws as `selfe.sampler.sample`; returns a fresh tensor.
+        """Same contract and the same random draws as `selfe.sampling.sampler.sample`; returns a fresh tensor.
 
         progress: optional callable(k) called after step k (a progress bar's update).
         """

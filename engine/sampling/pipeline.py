@@ -12,7 +12,7 @@ Pipeline directory layout (what `from_pretrained` reads; the trainer's export wr
                                  {AutoEncoderConfig fields}               a FLUX-architecture VAE ("type":
                                                                           "flux1" may be given), or
                                  {"type": "space_to_depth",               the weightless pixel-space one
-                                  SpaceToDepthConfig fields}              (selfe.pixel_autoencoder)
+                                  SpaceToDepthConfig fields}              (selfe.components.pixel_autoencoder)
                              "resolution": int,                           optional: native image side in
                                                                           pixels, the call default (else 512)
                              "text": {"t5_max_length", "clip_max_length", "t5_attention_mask"}}  optional
@@ -28,7 +28,7 @@ folder, else from the sibling `tokenizer` / `tokenizer_2` folder. Everything is 
 
 A call validates every argument before any device work (errors name the argument), encodes the prompts
 once (the null prompt "" is cached by the text encoders), samples with the fast path of
-`selfe.graphs` (one compiled, CUDA-graph-captured step for every step count) or eagerly, and decodes.
+`selfe.sampling.fast_path` (one compiled, CUDA-graph-captured step for every step count) or eagerly, and decodes.
 """
 
 from __future__ import annotations
@@ -45,13 +45,22 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from selfe.autoencoder import AutoEncoder, load_autoencoder
-from selfe.config import MMDiTConfig
-from selfe.fp8 import FP8Config, convert_for_inference, fp8_autocast_context
-from selfe.graphs import FastPathConfig, FastSampler
-from selfe.model import MMDiT
-from selfe.pipeline_files import CONFIG_FILE, MODEL_FILE, read_pipeline_config, required_file, text_encoder_dirs
-from selfe.pipeline_inputs import (
+from selfe.components.autoencoder import AutoEncoder, load_autoencoder
+from selfe.components.fp8 import FP8Config, convert_for_inference, fp8_autocast_context
+from selfe.components.pixel_autoencoder import SpaceToDepthAutoEncoder, SpaceToDepthConfig
+from selfe.components.text_encoders import DTYPE_NAMES, TextEncoders, fit_to_text_bucket, text_bucket_length
+from selfe.components.weights import check_safetensors_file, load_safetensors_into
+from selfe.network.config import MMDiTConfig
+from selfe.network.model import MMDiT
+from selfe.sampling.fast_path import FastPathConfig, FastSampler
+from selfe.sampling.pipeline_files import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    read_pipeline_config,
+    required_file,
+    text_encoder_dirs,
+)
+from selfe.sampling.pipeline_inputs import (
     autoencoder_source,
     check_choice,
     check_engine_options,
@@ -67,10 +76,7 @@ from selfe.pipeline_inputs import (
     side_error,
     warn_truncated,
 )
-from selfe.pixel_autoencoder import SpaceToDepthAutoEncoder, SpaceToDepthConfig
-from selfe.sampler import METHODS, S_POLICIES, SamplerConfig, draw_noise, sample
-from selfe.text_encoders import DTYPE_NAMES, TextEncoders, fit_to_text_bucket, text_bucket_length
-from selfe.weights import check_safetensors_file, load_safetensors_into
+from selfe.sampling.sampler import METHODS, S_POLICIES, SamplerConfig, draw_noise, sample
 
 OUTPUT_TYPES = ("pil", "pt", "np", "latent")
 MAX_SIZE = 4096  # pixels per side accepted by default; RoPE has no hard limit, memory has

@@ -39,8 +39,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from selfe.config import strict_from_dict
-from selfe.optional import require
+from selfe.network.config import strict_from_dict
+from selfe.utils.optional import require
 
 FP8_RECIPES = ("none", "torchao", "te")
 TORCHAO_SCALINGS = ("tensorwise", "rowwise")

@@ -3,7 +3,7 @@
 Layout and names follow FLUX (black-forest-labs/flux, modules/layers.py). The fused math (adaLN
 modulation, gated residual + modulation, QK RMSNorm + RoPE) goes through `KernelOps`, resolved from
 `selfe.kernels.dispatch`, so the reference ops here and the Triton/CUDA kernels are interchangeable;
-attention goes through `selfe.attention`'s backend switch. A rope-fused attention backend rotates q, k
+attention goes through `selfe.network.attention`'s backend switch. A rope-fused attention backend rotates q, k
 itself: the blocks then only RMS-norm them and hand it the RoPE tables (`joint_attention`).
 """
 
@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from selfe.attention import applies_rope, attention, rope_attention
 from selfe.kernels.dispatch import get_op
 from selfe.kernels.reference import rms_norm
+from selfe.network.attention import applies_rope, attention, rope_attention
 
 
 @dataclass(frozen=True)

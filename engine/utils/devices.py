@@ -1,5 +1,5 @@
 """The one check that a device exists on this machine, shared by every command, bench script and the
-library API (`selfe.pipeline_inputs.checked_device`)."""
+library API (`selfe.sampling.pipeline_inputs.checked_device`)."""
 
 from __future__ import annotations
 
