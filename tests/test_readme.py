@@ -60,10 +60,10 @@ def outside_fences(text: str) -> list[str]:
 
 def block_after(text: str, label: str) -> str:
     """The body of the first fenced block after the line that starts with `label` (e.g. "**Test**")."""
-    start = next((i for i, line in enumerate(text.splitlines()) if line.startswith(label)), None)
-    assert start is not None, f"README.md has no line starting with {label!r}"
-    for _, body, line in fenced_blocks(text):
-        if line > start:
+    label_line = next((n for n, line in enumerate(text.splitlines(), 1) if line.startswith(label)), None)
+    assert label_line is not None, f"README.md has no line starting with {label!r}"
+    for _, body, fence_line in fenced_blocks(text):
+        if fence_line > label_line:
             return body.strip()
     raise AssertionError(f"README.md has no fenced block after {label!r}")
 
