@@ -33,8 +33,8 @@ def pack_keys(x: Tensor, key_lengths: Tensor) -> tuple[Tensor, Tensor]:
     """The valid keys (or values) of every row, packed.
 
     x: (B, H, L, Dh); key_lengths: (B,) ints in [0, L]. Returns (packed (B * L, H, Dh), cu_seq_k (B + 1,) int32):
-    row b's first key_lengths[b] tokens at cu_seq_k[b]:cu_seq_k[b + 1]; the slots past cu_seq_k[B] repeat
-    valid tokens and are never read. Differentiable (a gather).
+    row b's first key_lengths[b] tokens at cu_seq_k[b]:cu_seq_k[b + 1], zeros in the slots past cu_seq_k[B].
+    Differentiable (a gather).
     """
     b, h, length, d = x.shape
     cu_seq_k = cumulative_lengths(key_lengths)
@@ -42,7 +42,10 @@ def pack_keys(x: Tensor, key_lengths: Tensor) -> tuple[Tensor, Tensor]:
     row = torch.searchsorted(cu_seq_k[1:], slot, right=True).clamp(max=b - 1)
     position = (slot - cu_seq_k[row]).clamp(max=length - 1)  # the tail's slots: clamped into row B-1
     tokens = x.transpose(1, 2).reshape(b * length, h, d)
-    return tokens[row * length + position], cu_seq_k
+    # The kernel neither reads the tail nor need write its gradient (it may leave memory as it found it):
+    # `where`, not a product, so nothing from there reaches the real tokens' gradients.
+    in_segment = (slot < cu_seq_k[-1])[:, None, None]
+    return torch.where(in_segment, tokens[row * length + position], 0), cu_seq_k
 
 
 def padded_queries(x: Tensor) -> tuple[Tensor, Tensor]:

@@ -81,7 +81,16 @@ def test_pack_keys_puts_each_rows_valid_keys_end_to_end() -> None:
     assert cu_seq_k.tolist() == [0, 4, 5, 7] and cu_seq_k.dtype == torch.int32
     assert packed.shape == (12, 1, 2)
     want = torch.cat((x[0, 0, :4], x[1, 0, :1], x[2, 0, :2]))
-    assert torch.equal(packed[:7, 0], want)  # slots 7.. are an unread tail
+    assert torch.equal(packed[:7, 0], want) and torch.count_nonzero(packed[7:]) == 0  # an unread tail
+    # whatever a kernel leaves in the tail's gradient (garbage, NaN) never reaches a real token's
+    leaf = x.clone().requires_grad_()
+    packed, _ = pack_keys(leaf, torch.tensor([4, 1, 2]))
+    grad = torch.ones_like(packed)
+    grad[7:] = float("nan")
+    packed.backward(grad)
+    assert torch.equal(
+        leaf.grad, (torch.arange(4) < torch.tensor([[4], [1], [2]]))[:, None, :, None].expand_as(x).double()
+    )
     queries, cu_seq_q = padded_queries(x)
     assert cu_seq_q.tolist() == [0, 4, 8, 12] and torch.equal(queries[:, 0], x[:, 0].flatten(0, 1))
 
