@@ -11,7 +11,9 @@ as padding, default 0.25), seed. Nothing touches CUDA at import time; `cases` al
 
 Attention FLOPs count the dense L x L work (masked keys included): forward 4 * B * H * L^2 * Dh, and
 forward + backward 3.5x that (the backward runs five L x L matmuls to the forward's two).
-SDPA backends that cannot run here (or with these inputs) are left out of the list.
+SDPA backends that cannot run here (or with these inputs) are left out of the list; the model's "varlen"
+backend (packed keys, torch's FlashAttention varlen) runs on CUDA in fp16 / bf16 only, with as many valid keys
+per row as the mask keeps.
 """
 
 from __future__ import annotations
@@ -117,6 +119,20 @@ def _attention_cases(q, k, v, cos, sin, key_mask, grad_out, device) -> list[dict
     attn_mask = key_mask[:, None, None, :]
     impls += _sdpa_backend_fns(q_rot, k_rot, v, grad_out)
     impls += _sdpa_backend_fns(q_rot, k_rot, v, grad_out, attn_mask)  # the model's case: which kernel to pick
+    if device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16):
+        # The model's "varlen" backend: as many valid keys per row, laid out first ([img; txt]), packed.
+        from selfe.network.varlen import varlen_padded_attention
+
+        lengths = key_mask.sum(dim=1, dtype=torch.int32)
+
+        def varlen_forward():
+            with torch.no_grad():
+                return varlen_padded_attention(q_rot, k_rot, v, lengths)
+
+        def varlen_forward_backward():
+            return torch.autograd.grad(varlen_padded_attention(q_rot, k_rot, v, lengths), (q_rot, k_rot, v), grad_out)
+
+        impls.append(("varlen (packed keys)", varlen_forward, varlen_forward_backward))
 
     def rope_sdpa(mask):
         return torch.nn.functional.scaled_dot_product_attention(

@@ -1,4 +1,4 @@
-"""Joint attention as one pure function with a backend switch.
+"""Joint attention as one pure function with a backend switch, and the padded rows' path through it.
 
 Every block calls `attention(q, k, v, key_mask, backend)`; the backend is a name looked up in a
 registry, so flash-attn or a fused Triton kernel plugs in with `register_attention_backend` (or
@@ -12,8 +12,23 @@ key_mask, backend)` instead.
 
 Backends: "sdpa" (torch's scaled_dot_product_attention), "sdpa_cudnn" (the same, cuDNN's fused attention
 tried first), "math" (explicit float32 softmax: the oracle every other backend is tested against), "auto"
-(the default: sdpa_cudnn on CUDA, measured fastest there; sdpa elsewhere); rope-fused: "triton_rope"
+(the default: sdpa_cudnn on CUDA, measured fastest there; sdpa elsewhere), "varlen" (padded rows through
+variable-length attention, `selfe.network.varlen`; otherwise as auto); rope-fused: "triton_rope"
 (selfe.kernels.rope_attention, imported on first use).
+
+Layout and padding. The model lays the joint sequence out image first, then text ([img; txt], the RoPE
+ids travel with their tokens: attention is exact under any order of the tokens), so a row's text padding
+sits at its end: row b attends to the prefix of its first `key_lengths[b]` = image + real text keys. The
+blocks call `padded_attention(q, k, v, key_lengths, backend)` (`padded_rope_attention` for a rope-fused
+backend) with key_lengths a (B,) tensor (data, so a compiled step serves every prompt length of a text
+bucket without a recompile), or None when every key is valid. The path:
+- key_lengths None (no text mask, or the eager model found every text token real): the backend's plain
+  call; no mask tensor exists (SDPA picks cuDNN's / flash's fastest kernels);
+- "varlen": the valid keys packed without their padding, torch's FlashAttention varlen kernel on CUDA
+  (its pure-PyTorch reference on the CPU): padding costs no attention FLOPs and no mask is built;
+- any other backend (auto included): the (B, L) mask of the prefixes (`prefix_key_mask`), the masked
+  reference. auto keeps it because on an H200 at the 2b shapes cuDNN with the mask (370 TFLOP/s) beat
+  torch's flash (328 unmasked; bench/RESULTS.md, 2026-12-04); switch by measurement, not by default.
 """
 
 from __future__ import annotations
@@ -27,6 +42,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from selfe.kernels import reference
+from selfe.network.varlen import varlen_padded_attention
 
 # fn(q, k, v, key_mask) -> (B, H, L, Dh); `attention` does the head merge.
 AttentionFn = Callable[[Tensor, Tensor, Tensor, "Tensor | None"], Tensor]
@@ -139,6 +155,18 @@ register_attention_backend("sdpa", _sdpa)
 register_attention_backend("sdpa_cudnn", _sdpa_cudnn_first)
 register_attention_backend("math", reference.masked_softmax_attention)
 register_attention_backend("auto", _sdpa_auto)
+# Without padding, or given a mask rather than key lengths, varlen is auto: plain cuDNN-first SDPA.
+register_attention_backend("varlen", _sdpa_auto)
+
+# Backends that take the padded rows' key lengths themselves (no mask): fn(q, k, v, key_lengths) -> (B, H, L, Dh).
+_KEY_LENGTH_BACKENDS: dict[str, Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]] = {
+    "varlen": varlen_padded_attention,
+}
+
+
+def prefix_key_mask(key_lengths: Tensor, length: int) -> Tensor:
+    """(B,) valid-key counts -> the (B, length) bool mask, True on row b's keys [0, key_lengths[b])."""
+    return torch.arange(length, device=key_lengths.device) < key_lengths[:, None]
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None, backend: str = "auto") -> Tensor:
@@ -151,6 +179,32 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None, b
     _check_qkv(q, k, v, key_mask)
     out = get_attention_backend(backend)(q, k, v, key_mask)
     return out.transpose(1, 2).flatten(2)
+
+
+def padded_attention(
+    q: Tensor, k: Tensor, v: Tensor, key_lengths: Tensor | None = None, backend: str = "auto"
+) -> Tensor:
+    """`attention` for rows whose padding keys sit last: row b attends to its first key_lengths[b] keys.
+
+    q, k, v: (B, H, L, Dh), RoPE applied; key_lengths: (B,) integer tensor with values in [1, L], or None
+    when every key is valid (then no mask is built at all). Returns (B, L, H * Dh).
+    """
+    _check_qkv(q, k, v, None)
+    _check_key_lengths(key_lengths, q)
+    if key_lengths is not None and backend in _KEY_LENGTH_BACKENDS:
+        return _KEY_LENGTH_BACKENDS[backend](q, k, v, key_lengths).transpose(1, 2).flatten(2)
+    mask = None if key_lengths is None else prefix_key_mask(key_lengths, q.shape[2])
+    return attention(q, k, v, mask, backend)
+
+
+def padded_rope_attention(
+    q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, key_lengths: Tensor | None, backend: str
+) -> Tensor:
+    """`rope_attention` for rows whose padding keys sit last (key_lengths as in `padded_attention`): a
+    rope-fused backend takes a mask, so it gets the prefixes' mask, or None when every key is valid."""
+    _check_key_lengths(key_lengths, q)
+    mask = None if key_lengths is None else prefix_key_mask(key_lengths, q.shape[2])
+    return rope_attention(q, k, v, cos, sin, mask, backend)
 
 
 def rope_attention(
@@ -184,4 +238,14 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> None
         raise ValueError(
             f"attention key_mask must be bool of shape (B, L) = {(q.shape[0], q.shape[2])}, "
             f"got {key_mask.dtype} {tuple(key_mask.shape)}"
+        )
+
+
+def _check_key_lengths(key_lengths: Tensor | None, q: Tensor) -> None:
+    if key_lengths is None:
+        return
+    if key_lengths.shape != (q.shape[0],) or key_lengths.is_floating_point() or key_lengths.dtype == torch.bool:
+        raise ValueError(
+            f"attention key_lengths must be an integer tensor of shape (B,) = ({q.shape[0]},), "
+            f"got {key_lengths.dtype} {tuple(key_lengths.shape)}"
         )

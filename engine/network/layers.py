@@ -4,7 +4,8 @@ Layout and names follow FLUX (black-forest-labs/flux, modules/layers.py). The fu
 modulation, gated residual + modulation, QK RMSNorm + RoPE) goes through `KernelOps`, resolved from
 `selfe.kernels.dispatch`, so the reference ops here and the Triton/CUDA kernels are interchangeable;
 attention goes through `selfe.network.attention`'s backend switch. A rope-fused attention backend rotates q, k
-itself: the blocks then only RMS-norm them and hand it the RoPE tables (`joint_attention`).
+itself: the blocks then only RMS-norm them and hand it the RoPE tables (`joint_attention`). The joint sequence
+is [img; txt], image first, so each row's text padding sits last and is described by its key length.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 
 from selfe.kernels.dispatch import get_op
 from selfe.kernels.reference import rms_norm
-from selfe.network.attention import applies_rope, attention, rope_attention
+from selfe.network.attention import applies_rope, padded_attention, padded_rope_attention
 
 
 @dataclass(frozen=True)
@@ -109,16 +110,17 @@ class QKNorm(nn.Module):
 
 
 def joint_attention(
-    q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor | None, backend: str
+    q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, key_lengths: Tensor | None, backend: str
 ) -> Tensor:
-    """Attention over the joint sequence with `backend`. q, k, v: (B, H, L, Dh); cos, sin: (L, Dh/2).
+    """Attention over the joint sequence with `backend`. q, k, v: (B, H, L, Dh); cos, sin: (L, Dh/2);
+    key_lengths: (B,) valid (leading) keys per row, or None when every key is valid.
 
     q, k arrive normed; rotated already for a plain backend, unrotated for a rope-fused one (which
     rotates them with cos, sin). Returns (B, L, H * Dh).
     """
     if applies_rope(backend):
-        return rope_attention(q, k, v, cos, sin, key_mask, backend)
-    return attention(q, k, v, key_mask, backend)
+        return padded_rope_attention(q, k, v, cos, sin, key_lengths, backend)
+    return padded_attention(q, k, v, key_lengths, backend)
 
 
 def split_heads(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -153,7 +155,7 @@ class StreamAttention(nn.Module):
 
 
 class DoubleStreamBlock(nn.Module):
-    """Separate image and text weights, one joint attention over [txt; img] (SD3 / FLUX MMDiT block).
+    """Separate image and text weights, one joint attention over [img; txt] (SD3 / FLUX MMDiT block).
 
     Each stream: x += gate1 * proj(attn(adaLN1(x))); x += gate2 * mlp(adaLN2(x)), with all six
     modulation vectors from the global vector.
@@ -187,11 +189,11 @@ class DoubleStreamBlock(nn.Module):
             )
 
     def forward(
-        self, img: Tensor, txt: Tensor, vec: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor | None = None
+        self, img: Tensor, txt: Tensor, vec: Tensor, cos: Tensor, sin: Tensor, key_lengths: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        """img: (B, Li, D), txt: (B, Lt, D), vec: (B, D); cos, sin: (Lt + Li, Dh/2) for [txt; img];
-        key_mask: (B, Lt + Li) bool or None. Returns the updated (img, txt)."""
-        ops, n_txt = self.kernels, txt.shape[1]
+        """img: (B, Li, D), txt: (B, Lt, D), vec: (B, D); cos, sin: (Li + Lt, Dh/2) for [img; txt];
+        key_lengths: (B,) valid keys per row (Li + real text), or None. Returns the updated (img, txt)."""
+        ops, n_img = self.kernels, img.shape[1]
         img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = self.img_mod(vec)
         txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = self.txt_mod(vec)
 
@@ -199,21 +201,21 @@ class DoubleStreamBlock(nn.Module):
         # (or, for a rope-fused backend, by the whole table inside attention, after the concatenation).
         fused = self.rope_in_attention
         img_q, img_k, img_v = self.img_attn.qkv_heads(
-            ops.layer_norm_modulate(img, img_shift1, img_scale1, self.eps), cos[n_txt:], sin[n_txt:], ops, fused
+            ops.layer_norm_modulate(img, img_shift1, img_scale1, self.eps), cos[:n_img], sin[:n_img], ops, fused
         )
         txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(
-            ops.layer_norm_modulate(txt, txt_shift1, txt_scale1, self.eps), cos[:n_txt], sin[:n_txt], ops, fused
+            ops.layer_norm_modulate(txt, txt_shift1, txt_scale1, self.eps), cos[n_img:], sin[n_img:], ops, fused
         )
         out = joint_attention(
-            torch.cat((txt_q, img_q), dim=2),
-            torch.cat((txt_k, img_k), dim=2),
-            torch.cat((txt_v, img_v), dim=2),
+            torch.cat((img_q, txt_q), dim=2),
+            torch.cat((img_k, txt_k), dim=2),
+            torch.cat((img_v, txt_v), dim=2),
             cos,
             sin,
-            key_mask,
+            key_lengths,
             self.attention_backend,
         )
-        txt_out, img_out = out[:, :n_txt], out[:, n_txt:]
+        img_out, txt_out = out[:, :n_img], out[:, n_img:]
 
         img, img_normed = ops.gated_residual_modulate(
             img, img_gate1, self.img_attn.proj(img_out), img_shift2, img_scale2, self.eps
@@ -255,8 +257,8 @@ class SingleStreamBlock(nn.Module):
         self.norm = QKNorm(hidden_size // num_heads, eps)
         self.mlp_act = mlp_activation(activation)
 
-    def forward(self, x: Tensor, vec: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor | None = None) -> Tensor:
-        """x: (B, L, D) joint [txt; img]; vec: (B, D); cos, sin: (L, Dh/2); key_mask: (B, L) or None."""
+    def forward(self, x: Tensor, vec: Tensor, cos: Tensor, sin: Tensor, key_lengths: Tensor | None = None) -> Tensor:
+        """x: (B, L, D) joint [img; txt]; vec: (B, D); cos, sin: (L, Dh/2); key_lengths: (B,) valid keys or None."""
         ops = self.kernels
         shift, scale, gate = self.modulation(vec)
         qkv, mlp_in = self.linear1(ops.layer_norm_modulate(x, shift, scale, self.eps)).split(
@@ -264,7 +266,7 @@ class SingleStreamBlock(nn.Module):
         )
         q, k, v = split_heads(qkv, self.num_heads)
         q, k = self.norm(q, k, cos, sin, ops, self.rope_in_attention)
-        out = joint_attention(q, k, v, cos, sin, key_mask, self.attention_backend)
+        out = joint_attention(q, k, v, cos, sin, key_lengths, self.attention_backend)
         return gated_add(x, gate, self.linear2(torch.cat((out, self.mlp_act(mlp_in)), dim=-1)))
 
 

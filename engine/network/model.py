@@ -3,6 +3,10 @@
 `vec = MLP_t(sinus(t)) + MLP_s(sinus(t - s)) + MLP_clip(pooled)` (SELFE.md section 2) replaces
 FLUX's time embedding in every block's modulation and in the last layer; nothing else changes.
 The model predicts the velocity V; G = x_t - t * V is the objective's business.
+
+The joint sequence is [img; txt], image first: each row's text padding sits at its end, so the blocks'
+attention gets each row's count of valid keys (image + real text) instead of a mask, or nothing when
+every text token is real (`selfe.network.attention` documents the paths).
 """
 
 from __future__ import annotations
@@ -159,36 +163,37 @@ class MMDiT(nn.Module):
         """Velocity V(x_t, t, s, c).
 
         x: (B, C, H, W) latents, H and W divisible by the patch size; t, s: (B,) in [0, 1], s <= t;
-        cond: {"txt": (B, Lt, txt_dim), "txt_mask": (B, Lt) bool (True = real token) or None,
-        "pooled": (B, vec_dim)}. Padded text tokens are masked out as attention keys everywhere.
+        cond: {"txt": (B, Lt, txt_dim), "txt_mask": (B, Lt) bool (True = real token, real tokens first,
+        then padding) or None (every token real), "pooled": (B, vec_dim)}. Padded text tokens are left
+        out as attention keys everywhere.
         validate: run the host-syncing value checks (default: `self.validate_inputs`; always skipped
-        while compiling or capturing a CUDA graph). Returns V: x's shape and dtype.
+        while compiling or capturing a CUDA graph); the same sync finds a txt_mask with every token real,
+        which then runs as None. Returns V: x's shape and dtype.
         """
         txt, txt_mask, pooled = self._check_inputs(x, t, s, cond)
-        if self.validate_inputs if validate is None else validate:
-            self._check_values(t, s)
+        if (self.validate_inputs if validate is None else validate) and self._check_values(t, s, txt_mask):
+            txt_mask = None  # every text token is real: no key lengths, no mask
         cfg = self.config
-        b, channels, height, width = x.shape
+        channels, height, width = x.shape[1:]
         h, w = height // cfg.patch_size, width // cfg.patch_size
-        n_txt = txt.shape[1]
+        n_img = h * w
         dtype = self.img_in.weight.dtype
         self._bind_kernels(x.device)
 
         img = self.img_in(patchify(x.to(dtype), cfg.patch_size))
         txt = self.txt_in(txt.to(dtype))
         vec = self.time_vector(t, s, pooled)
-        cos, sin = joint_rope_tables(n_txt, h, w, cfg.axes_dim, cfg.rope_theta, device=x.device)
-        key_mask = None
-        if txt_mask is not None:
-            key_mask = torch.cat((txt_mask, txt_mask.new_ones(b, h * w)), dim=1)
+        cos, sin = joint_rope_tables(txt.shape[1], h, w, cfg.axes_dim, cfg.rope_theta, device=x.device)
+        # Tensor data, not Python ints: a compiled step serves every prompt length of its text bucket.
+        key_lengths = None if txt_mask is None else txt_mask.sum(dim=1, dtype=torch.int32) + n_img
 
         call = _block_region if self.compile_regions else _call_block
         for block in self.double_blocks:
-            img, txt = call(block, img, txt, vec, cos, sin, key_mask)
-        joint = torch.cat((txt, img), dim=1)
+            img, txt = call(block, img, txt, vec, cos, sin, key_lengths)
+        joint = torch.cat((img, txt), dim=1)
         for block in self.single_blocks:
-            joint = call(block, joint, vec, cos, sin, key_mask)
-        out = self.final_layer(joint[:, n_txt:], vec)
+            joint = call(block, joint, vec, cos, sin, key_lengths)
+        out = self.final_layer(joint[:, :n_img], vec)
         return unpatchify(out, h, w, cfg.patch_size, channels).to(x.dtype)
 
     def _check_inputs(self, x: Tensor, t: Tensor, s: Tensor, cond: Mapping[str, Any]):
@@ -235,17 +240,22 @@ class MMDiT(nn.Module):
         return txt, txt_mask, pooled
 
     @staticmethod
-    def _check_values(t: Tensor, s: Tensor) -> None:
-        """t, s in [0, 1] and s <= t, up to a few ulps of their dtype; one host sync for all checks."""
+    def _check_values(t: Tensor, s: Tensor, txt_mask: Tensor | None = None) -> bool:
+        """t, s in [0, 1] and s <= t, up to a few ulps of their dtype; txt_mask's real tokens first. One host
+        sync for all checks, which also tells whether every text token is real (the return value; False
+        when skipped: while compiling or capturing)."""
         if torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing()):
-            return
+            return False
         tol = 4 * torch.finfo(t.dtype).eps
         with torch.no_grad():
+            no_mask = torch.zeros((), dtype=torch.bool, device=t.device)
             flags = torch.stack(
                 (
                     ~((t >= -tol) & (t <= 1 + tol)).all(),
                     ~((s >= -tol) & (s <= 1 + tol)).all(),
                     (s.float() > t.float() + tol).any(),
+                    no_mask if txt_mask is None else (txt_mask[:, 1:] & ~txt_mask[:, :-1]).any().to(t.device),
+                    no_mask if txt_mask is None else txt_mask.all().to(t.device),
                 )
             ).tolist()
         if flags[0]:
@@ -254,6 +264,11 @@ class MMDiT(nn.Module):
             raise ValueError(f"s must lie in [0, 1] (and be finite), got min {s.min().item()}, max {s.max().item()}")
         if flags[2]:
             raise ValueError(f"s must be <= t for every sample; max(s - t) = {(s.float() - t.float()).max().item()}")
+        if flags[3]:
+            raise ValueError(
+                "cond['txt_mask'] must hold each sample's real tokens first, then its padding (a True after a False)"
+            )
+        return flags[4]
 
 
 def _describe(value: Any) -> str:

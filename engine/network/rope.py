@@ -49,9 +49,10 @@ def joint_rope_tables(
     theta: float,
     device: torch.device | str | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Tables for the joint sequence [txt; img] of `txt_len` text and (height x width) image tokens.
+    """Tables for the joint sequence [img; txt] of (height x width) image and `txt_len` text tokens: image
+    first, so each row's text padding sits at its end (`selfe.network.attention`).
 
-    Returns cos, sin: (txt_len + height * width, Dh / 2) float32.
+    Returns cos, sin: (height * width + txt_len, Dh / 2) float32.
     """
-    ids = torch.cat((text_position_ids(txt_len, device), image_position_ids(height, width, device)), dim=0)
+    ids = torch.cat((image_position_ids(height, width, device), text_position_ids(txt_len, device)), dim=0)
     return rope_tables(ids, axes_dim, theta)

@@ -55,8 +55,9 @@ class FastPathConfig:
     runs). Past it a new shape runs the uncompiled step (still graph-captured on CUDA), with a warning.
     `text_bucket`: the pipeline cuts the text tokens it feeds the denoiser to the smallest of text_bucket,
     2x, 4x, ... (at most the encoder's padded length) that holds the call's longest prompt, null and
-    negative prompts included. Exact: padded text is masked out as attention keys and text sits at RoPE
-    position 0, so only the cost changes (a short prompt at T5's 512: a 2b step at 512² drops from 1536
+    negative prompts included. Exact: padded text is left out as attention keys (each row's real length is
+    tensor data: another prompt length in the bucket reuses the step) and text sits at RoPE position 0, so
+    only the cost changes (a short prompt at T5's 512: a 2b step at 512² drops from 1536
     tokens to 1088, and T5 encodes 64 tokens, `TextEncoders.encode(bucket=...)`). Each bucket is a shape of
     its own (compiled, captured); None keeps the encoder's length.
     `compile_regions`: compile each block of the network (an MMDiT's `compile_regions`) as a nested compile

@@ -202,7 +202,7 @@ def test_a_registered_rope_backend_gets_normed_unrotated_q_k_and_the_joint_table
             want = sdpa_model(x.double(), t.double(), s.double(), cond)
             got = fused_model(x.double(), t.double(), s.double(), cond)
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
-        # one call per block, each over the whole [txt; img] sequence with its joint table and mask
+        # one call per block, each over the whole [img; txt] sequence with its joint table and mask
         joint = 5 + 16
         assert len(seen) == 2
         for q_shape, cos_shape, key_mask in seen:
