@@ -183,6 +183,9 @@ class CheckpointConfig:
     every: int = 1000  # steps between checkpoints (one is also written at the end); 0: only at the end
     keep: int = 3  # complete checkpoints kept (oldest removed first)
     resume: bool = True  # continue from the newest complete checkpoint in run_dir/checkpoints
+    # [ours] A newest checkpoint with a file that cannot be read (truncated, garbled): log it by name and resume
+    # from the one before it; false: refuse to start.
+    fall_back: bool = True
     # Start the live and EMA weights from an export folder or a .safetensors file instead of the random init
     # (continued training, fine-tuning); optimizer, schedule and step start fresh. A checkpoint to resume wins.
     init_from: str | None = None
