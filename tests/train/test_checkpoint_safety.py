@@ -244,3 +244,23 @@ def test_a_kill_before_the_first_checkpoint_leaves_no_duplicate_metrics(tmp_path
     clean = run_train(tiny_overrides(tmp_path / "clean", 3, "checkpoint.every=2"))
     assert clean.returncode == 0, clean.stderr[-3000:]
     assert _metrics_without_timing(tmp_path / "kill") == _metrics_without_timing(tmp_path / "clean")
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_ranks_agree_to_fall_back_when_only_one_rank_reads_a_damaged_file(tmp_path):
+    """Rank 1's file of step 4 is damaged, rank 0's is fine: both resume from step 2, none hangs. Then rank
+    1's DCP shard of step 6 is cut short: the collective load fails on rank 1 alone, both resume from 4."""
+    run = lambda steps: run_train(tiny_overrides(tmp_path, steps, *RUN), nproc=2)
+    assert (first := run(4)).returncode == 0, first.stderr[-3000:]
+    before = [r["loss"] for r in read_metrics(tmp_path)]
+    for damaged, steps, again in [(_step(tmp_path, 4) / "rank00001.pt", 6, (2, 4)),
+                                  (_step(tmp_path, 6) / "__1_0.distcp", 8, (4, 6))]:  # fmt: skip
+        damaged.write_bytes(damaged.read_bytes()[:100])
+        resumed = run(steps)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert f"{damaged} is damaged" in resumed.stderr
+        losses = [r["loss"] for r in read_metrics(tmp_path)]
+        assert len(losses) == steps
+        assert losses[slice(*again)] == before[slice(*again)]  # run again from the checkpoint before
+        before = losses
