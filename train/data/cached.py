@@ -89,13 +89,10 @@ def check_file(path: str | os.PathLike, entry: dict[str, Any]) -> None:
     except FileNotFoundError:
         raise DamagedCacheError(f"cache file {path} is missing") from None
     if size != entry["bytes"]:
-        raise DamagedCacheError(
-            f"cache file {path} is damaged: {size} bytes, the index says {entry['bytes']}"
-        )
+        raise DamagedCacheError(f"cache file {path} is damaged: {size} bytes, the index says {entry['bytes']}")
     if "sha256" in entry and (digest := file_sha256(path)) != entry["sha256"]:
         raise DamagedCacheError(
-            f"cache file {path} is damaged: its SHA-256 is {digest[:16]}..., the index says "
-            f"{entry['sha256'][:16]}..."
+            f"cache file {path} is damaged: its SHA-256 is {digest[:16]}..., the index says {entry['sha256'][:16]}..."
         )
 
 
