@@ -162,7 +162,7 @@ class Checkpointer:
         read is a DamagedCheckpointError naming it, on every rank alike; a checkpoint of another world size,
         or one that does not fit `state`, a ValueError."""
         path = Path(path)
-        rank_state, problem = {}, None
+        problem = None
         try:  # every small file first, so that no rank enters the collective DCP load alone
             meta = read_json_file(path / "meta.json")
             if not isinstance(meta, dict) or not all(isinstance(meta.get(k), int) for k in ("step", "world_size")):
