@@ -16,8 +16,9 @@ so what it returns is bit-identical to what the encoders produced.
 
 Resuming: the shard plan is a pure function of the manifest and the config (fingerprinted in the
 index; a different one is an error). Shards listed in the index with their file present and of the
-recorded size are kept; every other planned shard, including the one a kill interrupted (left as a
-*.tmp file, deleted on restart), is encoded again.
+recorded size and SHA-256 (`bytes`, `sha256` of each entry; a cache written before checksums has sizes
+only) are kept; every other planned shard, including the one a kill interrupted (left as a *.tmp file,
+deleted on restart) and a damaged one (logged by name), is encoded again.
 
 The encoders (protocols, see selfe.train.cache_shards) and the per-shard encoding are in
 selfe.train.cache_shards; the command line (`selfe cache`) is in selfe.train.cache_cli.
@@ -48,7 +49,7 @@ from selfe.train.cache_shards import (
     plan_shards,
     trim_text,
 )
-from selfe.train.data.cached import FORMAT, INDEX_NAME, NULL_NAME, file_sha256
+from selfe.train.data.cached import FORMAT, INDEX_NAME, NULL_NAME, DamagedCacheError, check_file, file_sha256
 from selfe.train.data.manifest import UNDECODABLE_IMAGE, DataStats, scan_manifest
 from selfe.utils.atomic import atomic_write_json
 
@@ -59,12 +60,26 @@ class CacheMismatchError(ValueError):
     """The output folder holds a cache of another manifest, config or encoders."""
 
 
-def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> int:
-    """Write a safetensors file through a temp file and a rename (a kill leaves only the *.tmp); its size."""
+def _save_atomic(
+    tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Write a safetensors file through a temp file and a rename (a kill leaves only the *.tmp); its size
+    and SHA-256, for the index (read back from the file: what a reader will check)."""
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
+    digest = file_sha256(tmp)
     os.replace(tmp, path)
-    return path.stat().st_size
+    return {"bytes": path.stat().st_size, "sha256": digest}
+
+
+def _intact(path: Path, entry: dict[str, Any]) -> bool:
+    """Whether a file of an earlier run is there as its index entry records it (else logged, and redone)."""
+    try:
+        check_file(path, entry)
+    except DamagedCacheError as err:
+        log.warning("%s; encoding it again", err.problem)
+        return False
+    return True
 
 
 def _encode_null(text_encoder: TextEncoder, out: Path, config: CacheConfig) -> dict[str, Any]:
@@ -72,8 +87,7 @@ def _encode_null(text_encoder: TextEncoder, out: Path, config: CacheConfig) -> d
     text = check_text(text_encoder([""]), 1)
     txt, mask = trim_text(text["txt"], text["txt_mask"])
     tensors = cast_floats({"txt": txt, "txt_mask": mask, "pooled": text["pooled"]}, config.store_dtype)
-    size = _save_atomic(tensors, out / NULL_NAME)
-    return {"file": NULL_NAME, "bytes": size, "text_length": text["txt"].shape[1]}
+    return {"file": NULL_NAME, **_save_atomic(tensors, out / NULL_NAME), "text_length": text["txt"].shape[1]}
 
 
 def _fingerprint(settings: dict[str, Any]) -> str:
@@ -139,13 +153,15 @@ def build_cache(
                 f"{', '.join(changed) or 'its fingerprint'}); use a new --out folder or delete the old cache"
             )
         for entry in previous["shards"]:
-            path = out / entry["file"] if entry["file"] else None
-            if path is None or (path.is_file() and path.stat().st_size == entry["bytes"]):
+            if entry["file"] is None or _intact(out / entry["file"], entry):
                 done[entry["id"]] = entry
-        null_path = out / NULL_NAME
-        kept_null = previous.get("null") or {}
-        if null_path.is_file() and null_path.stat().st_size == kept_null.get("bytes"):
+        if (kept_null := previous.get("null")) and _intact(out / NULL_NAME, kept_null):
             null = kept_null
+        if unsummed := [e["file"] for e in done.values() if e["file"] and "sha256" not in e]:
+            log.warning(
+                "%s: %d shards from before checksums were recorded, kept by their size; build into a new folder "
+                "to have every shard checksummed", out, len(unsummed),
+            )  # fmt: skip
     # shard and null files: NAME.tmp; the index: .index.json.XXXX.tmp (selfe.utils.atomic)
     stale = [*out.glob("shard-*.safetensors.tmp"), out / (NULL_NAME + ".tmp"), *out.glob(f".{INDEX_NAME}.*.tmp")]
     for path in stale:
@@ -205,7 +221,7 @@ def build_cache(
                 }
                 if tensors:
                     metadata = {"captions": json.dumps(captions, ensure_ascii=False)}
-                    entry["bytes"] = _save_atomic(tensors, out / plan.file, metadata)
+                    entry.update(_save_atomic(tensors, out / plan.file, metadata))
                 index["shards"].append(entry)
                 index["shards"].sort(key=lambda e: e["id"])
                 written += 1

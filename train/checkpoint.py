@@ -11,15 +11,22 @@ Layout of `run_dir/checkpoints`:
 A kill at any moment leaves every earlier complete checkpoint intact, since nothing is written into a
 final directory: all writes go to the .tmp directory, renamed (atomically on POSIX) when every rank is
 done.
+
+Loading runs nothing a checkpoint holds: DCP's files are read through selfe.train.checkpoint_reader (an
+allow-list unpickler for `.metadata`, weights_only for everything else), the rank files with
+torch.load(weights_only=True), the rest is JSON. A file that cannot be read is named; `load_newest` then
+logs it and resumes from the checkpoint before it (or refuses, with fall_back=False).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +34,26 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+
+from selfe.train.checkpoint_reader import (
+    METADATA_NAME,
+    DamagedCheckpointError,
+    first_failure,
+    load_dcp,
+    read_json_file,
+    read_metadata_file,
+    read_rank_file,
+)
+
+log = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step_(\d{9})$")
 
 
 def rng_state() -> dict[str, Any]:
     """This process's RNG states (torch CPU, CUDA, Python, NumPy), as tensors and plain Python values only,
-    so the file loads with `torch.load(weights_only=True)`: nothing in a checkpoint is unpickled."""
+    so the file loads with `torch.load(weights_only=True)`."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
     numpy_state = {
         "name": name,
@@ -138,13 +158,66 @@ class Checkpointer:
         return final
 
     def load(self, path: str | os.PathLike, state: dict[str, Any]) -> dict[str, Any]:
-        """Load `path` into `state` in place (DCP); returns this rank's plain objects."""
+        """Load `path` into `state` in place (DCP); returns this rank's plain objects. A file that cannot be
+        read is a DamagedCheckpointError naming it, on every rank alike; a checkpoint of another world size,
+        or one that does not fit `state`, a ValueError."""
         path = Path(path)
-        meta = json.loads((path / "meta.json").read_text())
+        problem = None
+        try:  # every small file first, so that no rank enters the collective DCP load alone
+            meta = read_json_file(path / "meta.json")
+            if not isinstance(meta, dict) or not all(isinstance(meta.get(k), int) for k in ("step", "world_size")):
+                raise DamagedCheckpointError(path / "meta.json", f"no integer step and world_size in {meta!r}")
+            if (path / "config.json").is_file():  # older checkpoints have none
+                read_json_file(path / "config.json")
+            read_metadata_file(path / METADATA_NAME)
+            rank_state = read_rank_file(path / f"rank{self.rank:05d}.pt")
+        except DamagedCheckpointError as err:
+            problem = err
+        if (problem := _any_rank(problem)) is not None:
+            raise problem
         if meta["world_size"] != self.world_size:
             raise ValueError(
                 f"checkpoint {path} was written by {meta['world_size']} ranks, this run has {self.world_size}; "
                 "the data order and RNG streams are per rank, so resume needs the same world size"
             )
-        dcp.load(state, checkpoint_id=str(path))
-        return torch.load(path / f"rank{self.rank:05d}.pt", weights_only=True)
+        try:
+            load_dcp(path, state)
+        except CheckpointException as err:  # collective: every rank gets it
+            raise ValueError(f"checkpoint {path} does not fit this run: {first_failure(err)}") from None
+        return rank_state
+
+    def load_newest(
+        self, make_state: Callable[[], dict[str, Any]], fall_back: bool = True
+    ) -> tuple[Path, dict[str, Any], dict[str, Any]] | None:
+        """(path, state, rank_state) of the newest complete checkpoint that reads, loaded into a fresh
+        `make_state()`; None when there is none. A damaged one is logged by file name and the one before it
+        tried; with fall_back=False it is an error instead. None of them readable is an error too."""
+        damaged: list[str] = []
+        for _, path in reversed(self.complete()):
+            state = make_state()
+            try:
+                return path, state, self.load(path, state)
+            except DamagedCheckpointError as err:
+                if not fall_back:
+                    raise ValueError(
+                        f"cannot resume from {path}: {err}; checkpoint.fall_back=true would resume from the "
+                        "checkpoint before it"
+                    ) from None
+                if self.rank == 0:
+                    log.warning("checkpoint %s not used: %s; trying the one before it", path.name, err)
+                damaged.append(str(err))
+        if damaged:
+            raise ValueError(
+                f"no checkpoint in {self.root} can be read: {'; '.join(damaged)}; delete the damaged ones to start "
+                "the run over, or restore them"
+            )
+        return None
+
+
+def _any_rank(error: DamagedCheckpointError | None) -> DamagedCheckpointError | None:
+    """The first rank's error, on every rank (None if no rank has one)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return error
+    errors: list[DamagedCheckpointError | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e is not None), None)

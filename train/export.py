@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import shutil
 import warnings
 from dataclasses import asdict
@@ -96,18 +95,6 @@ def export_ema(ema_model: nn.Module, config: TrainConfig, out_dir: str | os.Path
     return out
 
 
-# What pickle.load raises on a damaged DCP .metadata file (found by truncating and garbling one).
-_UNPICKLING_ERRORS = (
-    pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError, KeyError,
-    OverflowError, MemoryError,
-)  # fmt: skip
-
-
-def _describe(err: BaseException) -> str:
-    """'Type: message', or the type alone (EOFError has no message)."""
-    return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
-
-
 def check_out_dir(source: str | os.PathLike, checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -> None:
     """Refuse an output folder that export_ema's replace would turn on what it reads: OUT (or OUT.tmp,
     OUT.old, which it deletes) being or holding `source` (a run folder or a checkpoint) or the `checkpoint`
@@ -132,12 +119,13 @@ def check_out_dir(source: str | os.PathLike, checkpoint: str | os.PathLike, out_
 def export_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Export the EMA weights of a DCP checkpoint (a step_* folder, or a run folder: its newest complete
     checkpoint) as a pipeline directory, in one process, e.g. to evaluate a run while it trains.
-    A damaged checkpoint is a ValueError naming the file or folder."""
-    import torch.distributed.checkpoint as dcp
+    A damaged checkpoint is a ValueError naming the file; nothing in it is unpickled
+    (selfe.train.checkpoint_reader)."""
     from torch.distributed.checkpoint.api import CheckpointException
 
     from selfe.network.model import MMDiT
     from selfe.train.checkpoint import Checkpointer
+    from selfe.train.checkpoint_reader import first_failure, load_dcp
     from selfe.train.config import load_config
 
     path = Path(source)
@@ -152,22 +140,14 @@ def export_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike) -> 
         config = load_config(config_file)
     except ValueError as err:  # bad JSON or values, or not UTF-8 at all; load_config may name the file itself
         raise ValueError(str(err) if str(config_file) in str(err) else f"{config_file}: {err}") from None
-    # dcp.load falls back on per-rank metadata and logs both tracebacks when .metadata is unreadable:
-    # read it first, so that a damaged one is a one-line error.
-    reader = dcp.FileSystemReader(path)
-    try:
-        reader.read_metadata()
-    except _UNPICKLING_ERRORS as err:
-        raise ValueError(f"{path / '.metadata'} is damaged ({_describe(err)})") from None
     net = MMDiT(config.model)
     state = {"ema": net.state_dict()}
     try:
         with warnings.catch_warnings():  # one process on purpose (no_dist), not a misconfiguration
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(state, storage_reader=reader, no_dist=True)  # reads only the EMA entries
-    except CheckpointException as err:  # a BaseException: it wraps each rank's error (a truncated .distcp, ...)
-        cause = next((failure[0] for failure in err.failures.values()), err)
-        raise ValueError(f"cannot read the EMA weights of {path}: {_describe(cause)}") from None
+            load_dcp(path, state, no_dist=True)  # reads only the EMA entries; a damaged file is named
+    except CheckpointException as err:  # the EMA entries do not fit the config's model
+        raise ValueError(f"cannot read the EMA weights of {path}: {first_failure(err)}") from None
     net.load_state_dict(state["ema"])
     return export_ema(net, config, out_dir)
 

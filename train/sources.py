@@ -188,6 +188,7 @@ class CacheSource:
             world_size=world_size,
             schedule=data.resolution_schedule(),
             batches_per_step=grad_accum,
+            verify=data.cache_verify,
         )
         if data.manifest:
             _check_cache_manifest(data, self.dataset.index)

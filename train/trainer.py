@@ -31,7 +31,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -216,9 +215,10 @@ class Trainer:
             self.before_commit = self._kill_in_checkpoint
         self._resumed_step = -1
         if resume_from is not None:
-            self.load(resume_from)
+            self.resume()
             self._resumed_step = self.step
-            self.metrics.drop_after(self.step)  # the steps after the checkpoint run again
+        # The steps after the checkpoint run again; with none, all of them (a run killed before its first).
+        self.metrics.drop_after(self.step)
         if rank == 0:  # only now: a refused resume leaves the run's config.json as its checkpoints have it
             save_config(config, self.run_dir / "config.json")
 
@@ -250,13 +250,10 @@ class Trainer:
         if self.step == self.config.fault.kill_in_checkpoint_step:
             os.kill(os.getpid(), signal.SIGKILL)  # testing: a kill -9 in the middle of a write
 
-    def load(self, path: str | os.PathLike) -> None:
-        state = self._state()
-        try:
-            rank_state = self.checkpointer.load(path, state)
-        except CheckpointException as err:  # what resume_problem cannot see from the configs
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ValueError(f"checkpoint {path} does not fit this run: {first}") from err
+    def resume(self) -> None:
+        """Load the newest complete checkpoint that reads (Checkpointer.load_newest: a damaged one is logged
+        and the one before it used, unless checkpoint.fall_back=false)."""
+        path, state, rank_state = self.checkpointer.load_newest(self._state, self.config.checkpoint.fall_back)
         set_model_state_dict(self.model, state["model"])
         set_model_state_dict(self.ema.model, state["ema"])
         set_optimizer_state_dict(self.model, self.optimizer, state["optim"])

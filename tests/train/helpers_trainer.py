@@ -15,7 +15,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def tiny_overrides(run_dir: Path, steps: int, *extra: str) -> list[str]:
-    return [
+    """The tiny run's overrides; one in `extra` replaces the default of its key (the command line refuses a
+    key given twice)."""
+    replaced = {item.split("=", 1)[0].strip() for item in extra}
+    defaults = [
         f"run_dir={run_dir}",
         f"steps={steps}",
         "data.batch_size=4",
@@ -28,8 +31,8 @@ def tiny_overrides(run_dir: Path, steps: int, *extra: str) -> list[str]:
         "checkpoint.keep=2",
         "metrics.tensorboard=false",
         "objective.tau_warmup=4",
-        *extra,
     ]
+    return [item for item in defaults if item.split("=", 1)[0] not in replaced] + list(extra)
 
 
 def tiny_config(run_dir: Path, steps: int, *extra: str) -> TrainConfig:

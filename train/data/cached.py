@@ -3,27 +3,45 @@
 The layout (index.json, shard-*.safetensors, null.safetensors) is described in selfe.train.cache.
 Batches come in the deterministic, resumable order of BucketBatchSampler, so a run that trains from
 the cache sees the same samples in the same buckets as one that decodes the images.
+
+Integrity: the index records each file's size and SHA-256. A file whose header cannot be read (truncated,
+say) is an error naming it when opened; with `verify` (the default) each file's size and checksum are also
+checked once per process, when its first row is read (one extra sequential read of every file a run
+touches), so a corrupted shard of the right size is named instead of trained on. A cache written before
+checksums were recorded is checked by size only, with a warning.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from selfe.train.data.buckets import ResolutionSchedule
 from selfe.train.data.sampler import BatchPlan, BucketBatchSampler
+
+log = logging.getLogger(__name__)
 
 INDEX_NAME = "index.json"
 NULL_NAME = "null.safetensors"
 FORMAT = "selfe-cache/1"
 TEXT_KEYS = ("txt", "txt_mask", "pooled")
+REBUILD = "run `selfe cache` again with the same arguments: it encodes the files that fail this check anew"
+
+
+class DamagedCacheError(ValueError):
+    """A file of a cache that cannot be read, or whose size or checksum differs from the index's."""
+
+    def __init__(self, problem: str):
+        super().__init__(f"{problem}; {REBUILD}")
+        self.problem = problem  # without the advice (the cache builder, which acts on it, logs this)
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -62,6 +80,30 @@ def read_index(root: str | os.PathLike) -> dict[str, Any]:
     return index
 
 
+def check_file(path: str | os.PathLike, entry: dict[str, Any]) -> None:
+    """A DamagedCacheError naming `path` unless its size and SHA-256 are those of its index `entry` (an
+    entry from before checksums were recorded has none: its size alone is checked)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise DamagedCacheError(f"cache file {path} is missing") from None
+    if size != entry["bytes"]:
+        raise DamagedCacheError(f"cache file {path} is damaged: {size} bytes, the index says {entry['bytes']}")
+    if "sha256" in entry and (digest := file_sha256(path)) != entry["sha256"]:
+        raise DamagedCacheError(
+            f"cache file {path} is damaged: its SHA-256 is {digest[:16]}..., the index says {entry['sha256'][:16]}..."
+        )
+
+
+def open_file(path: str | os.PathLike) -> Any:
+    """safe_open, with a file whose header cannot be read (truncated, garbled) named in the error."""
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as err:
+        raise DamagedCacheError(f"cache file {path} cannot be read ({err})") from None
+
+
 def pad_text(txt: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Append the zero states / False mask the writer trimmed: txt (B, L', d) -> (B, length, d)."""
     pad = length - txt.shape[1]
@@ -80,6 +122,8 @@ class CachedDataset:
     schedule: which cached resolution each batch uses (default: the cache's first resolution); every
     resolution it can draw must be in the cache. Samples missing from any of them are left out.
     open_shards: shard files kept open at once (least recently used closed first).
+    verify: check each file's size and checksum against the index when its first row is read (see the
+    module docstring).
     """
 
     def __init__(
@@ -96,6 +140,7 @@ class CachedDataset:
         batches_per_step: int = 1,
         allow_incomplete: bool = False,
         open_shards: int = 32,
+        verify: bool = True,
     ):
         self.root = Path(out_dir)
         self.index = read_index(self.root)
@@ -111,6 +156,15 @@ class CachedDataset:
         if missing:
             raise ValueError(f"schedule draws resolutions {missing} that cache {self.root} lacks (it has {cached})")
         self._entries = {e["id"]: e for e in self.index["shards"] if e["file"]}
+        self.verify = verify
+        self._checked: set[int | None] = set()  # shard ids, None for the null file
+        unsummed = [e["file"] for e in self._entries.values() if "sha256" not in e]
+        if verify and unsummed:
+            log.warning(
+                "cache %s: %d of its %d shards have no checksum (written before checksums were recorded): they are "
+                "checked by size only; build the cache into a new folder for content checks",
+                self.root, len(unsummed), len(self._entries),
+            )  # fmt: skip
         self.text_length = max((e["text_length"] for e in self._entries.values() if e["has_text"]), default=0)
         self._open_shards = max(1, open_shards)
         self._handles: dict[int, Any] = {}
@@ -150,7 +204,7 @@ class CachedDataset:
     def widths(self) -> dict[str, int]:
         """{"latent_channels": C, "txt_dim": d, "pooled_dim": d_pooled} of the stored tensors, read from the
         safetensors headers (the index does not record them): what the model must take."""
-        with safe_open(str(self.root / self.index["null"]["file"]), framework="pt") as f:
+        with open_file(self.root / self.index["null"]["file"]) as f:
             txt, pooled = f.get_slice("txt").get_shape(), f.get_slice("pooled").get_shape()
         latents = self._handle(next(iter(self._entries))).get_slice("latents").get_shape()
         return {"latent_channels": latents[1], "txt_dim": txt[-1], "pooled_dim": pooled[-1]}
@@ -158,17 +212,26 @@ class CachedDataset:
     def _handle(self, sid: int) -> Any:
         handle = self._handles.pop(sid, None)
         if handle is None:
-            handle = safe_open(str(self.root / self._entries[sid]["file"]), framework="pt")
+            handle = open_file(self.root / self._entries[sid]["file"])
             if len(self._handles) >= self._open_shards:
                 self._handles.pop(next(iter(self._handles)))
         self._handles[sid] = handle  # most recently used last
         return handle
 
+    def _check(self, sid: int | None) -> None:
+        """Size and checksum of shard `sid` (None: the null file), once, before its first row is used."""
+        if self.verify and sid not in self._checked:
+            entry = self.index["null"] if sid is None else self._entries[sid]
+            check_file(self.root / entry["file"], entry)
+            self._checked.add(sid)
+
     def _row(self, sid: int, name: str, row: int) -> torch.Tensor:
+        self._check(sid)
         return self._handle(sid).get_slice(name)[row : row + 1]
 
     def _caption(self, sid: int, row: int) -> str:
         if sid not in self._captions:
+            self._check(sid)
             self._captions[sid] = json.loads(self._handle(sid).metadata()["captions"])
         return self._captions[sid][row]
 
@@ -195,7 +258,8 @@ class CachedDataset:
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
             raise ValueError(f"batch must be a positive int, got {batch!r}")
         if self._null is None:
-            with safe_open(str(self.root / self.index["null"]["file"]), framework="pt") as f:
+            self._check(None)
+            with open_file(self.root / self.index["null"]["file"]) as f:
                 stored = {k: f.get_tensor(k) for k in TEXT_KEYS}
             txt, mask = pad_text(stored["txt"], stored["txt_mask"], self.text_length)
             self._null = {"txt": txt, "txt_mask": mask, "pooled": stored["pooled"]}

@@ -66,6 +66,7 @@ class DataConfig:
 
     cache_dir: a `selfe cache` folder for the training manifest; when it holds a cache, training
     batches are read from it (latents and text states) instead of decoding images.
+    cache_verify: check each cache file against the checksum in its index when first read (CachedDataset).
     """
 
     manifest: str = ""
@@ -77,6 +78,7 @@ class DataConfig:
     schedule: ResolutionSchedule = field(default_factory=ResolutionSchedule)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     cache_dir: str | None = None
+    cache_verify: bool = True
 
 
 @dataclass
@@ -287,6 +289,7 @@ def open_cache(config: DataConfig, rank: int = 0, world_size: int = 1) -> Cached
         remainder=loader.remainder,
         shuffle=loader.shuffle,
         batches_per_step=loader.batches_per_step,
+        verify=config.cache_verify,
     )
 
 
