@@ -52,7 +52,7 @@ def apply_compile(model: nn.Module, fullgraph: bool = True, backend: str = "indu
     """torch.compile each block in place (Module.compile keeps names and state-dict keys unchanged)."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILE_RECOMPILE_LIMIT)
     for blocks, i in blocks_of(model):
-        blocks[i].compile(fullgraph=fullgraph, backend=backend)
+        blocks[i].compile(fullgraph=fullgraph, backend=backend, dynamic=False)
 
 
 def apply_fsdp(
