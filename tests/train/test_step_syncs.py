@@ -120,3 +120,28 @@ def test_a_stop_request_is_taken_at_the_next_log_step(tmp_path):
     assert result.stopped_by_signal and result.step == 4
     assert result.checkpoint is not None and result.checkpoint.name == f"step_{4:09d}"
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
+
+
+@pytest.mark.gpu
+def test_cuda_steps_make_no_synchronizing_call(tmp_path):
+    """On the GPU, torch's own sync detector: no step between log steps waits for the device."""
+    import warnings
+
+    trainer = Trainer(tiny_config(tmp_path, 8, "device=cuda", "metrics.log_every=4"))  # fused AdamW on CUDA
+    try:
+        for _ in range(2):  # the first steps set up cuBLAS, the allocator, the prefetch stream
+            trainer.train_step()
+        trainer.log_metrics()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                for _ in range(2):
+                    trainer.train_step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+        assert not syncs, syncs
+        assert len(trainer.log_metrics()) == 2
+    finally:
+        trainer.close()
