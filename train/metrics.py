@@ -162,11 +162,10 @@ class MetricsLogger:
             rate = (step - self._last_print[0]) / max(now - self._last_print[1], 1e-9)
             self._last_print = (step, now)
             eta = (self.total_steps - step) / rate if rate > 0 else float("inf")
-            mfu = record.get("mfu")
             print(
                 f"step {step}/{self.total_steps} | loss {record.get('loss', float('nan')):.4f} | "
                 f"{rate:.2f} it/s | {record.get('images_per_s', 0):.1f} img/s | "
-                f"{record.get('tflops_per_device', 0):.3g} TFLOP/s | MFU {format_mfu(mfu)} | "
+                f"{record.get('tflops_per_device', 0):.3g} TFLOP/s | MFU {format_mfu(record.get('mfu'))} | "
                 f"lr {record.get('lr', 0):.2e} | ETA {format_eta(eta)}",
                 file=sys.stderr,
                 flush=True,

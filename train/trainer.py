@@ -11,8 +11,9 @@ One optimizer step (an "iteration", the objective's clock):
     optimizer.step, EMA lerp in place (shard by shard), LR schedule step
 No step reads the device from the host: its scalars wait on the device (selfe.train.step_window) until a log
 step (metrics.log_every, a checkpoint, the last step) reads them all at once, agrees across ranks on a stop
-request (SIGTERM/SIGINT) and checks the non-finite streak. Batches come from a background thread a few steps
-ahead (selfe.train.prefetch, data.prefetch_steps).
+request (SIGTERM/SIGINT) and checks the non-finite streak. (Two exceptions, each documented where it
+happens: objective.s_split="bernoulli" counts its drawn samples, and foreach AdamW reads the skip flag.)
+Batches come from a background thread a few steps ahead (selfe.train.prefetch, data.prefetch_steps).
 The randomness of micro-batch `slot = micro * world + rank` at iteration k comes from a generator seeded
 with (seed, k, slot), so 1 rank with grad_accum 2 computes exactly what 2 ranks with grad_accum 1 do,
 and a resumed run draws what an uninterrupted one would.
@@ -366,7 +367,6 @@ class Trainer:
         memory = memory_stats(device)
         records = []
         for row in rows:
-            host_flops = row["flops"]
             record: dict[str, Any] = {k: row[k] for k in SCALARS}
             record.update(
                 grad_norm=row["grad_norm"],
@@ -376,8 +376,8 @@ class Trainer:
                 skipped=bool(row["skipped"]),
                 skipped_total=int(row["skipped_total"]),
                 step_time=row["step_time"],
-                **self.metrics.throughput(row["step_time"], row["images"], row["tokens"], host_flops),
-                tflops_per_step=host_flops / 1e12,
+                **self.metrics.throughput(row["step_time"], row["images"], row["tokens"], row["flops"]),
+                tflops_per_step=row["flops"] / 1e12,
                 **memory,
             )
             self.metrics.log(row["step"], record)
