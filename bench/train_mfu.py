@@ -9,7 +9,7 @@ with its self-evaluation passes on the s < t half), one run per variant:
     compile+ac
 MFU counts every pass (main fwd+bwd, the two no-grad self-eval forwards, and with --aux the fake
 fwd+bwd, whose forward also gives g_f), activation-checkpointing recomputation excluded, over the GPU's dense bf16
-peak (`selfe.network.flops.device_peak_flops`: H100's where the device is not listed) or --peak-flops.
+peak (`selfe.network.flops.device_peak_flops`: H100's where the GPU is not listed; n/a on a CPU) or --peak-flops.
 tau is 1 from the start (tau_warmup=0) so the self-eval passes run at full size.
 With --fp8 torchao|te every variant also runs with the live network's large linears in FP8
 (`fp8.recipe=...`), reported against the high-precision run of the same variant (throughput ratio),
@@ -155,7 +155,9 @@ def run_variant(args: argparse.Namespace, variant: str, run_dir: Path, fp8: str 
     config = apply_overrides(preset(MODEL_PRESETS[args.preset]), trainer_overrides(args, variant, run_dir, fp8))
     trainer = Trainer(config)
     try:
-        records = [trainer.train_step() for _ in range(warmup + args.steps)][warmup:]
+        for _ in range(warmup + args.steps):
+            trainer.train_step()
+        records = trainer.log_metrics()[warmup:]  # per-step times from CUDA events, read once at the end
         rank, world = trainer.dist.rank, trainer.dist.world_size
         mem = torch.cuda.max_memory_reserved() / 1024**3 if cuda else None
     finally:
@@ -179,7 +181,7 @@ def run_variant(args: argparse.Namespace, variant: str, run_dir: Path, fp8: str 
         "images_per_s": first["images_per_s"] * first["step_time"] / step_time,
         "tokens_per_s": first["tokens_per_s"] * first["step_time"] / step_time,
         "tflops_per_device": first["tflops_per_step"] / world / step_time,
-        "mfu": first["tflops_per_step"] * 1e12 / world / step_time / args.peak_flops,
+        "mfu": first["tflops_per_step"] * 1e12 / world / step_time / args.peak_flops if args.peak_flops else None,
         "tflops_per_step": first["tflops_per_step"],
         "max_reserved_gib": mem,
         "loss_finite": all(r["loss"] == r["loss"] for r in records),
@@ -230,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    args.peak_flops = args.peak_flops or device_peak_flops()
+    # no peak known for a CPU: MFU n/a there (--peak-flops gives one)
+    args.peak_flops = args.peak_flops or (device_peak_flops() if torch.cuda.is_available() else None)
     results = []
     with tempfile.TemporaryDirectory(prefix="selfe-train-mfu-") as tmp:
         for variant in variants:
@@ -285,6 +288,8 @@ def _oom_message(err: torch.OutOfMemoryError, args: argparse.Namespace) -> str:
 
 
 def _print(label: str, result: dict) -> None:
+    from selfe.train.metrics import format_mfu
+
     if "error" in result:
         print(f"{label:19s} {result['error']}", flush=True)
         return
@@ -293,7 +298,7 @@ def _print(label: str, result: dict) -> None:
     print(
         f"{label:19s} step {result['step_time_s'] * 1e3:8.1f} ms | {result['images_per_s']:8.2f} img/s | "
         f"{result['tokens_per_s']:10.0f} tok/s | {result['tflops_per_device']:7.2f} TFLOP/s | "
-        f"MFU {100 * result['mfu']:5.1f}% | mem {mem}" + (f" | x{ratio:.2f} vs high precision" if ratio else ""),
+        f"MFU {format_mfu(result['mfu']):>6s} | mem {mem}" + (f" | x{ratio:.2f} vs high precision" if ratio else ""),
         flush=True,
     )
 

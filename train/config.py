@@ -64,9 +64,12 @@ class DataSection:
     text_length: int = 16  # tokens of the procedural/synthetic text states
     # [ours] Each micro-batch's text cut (or padded) to the smallest of text_bucket, 2x, 4x, ... that holds its
     # longest caption, fake prompts included: exact (padded text is masked out as keys, at RoPE position 0),
-    # fewer tokens a step for short captions at T5's 512. Each bucket is a shape of its own to torch.compile;
-    # None keeps the source's length (one shape).
+    # fewer tokens a step for short captions at T5's 512. Each bucket is a static shape of its own to
+    # torch.compile, from the bounded set selfe.train.compile_shapes documents; None keeps the source's length.
     text_bucket: int | None = None
+    # [ours] Optimizer steps of batches read, decoded and copied ahead on a background thread (pinned memory
+    # and a side stream on CUDA; selfe.train.prefetch); 0 reads each step's batches in the training loop.
+    prefetch_steps: int = 2
     seed: int = 0
     manifest: str | None = None
     base_dir: str | None = None
@@ -104,6 +107,8 @@ class DataSection:
         for name in ("batch_size", "num_samples", "text_length", "t5_max_length", "pixel_factor", "min_side"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+        if self.prefetch_steps < 0:
+            raise ValueError(f"data.prefetch_steps must be >= 0, got {self.prefetch_steps}")
         if self.text_bucket is not None and self.text_bucket < 1:
             raise ValueError(f"data.text_bucket must be >= 1 or none, got {self.text_bucket}")
         if not 0 <= self.seed < 2**64:  # numpy's seed sequence takes no negative, torch's generator 64 bits
@@ -218,7 +223,7 @@ class CheckpointConfig:
 class MetricsConfig:
     log_every: int = 10  # progress line period (JSONL gets every step)
     # per device FLOP/s for MFU; None: the GPU's dense bf16 peak (selfe.network.flops.DENSE_BF16_PEAK_FLOPS), the
-    # H100's 989e12 where the device is not listed (a CPU included)
+    # H100's 989e12 where the GPU is not listed; on a CPU none (MFU n/a)
     peak_flops: float | None = None
     tensorboard: bool = True  # only if tensorboard is installed
     nvtx: bool = True
@@ -344,7 +349,9 @@ def paper_2b() -> TrainConfig:
     with steps=710000 and data.batch_size scaled by 3/4 (the data order starts a new stage at the next
     epoch and keeps counting iterations, see selfe.train.data.sampler). The learning rate decays to 710k
     (optim.decay_steps), not to `steps`, so both legs follow one schedule. The auxiliary term encodes its
-    fake prompt with T5 and CLIP: a run past 550k needs data.t5_path and data.clip_path."""
+    fake prompt with T5 and CLIP: a run past 550k needs data.t5_path and data.clip_path. Text is cut to
+    buckets of 64, 128, 256 and 512 tokens (data.text_bucket [ours]): the 256^2 stage would otherwise run
+    mostly padding; each bucket is a static compiled shape (selfe.train.compile_shapes)."""
     return TrainConfig(
         name="2b",
         run_dir="runs/selfe-2b",
@@ -358,6 +365,7 @@ def paper_2b() -> TrainConfig:
             resolution=256,
             high_resolution=512,
             high_from=500_000,
+            text_bucket=64,
         ),
         optim=OptimConfig(lr=3e-4, final_lr=1e-5, warmup_steps=1000, decay_steps=710_000),
         ema=EMAConfig(decay=0.9999),

@@ -27,14 +27,23 @@ class EMA:
         return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
 
     @torch.no_grad()
-    def update(self, net: nn.Module) -> None:
-        decay = self.current_decay()
+    def update(self, net: nn.Module, apply: torch.Tensor | None = None) -> None:
+        """One EMA step towards `net`. `apply` (a bool tensor on the device): step only where it is true,
+        decided on the device, so that a skipped optimizer step costs no host read; `num_updates` is then
+        a device tensor (int() reads it, at a checkpoint)."""
         ema_params = list(self.model.parameters())
         live_params = [p.detach() for p in net.parameters()]
-        torch._foreach_lerp_(ema_params, live_params, 1.0 - decay)
+        if apply is None:
+            torch._foreach_lerp_(ema_params, live_params, 1.0 - self.current_decay())
+            self.num_updates += 1
+        else:
+            k = torch.as_tensor(self.num_updates, dtype=torch.float64, device=apply.device)
+            decay = ((1 + k) / (10 + k)).clamp(max=self.decay) if self.warmup else torch.full_like(k, self.decay)
+            weight = torch.where(apply, 1.0 - decay, 0.0).to(ema_params[0].dtype)
+            torch._foreach_lerp_(ema_params, live_params, weight)
+            self.num_updates = k + apply.to(k.dtype)
         for ema_buf, buf in zip(self.model.buffers(), net.buffers()):
             ema_buf.copy_(buf)
-        self.num_updates += 1
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "num_updates": self.num_updates}

@@ -46,6 +46,21 @@ def build_optimizer(
     return optimizer
 
 
+def step_if(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
+    """optimizer.step() where the 0-dim bool tensor `finite` is true; where it is false nothing changes
+    (parameters, moments, step counts). Fused AdamW decides on the device: its kernel skips the update
+    when `found_inf` is set and the step counts are restored, so the host never reads `finite`. Foreach
+    AdamW has no such input: the host reads the flag (one sync per step; fused is the default on CUDA)."""
+    if all(group.get("fused") for group in optimizer.param_groups):
+        optimizer.found_inf = (~finite).to(torch.float32)  # 0-dim: fused AdamW subtracts it from 0-dim steps
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif bool(finite):
+        optimizer.step()
+
+
 # The learning rate is the schedule's (its state is saved beside the optimizer's); every other group
 # setting is the config's, so a resume may change the implementation (fused on a GPU, foreach on a
 # CPU) or a hyperparameter. Rewriting the saved groups before the load also moves the saved `step`

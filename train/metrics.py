@@ -90,6 +90,11 @@ def memory_stats(device: torch.device) -> dict[str, float]:
     }
 
 
+def format_mfu(mfu: float | None) -> str:
+    """MFU as a percentage, or n/a where no peak is known."""
+    return "n/a" if mfu is None else f"{100 * mfu:.1f}%"
+
+
 def format_eta(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
@@ -107,7 +112,7 @@ class MetricsLogger:
         run_dir: str | os.PathLike,
         total_steps: int,
         log_every: int,
-        peak_flops: float,
+        peak_flops: float | None,
         world_size: int,
         enabled: bool = True,
         tensorboard: bool = True,
@@ -127,15 +132,16 @@ class MetricsLogger:
             if writer is not None:
                 self._tb = writer.SummaryWriter(str(Path(run_dir) / "tensorboard"))
 
-    def throughput(self, step_time: float, images: int, tokens: int, flops: float) -> dict[str, float]:
-        """Rates of one step over the whole job (images, tokens and flops summed over ranks)."""
+    def throughput(self, step_time: float, images: int, tokens: int, flops: float) -> dict[str, float | None]:
+        """Rates of one step over the whole job (images, tokens and flops summed over ranks); MFU None where
+        no peak is known (a CPU without metrics.peak_flops)."""
         step_time = max(step_time, 1e-9)
         tflops_per_device = flops / step_time / self.world_size / 1e12
         return {
             "images_per_s": images / step_time,
             "tokens_per_s": tokens / step_time,
             "tflops_per_device": tflops_per_device,
-            "mfu": tflops_per_device * 1e12 / self.peak_flops,
+            "mfu": tflops_per_device * 1e12 / self.peak_flops if self.peak_flops else None,
         }
 
     def log(self, step: int, record: dict[str, Any]) -> None:
@@ -159,7 +165,7 @@ class MetricsLogger:
             print(
                 f"step {step}/{self.total_steps} | loss {record.get('loss', float('nan')):.4f} | "
                 f"{rate:.2f} it/s | {record.get('images_per_s', 0):.1f} img/s | "
-                f"{record.get('tflops_per_device', 0):.3g} TFLOP/s | MFU {100 * record.get('mfu', 0):.1f}% | "
+                f"{record.get('tflops_per_device', 0):.3g} TFLOP/s | MFU {format_mfu(record.get('mfu'))} | "
                 f"lr {record.get('lr', 0):.2e} | ETA {format_eta(eta)}",
                 file=sys.stderr,
                 flush=True,

@@ -49,10 +49,11 @@ COMPILE_RECOMPILE_LIMIT = 64
 
 
 def apply_compile(model: nn.Module, fullgraph: bool = True, backend: str = "inductor") -> None:
-    """torch.compile each block in place (Module.compile keeps names and state-dict keys unchanged)."""
+    """torch.compile each block in place (Module.compile keeps names and state-dict keys unchanged), one
+    static graph per shape (dynamic=False; the trainer raises the limit to selfe.train.compile_shapes' bound)."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILE_RECOMPILE_LIMIT)
     for blocks, i in blocks_of(model):
-        blocks[i].compile(fullgraph=fullgraph, backend=backend)
+        blocks[i].compile(fullgraph=fullgraph, backend=backend, dynamic=False)
 
 
 def apply_fsdp(

@@ -62,6 +62,7 @@ class ProceduralSource:
         self.batch_size, self.rank, self.world_size, self.accum = data.batch_size, rank, world_size, grad_accum
         self.seed = data.seed
         n, h = data.num_samples, data.resolution // 8
+        self.num_samples = n
         g = torch.Generator().manual_seed(data.seed)
         colours = torch.randint(len(COLOURS), (n,), generator=g)
         shapes = torch.randint(len(SHAPES), (n,), generator=g)
@@ -198,6 +199,10 @@ class CacheSource:
         self.fake_prefix = fake_prefix
         self._fake_encoder = None
 
+    @property
+    def num_samples(self) -> int:
+        return len(self.dataset.sample_indices)
+
     def _check_widths(self, cache_dir: str, model: MMDiTConfig) -> None:
         """A cache encoded for another model is refused now, not by a shape error in the first step."""
         widths = self.dataset.widths()
@@ -270,6 +275,10 @@ class EncodingSource:
         self.encode_image = _image_encoder(data, model, device)
         self.encode_text = _text_encoder(data, model, device)
         self._null: dict[str, torch.Tensor] | None = None
+
+    @property
+    def num_samples(self) -> int:
+        return self.loader.sampler.num_samples
 
     @torch.no_grad()
     def next_step(self, want_fake: bool) -> list[dict[str, Any]]:

@@ -5,9 +5,15 @@ One optimizer step (an "iteration", the objective's clock):
     for each of grad_accum micro-batches: SelfELoss(live, EMA, batch) forward, backward; the self-eval
     passes run without grad on the s < t half (selfe.method.objective). Gradients are reduce-scattered after
     every micro-batch, as torchtitan does: they accumulate in the fp32 shards, not in unsharded bf16.
-    one all-reduce of the step's scalars (losses, non-finite flag, stop request) -> every rank agrees
-    clip (the global grad norm); a non-finite loss or norm skips optimizer.step and the EMA update
+    one all-reduce of the step's scalars (losses) -> every rank agrees on them, on the device
+    clip (the global grad norm, kept on the device); a non-finite loss or norm skips optimizer.step and the
+    EMA update, decided on the device (fused AdamW's found_inf, a zero EMA weight)
     optimizer.step, EMA lerp in place (shard by shard), LR schedule step
+No step reads the device from the host: its scalars wait on the device (selfe.train.step_window) until a log
+step (metrics.log_every, a checkpoint, the last step) reads them all at once, agrees across ranks on a stop
+request (SIGTERM/SIGINT) and checks the non-finite streak. (Two exceptions, each documented where it
+happens: objective.s_split="bernoulli" counts its drawn samples, and foreach AdamW reads the skip flag.)
+Batches come from a background thread a few steps ahead (selfe.train.prefetch, data.prefetch_steps).
 The randomness of micro-batch `slot = micro * world + rank` at iteration k comes from a generator seeded
 with (seed, k, slot), so 1 rank with grad_accum 2 computes exactly what 2 ranks with grad_accum 1 do,
 and a resumed run draws what an uninterrupted one would.
@@ -20,11 +26,10 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import signal
+import sys
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,14 +49,18 @@ from selfe.method.objective import SelfELoss
 from selfe.method.schedule import tau_at
 from selfe.network.flops import device_peak_flops
 from selfe.network.model import MMDiT
+from selfe.train.banner import nominal_step_flops, startup_banner
 from selfe.train.checkpoint import Checkpointer, rng_state, set_rng_state
+from selfe.train.compile_shapes import allow_compiles, compile_shapes
 from selfe.train.config import TrainConfig, check_fake_prompt_encoder, save_config
 from selfe.train.ema import EMA
 from selfe.train.initial_weights import load_initial_weights
-from selfe.train.lr import build_optimizer, build_scheduler, load_schedule
+from selfe.train.lr import build_optimizer, build_scheduler, load_schedule, step_if
 from selfe.train.metrics import MetricsLogger, memory_stats, nvtx_range, self_eval_samples, step_flops
-from selfe.train.parallelize import parallelize, reshard_all
+from selfe.train.parallelize import parallelize, param_dtype_for, reshard_all
+from selfe.train.prefetch import Prefetcher
 from selfe.train.sources import build_source, cut_batch_text
+from selfe.train.step_window import StepWindow
 from selfe.utils.atomic import folder_problem
 
 log = logging.getLogger(__name__)
@@ -128,14 +137,6 @@ def init_distributed(config: TrainConfig) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, owns)
 
 
-def _to_device(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=True)
-    if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
-    return value
-
-
 def _labelled(net, live: bool, enabled: bool):
     """The network as the objective calls it, inside an NVTX range named by the pass it serves."""
 
@@ -190,25 +191,36 @@ class Trainer:
         # copy was taken above, so it stays high precision (Float8Linear keeps an ordinary weight: the lerp
         # below sees the same parameters, in the same order).
         self.model = parallelize(model, config.parallel, mesh, fp8=config.fp8)
+        if config.parallel.compile:
+            allow_compiles(compile_shapes(config))
         parallelize(self.ema.model, config.parallel, mesh, trainable=False)
         self.optimizer = build_optimizer(self.model.parameters(), config.optim, device)
         self.scheduler = build_scheduler(self.optimizer, config.optim, config.steps)
         self.loss_fn = SelfELoss(config.objective)
-        self.source = build_source(
-            config.data, config.model, rank, world, config.optim.grad_accum, device, config.objective.fake_prompt_prefix
-        )
+        self.source = Prefetcher(
+            build_source(
+                config.data, config.model, rank, world, config.optim.grad_accum, device,
+                config.objective.fake_prompt_prefix,
+            ),
+            device,
+            config.objective.aux_on,
+            lambda batch: cut_batch_text(batch, config.data.text_bucket),
+            config.data.prefetch_steps,
+            stop_at=config.steps,
+        )  # fmt: skip
         self.metrics = MetricsLogger(
             self.run_dir,
             config.steps,
             config.metrics.log_every,
-            config.metrics.peak_flops or device_peak_flops(device),
+            config.metrics.peak_flops or (device_peak_flops(device) if device.type == "cuda" else None),
             world,
             enabled=rank == 0,
             tensorboard=config.metrics.tensorboard,
         )
         self.step = 0
-        self.skipped = 0
+        self.skipped = 0  # as of the last log step (the device counts in between: self._window)
         self.streak = 0
+        self._window: StepWindow | None = None
         self._stop = False
         self.before_commit = None  # a hook inside the checkpoint write, after the data, before the rename
         if config.fault.kill_in_checkpoint_step is not None:
@@ -234,7 +246,7 @@ class Trainer:
                 "step": self.step,
                 "skipped": self.skipped,
                 "streak": self.streak,
-                "ema_updates": self.ema.num_updates,
+                "ema_updates": int(self.ema.num_updates),
                 "scheduler": self.scheduler.state_dict(),
             },
         }
@@ -273,14 +285,15 @@ class Trainer:
         seed = (self.config.seed * 1_000_003 + iteration) * 4099 + slot
         return torch.Generator(self.dist.device).manual_seed(seed % (2**63))
 
-    def train_step(self) -> dict[str, Any]:
-        """Run iteration `self.step`; returns its metrics record (global over ranks)."""
+    def train_step(self) -> None:
+        """Run iteration `self.step` without a host sync; its metrics wait on the device for `log_metrics`."""
         cfg, device = self.config, self.dist.device
         iteration, world, accum = self.step, self.dist.world_size, cfg.optim.grad_accum
         nvtx = cfg.metrics.nvtx
         aux_on = cfg.objective.aux_on(iteration)
-        start = time.perf_counter()
-        micro_batches = self.source.next_step(want_fake=aux_on)
+        window = self._step_window()
+        window.timer.start()
+        micro_batches = self.source.next_step(iteration)
         if iteration in cfg.fault.inject_nan_steps:
             micro_batches[0] = {**micro_batches[0], "x0": micro_batches[0]["x0"] * float("nan")}
         net = _labelled(self.model, True, nvtx)
@@ -288,7 +301,6 @@ class Trainer:
         sums = torch.zeros(len(SCALARS), dtype=torch.float64, device=device)
         flops = 0
         for micro, batch in enumerate(micro_batches):
-            batch = _to_device(cut_batch_text(batch, cfg.data.text_bucket), device)
             generator = self._generator(iteration, micro * world + self.dist.rank)
             # TE's fp8 autocast around the forward passes only (TE's rule; backward reuses their recipe).
             with fp8_autocast_context(cfg.fp8):
@@ -306,50 +318,95 @@ class Trainer:
 
         with nvtx_range("optimizer", nvtx):
             max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+            params = list(self.model.parameters())
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, error_if_nonfinite=False, foreach=True)
             if hasattr(grad_norm, "full_tensor"):
                 grad_norm = grad_norm.full_tensor()
-            # One collective for every scalar of the step: losses, stop request (any rank's signal).
-            packed = torch.cat([sums, torch.tensor([float(self._stop)], dtype=torch.float64, device=device)])
-            dist.all_reduce(packed)
-            values = (packed[: len(SCALARS)] / (world * accum)).tolist()
-            stop_requested = packed[-1].item() > 0
-            grad_norm_value = float(grad_norm)
-            finite = math.isfinite(values[0]) and math.isfinite(grad_norm_value)
+            dist.all_reduce(sums)  # every rank gets the same losses, so makes the same skip decision
+            means = sums / (world * accum)
+            finite = torch.isfinite(means[0]) & torch.isfinite(grad_norm)
             lr = self.scheduler.get_last_lr()[0]
-            if finite:
-                self.optimizer.step()
-                post_optimizer_step(self.model, cfg.fp8)  # FP8 all-gather: next step's weight scales at once
-                reshard_all(self.ema.model)
-                reshard_all(self.model)
-                self.ema.update(self.model)
-                self.streak = 0
-            else:
-                self.skipped += 1
-                self.streak += 1
+            step_if(self.optimizer, finite)
+            post_optimizer_step(self.model, cfg.fp8)  # FP8 all-gather: next step's weight scales at once
+            reshard_all(self.ema.model)
+            reshard_all(self.model)
+            self.ema.update(self.model, finite)
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        step_time = time.perf_counter() - start
+        window.timer.stop()
         self.step += 1
-        self._stop = self._stop or stop_requested
-
         global_batch = cfg.data.batch_size * world * accum
-        record: dict[str, Any] = dict(zip(SCALARS, values))
-        record.update(
-            grad_norm=grad_norm_value,
+        host = dict(
             lr=lr,
             tau=tau_at(iteration, cfg.objective.tau_warmup),
             aux_on=aux_on,
-            skipped=not finite,
-            skipped_total=self.skipped,
-            step_time=step_time,
-            **self.metrics.throughput(step_time, global_batch, global_batch * img_tokens, flops * world),
-            tflops_per_step=flops * world / 1e12,
-            **memory_stats(device),
+            images=global_batch,
+            tokens=global_batch * img_tokens,
+            flops=flops * world,
         )
-        return record
+        window.add(self.step, means, grad_norm, finite, host)
+
+    def _step_window(self) -> StepWindow:
+        if self._window is None:  # after a resume: its counters from the checkpoint, copied once
+            self._window = StepWindow(self.dist.device, SCALARS)
+            self._window.set_counters(self.skipped, self.streak)
+        return self._window
+
+    def log_metrics(self) -> list[dict[str, Any]]:
+        """The records of the steps since the last call, read from the device at once (the log step's sync),
+        written to the metrics log; every rank learns of any rank's stop request here. Raises
+        NonFiniteLossError when the non-finite streak reached fault.max_nonfinite_streak among them."""
+        window, device = self._step_window(), self.dist.device
+        stop = torch.full((), float(self._stop), dtype=torch.float64, device=device)
+        dist.all_reduce(stop)
+        rows, stop_requested = window.read(stop)
+        self._stop = self._stop or stop_requested > 0
+        memory = memory_stats(device)
+        records = []
+        for row in rows:
+            record: dict[str, Any] = {k: row[k] for k in SCALARS}
+            record.update(
+                grad_norm=row["grad_norm"],
+                lr=row["lr"],
+                tau=row["tau"],
+                aux_on=row["aux_on"],
+                skipped=bool(row["skipped"]),
+                skipped_total=int(row["skipped_total"]),
+                step_time=row["step_time"],
+                **self.metrics.throughput(row["step_time"], row["images"], row["tokens"], row["flops"]),
+                tflops_per_step=row["flops"] / 1e12,
+                **memory,
+            )
+            self.metrics.log(row["step"], record)
+            records.append(record)
+        if rows:
+            self.skipped, self.streak = int(rows[-1]["skipped_total"]), int(rows[-1]["streak"])
+        for row in rows:
+            if row["streak"] >= self.config.fault.max_nonfinite_streak:
+                raise NonFiniteLossError(
+                    f"{int(row['streak'])} consecutive steps had a non-finite loss or gradient (last at step "
+                    f"{row['step']}, loss {row['loss']}, grad norm {row['grad_norm']}); aborting. "
+                    "Lower optim.lr, check the data, or raise fault.max_nonfinite_streak."
+                )
+        return records
+
+    def banner(self, estimated_peak_memory_gib: float | None = None) -> str:
+        """The start-up summary (rank 0 prints it). `estimated_peak_memory_gib`: the activation-checkpointing
+        plan's memory estimate, where one is computed (selfe.train.memory_plan); None shows n/a."""
+        cfg, device = self.config, self.dist.device
+        inner = self.source.source
+        return startup_banner(
+            cfg,
+            parameters=sum(p.numel() for p in self.model.parameters()),
+            world_size=self.dist.world_size,
+            device=device,
+            param_dtype=param_dtype_for(cfg.parallel, device),
+            peak_flops=self.metrics.peak_flops,
+            flops_per_step=nominal_step_flops(cfg, self.dist.world_size, self.step),
+            data_size=getattr(inner, "num_samples", None),
+            compile_graphs=compile_shapes(cfg).graphs_per_code if cfg.parallel.compile else None,
+            estimated_peak_memory_gib=estimated_peak_memory_gib,
+        )
 
     # ------------------------------------------------------------------------------------------
     # The loop
@@ -366,22 +423,19 @@ class Trainer:
         if threading.current_thread() is threading.main_thread():  # Python delivers signals there only
             previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         saved_at = self._resumed_step  # a run resumed at its last step has nothing new to save
+        if self.dist.rank == 0:
+            print(self.banner(), file=sys.stderr, flush=True)
         try:
             while self.step < cfg.steps:
-                record = self.train_step()
-                result.losses.append(record["loss"])
-                self.metrics.log(self.step, record)
-                if self.streak >= cfg.fault.max_nonfinite_streak:
-                    raise NonFiniteLossError(
-                        f"{self.streak} consecutive steps had a non-finite loss or gradient (last at step "
-                        f"{self.step}, loss {record['loss']}, grad norm {record['grad_norm']}); aborting. "
-                        "Lower optim.lr, check the data, or raise fault.max_nonfinite_streak."
-                    )
-                if self._stop:
-                    result.checkpoint, saved_at = self.save(), self.step
-                    result.stopped_by_signal = True
-                    break
-                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+                self.train_step()
+                checkpoint_due = bool(cfg.checkpoint.every) and self.step % cfg.checkpoint.every == 0
+                if checkpoint_due or self.step % cfg.metrics.log_every == 0 or self.step == cfg.steps:
+                    result.losses += [record["loss"] for record in self.log_metrics()]
+                    if self._stop:
+                        result.checkpoint, saved_at = self.save(), self.step
+                        result.stopped_by_signal = True
+                        break
+                if checkpoint_due:
                     result.checkpoint, saved_at = self.save(), self.step
             if not result.stopped_by_signal:
                 if saved_at != self.step:
@@ -403,6 +457,8 @@ class Trainer:
         return result
 
     def close(self) -> None:
-        """Destroy the process group if this trainer made it."""
+        """Stop the prefetch thread; destroy the process group if this trainer made it."""
+        if getattr(self, "source", None) is not None:
+            self.source.close()
         if self.dist.owns_group and dist.is_initialized():
             dist.destroy_process_group()
