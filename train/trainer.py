@@ -50,7 +50,7 @@ from selfe.train.config import TrainConfig, check_fake_prompt_encoder, save_conf
 from selfe.train.ema import EMA
 from selfe.train.initial_weights import load_initial_weights
 from selfe.train.lr import build_optimizer, build_scheduler, load_schedule
-from selfe.train.metrics import MetricsLogger, memory_stats, nvtx_range, self_eval_samples, step_flops
+from selfe.train.metrics import MetricsLogger, memory_stats, nvtx_range, self_eval_samples, step_flops, text_masks_of
 from selfe.train.parallelize import parallelize, reshard_all
 from selfe.train.sources import build_source, cut_batch_text
 from selfe.utils.atomic import folder_problem
@@ -289,7 +289,7 @@ class Trainer:
         net = _labelled(self.model, True, nvtx)
         ema_net = _labelled(self.ema.model, False, nvtx)
         sums = torch.zeros(len(SCALARS), dtype=torch.float64, device=device)
-        flops = 0
+        flops, useful_flops = 0, 0  # executed (padding included) and useful (real text), see metrics
         for micro, batch in enumerate(micro_batches):
             batch = _to_device(cut_batch_text(batch, cfg.data.text_bucket), device)
             generator = self._generator(iteration, micro * world + self.dist.rank)
@@ -305,7 +305,8 @@ class Trainer:
             # the half split needs no host sync; the Bernoulli one counts the drawn samples
             frac = float(parts["frac_self"]) if cfg.objective.s_split != "half" else None
             n_self = self_eval_samples(b, cfg.objective.s_split, cfg.objective.self_eval, frac)
-            flops += step_flops(cfg.model, b, img_tokens, txt_tokens, n_self, aux_on)["total"]
+            counted = step_flops(cfg.model, b, img_tokens, txt_tokens, n_self, aux_on, text_masks_of(batch))
+            flops, useful_flops = flops + counted["total"], useful_flops + counted["useful"]
 
         with nvtx_range("optimizer", nvtx):
             max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else float("inf")
@@ -348,8 +349,9 @@ class Trainer:
             skipped=not finite,
             skipped_total=self.skipped,
             step_time=step_time,
-            **self.metrics.throughput(step_time, global_batch, global_batch * img_tokens, flops * world),
-            tflops_per_step=flops * world / 1e12,
+            **self.metrics.throughput(step_time, global_batch, global_batch * img_tokens, useful_flops * world),
+            tflops_per_step=useful_flops * world / 1e12,  # this rank's count for every rank
+            executed_tflops_per_step=flops * world / 1e12,
             **memory_stats(device),
         )
         return record
