@@ -27,7 +27,7 @@ CLIP-L-shaped for the 0.5b / 2b presets (the width the model expects), tiny ones
 --fp8 torchao|te also samples with an FP8 copy of the same model (its large linears converted for
 inference, selfe.components.fp8), every variant and step count, and reports it against the high-precision model
 of the same run: the denoiser's images/s ratio per point, and the relative error of one denoiser forward on
-the same inputs (bench/fp8.py `relative_error`; bench/fp8.py --sampling measures the images' quality).
+the same inputs (bench/fp8.py `relative_error`; bench/fp8_sampling.py measures the images' quality).
 """
 
 from __future__ import annotations
