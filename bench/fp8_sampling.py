@@ -92,9 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None, help="write every number here (after every row)")
     args = parser.parse_args(argv)
     # Checked before any model is built: a bad value should cost a second, not a traceback mid-run.
-    for name in ("batch",):
-        if min(getattr(args, name)) < 1:
-            parser.error(f"--{name} values must be >= 1, got {' '.join(map(str, getattr(args, name)))}")
+    if min(args.batch) < 1:
+        parser.error(f"--batch values must be >= 1, got {' '.join(map(str, args.batch))}")
     for name in ("resolution", "steps", "seeds", "iters"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
