@@ -5,6 +5,7 @@ profile, in priority order, each step capped, the whole run ending inside its bu
 
     python3 bench/device_session.py --profile engine --out "$OUT" --budget 540   # kernels, sampling, training
     python3 bench/device_session.py --profile shapes --out "$OUT" --budget 540   # the ShapesEval pair on the GPU
+    python3 bench/device_session.py --profile sampling --out "$OUT" --budget 540 # end to end, baseline, FP8
     python3 bench/device_session.py --profile engine --plan                      # the steps and their caps
     python3 bench/device_session.py --profile shapes --dry-run --out /tmp/dry    # CPU: same steps, tiny sizes
 
@@ -16,6 +17,14 @@ Profiles (the issue each step serves in brackets):
             batch 1 [6] and its baseline (the defaults before the H200 kernel table) [6], training MFU [5],
             sampling at batch 16 [6], the fused-op benchmark [3], model fwd+bwd [2], the autoencoder [4],
             the kernels' fp32/fp16 tests on the GPU [3]
+    sampling  env, install (pure Python), torchao from the carried wheel, then [29]: sampling end to end at
+            batch 1 and 1/2/4/8 steps (fast path, new defaults) with its stages and kernel profile, the same at
+            2 steps with the old defaults (the baseline), FP8 against bf16 (bench/fp8_sampling.py: quality over
+            fixed seeds with bounds that fail the step, then speed at batch 1 and 16), end to end at batch 16,
+            eager and compiled at batch 1. The device has no torchao: in the repo root, once,
+            `echo /.whl/ >> .git/info/exclude` and `python3 -m pip download --no-deps --only-binary=:all:
+            --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 -d .whl torchao==0.17.0`,
+            then name `.whl` in the device call's carry (3 MB)
     shapes  env, install, `selfe data shapes --autoencoder trained`, the flow matching / Self-E pair
             (`shapes-fm-ae` / `shapes-selfe-ae`) trained side by side for as many iterations as the budget
             holds (measured first), `selfe eval shapes` of both at their exports' sampler defaults [8]
@@ -209,6 +218,79 @@ def engine_steps() -> list[Step]:
     ]  # fmt: skip
 
 
+# ------------------------------------------------------------------------------------------ sampling
+
+# torchao for the FP8 step: the device has none and no network, so the wheel travels with the tree (a folder
+# that .git/info/exclude ignores, named in the device call's `carry`). 0.17.0 is built against torch 2.11.
+TORCHAO_WHEEL = "torchao==0.17.0"
+
+
+def sampling_steps() -> list[Step]:
+    """Issue 29: the end-to-end latency at batch 1 (2b at 512², EP-CFG omega 5, the bench's short prompt) with
+    its stages and kernel profile, the old defaults as the baseline in the same run, FP8 against bf16 with its
+    quality bounded; then the rest. Caps add up past the budget on purpose: the order is the priority."""
+    sample = py("bench/sample_throughput.py", "--preset", "2b", "--resolution", "512")
+    dry_sample = py("bench/sample_throughput.py", "--preset", "tiny", "--resolution", "64", "--steps", "1", "2",
+                    "--variants", "eager", "--iters", "1")  # fmt: skip
+    old_defaults = ["--attention-backend", "sdpa", "--kernel-backend", "torch", "--text-bucket", "none",
+                    "--compile-regions", "off"]  # fmt: skip
+    fp8 = py("bench/fp8_sampling.py", "--json", "{work}/fp8_sampling.json")
+    return [
+        env_step(),
+        install_step(cuda=False),  # sampling runs the Triton forwards (kernel_backend auto): no CUDA C++ needed
+        Step(
+            "torchao", "29", 60,
+            argv=py("-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-cache-dir", "--find-links", ".whl",
+                    TORCHAO_WHEEL),
+            dry_skip=True,  # the CPU has its own
+        ),
+        Step(  # the fast path with the new defaults: the targets (2 steps <= 35 ms, 4 <= 55, 8 <= 95, end to end)
+            "sample-b1-e2e", "29", 150,
+            argv=[*sample, "--batch", "1", "--steps", "1", "2", "4", "8", "--variants", "compiled+graph",
+                  "--iters", "5", "--profile-kernels", "15", "--json", "{work}/sample_b1_e2e.json"],
+            dry_argv=[*dry_sample, "--batch", "1", "--profile-kernels", "5", "--json", "{work}/sample_b1_e2e.json"],
+            json="sample_b1_e2e.json",
+        ),
+        Step(  # the baseline in the same lease: 2 steps with the defaults before the H200 kernel table and the
+            # text bucket (a fresh process: the model, T5-XXL and a whole-step compile, 46 s)
+            "sample-b1-base", "29", 120,
+            argv=[*sample, "--batch", "1", "--steps", "2", "--variants", "compiled+graph", "--iters", "5",
+                  *old_defaults, "--json", "{work}/sample_b1_e2e_base.json"],
+            dry_argv=[*dry_sample, "--batch", "1", *old_defaults, "--json", "{work}/sample_b1_e2e_base.json"],
+            json="sample_b1_e2e_base.json",
+        ),
+        Step(  # quality over fixed seeds first (a crossed bound fails the step), then the speed at batch 1 and 16
+            "fp8", "29", 240,
+            argv=[*fp8, "--preset", "2b", "--resolution", "512", "--batch", "1", "16", "--seeds", "4", "--iters", "3"],
+            dry_argv=[*fp8, "--preset", "tiny", "--resolution", "32", "--batch", "1", "2", "--seeds", "1", "--iters",
+                      "1", "--txt-tokens", "16"],
+            json="fp8_sampling.json",
+        ),
+        Step(  # the rest: the MFU goal's batch (useful FLOPs), end to end
+            "sample-b16-e2e", "29", 150,
+            argv=[*sample, "--batch", "16", "--steps", "1", "2", "4", "8", "--variants", "compiled+graph",
+                  "--iters", "2", "--json", "{work}/sample_b16_e2e.json"],
+            dry_argv=[*dry_sample, "--batch", "2", "--json", "{work}/sample_b16_e2e.json"],
+            json="sample_b16_e2e.json",
+        ),
+        Step(  # eager and compiled without the graph at batch 1: the graph's gain, and a profile of each
+            "sample-b1-variants", "29", 150,
+            argv=[*sample, "--batch", "1", "--steps", "2", "--variants", "eager", "compiled", "--iters", "3",
+                  "--profile-kernels", "15", "--json", "{work}/sample_b1_variants.json"],
+            dry_argv=[*dry_sample, "--batch", "1", "--json", "{work}/sample_b1_variants.json"],
+            json="sample_b1_variants.json",
+        ),
+        Step(  # the pipeline's stage timings by CUDA events (no sync on the way) and the CUDA-graph pipeline
+            "gpu-tests", "29", 120,
+            argv=py("-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "--timeout=90", "--junitxml",
+                    "{work}/gpu_tests.xml", "tests/engine/test_stage_timings.py", "tests/engine/test_pipeline.py"),
+            dry_argv=py("-m", "pytest", "-q", "-p", "no:cacheprovider", "--junitxml", "{work}/gpu_tests.xml",
+                        "tests/engine/test_stage_timings.py"),
+            junit="gpu_tests.xml",
+        ),
+    ]  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------ shapes
 
 METHODS = ("fm", "selfe")
@@ -372,7 +454,7 @@ def nvidia_gpu_present() -> bool:
     return any(Path("/dev").glob("nvidia*")) or shutil.which("nvidia-smi") is not None
 
 
-PROFILES = {"engine": (engine_steps, None), "shapes": (shapes_steps, bundle_shapes)}
+PROFILES = {"engine": (engine_steps, None), "sampling": (sampling_steps, None), "shapes": (shapes_steps, bundle_shapes)}
 
 
 def main(argv: list[str] | None = None) -> int:

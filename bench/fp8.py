@@ -1,7 +1,8 @@
 """FP8 against bf16 in the same run: throughput ratio and the denoiser output's relative error.
 
-Helpers for bench/train_mfu.py and bench/sample_throughput.py (`from bench.fp8 import compare_fp8`, with the
-repo root on sys.path), and a stand-alone script:
+Helpers for bench/train_mfu.py, bench/sample_throughput.py and bench/fp8_sampling.py (FP8 sampling's image
+quality over fixed seeds, per scaling, with a per-layer filter and a failing threshold; `from bench.fp8 import
+compare_fp8`, with the repo root on sys.path), and a stand-alone script:
 
     python bench/fp8.py --preset tiny --resolution 64 --batch 2 --recipe torchao          # CPU smoke (emulated)
     python bench/fp8.py --preset 2b --resolution 512 --batch 16 --dtype bf16 --compile    # GPU: sampling + training

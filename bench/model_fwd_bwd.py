@@ -2,6 +2,8 @@
 
 Prints image tokens/s, peak memory and MFU (analytical FLOPs from selfe.network.flops over the GPU's dense bf16
 peak, `selfe.network.flops.device_peak_flops`: H100's where the device is not listed, or --peak-flops) to stdout;
+MFU counts useful FLOPs (the real text tokens only: with --pad-fraction the padding is not work) and the
+executed FLOPs (padding included) are shown apart as their useful share;
 --json PATH writes every number (written whole or not at all). Arguments are checked before the model is
 built. The defaults are the 2b model's on a GPU; on CPU use the smoke run. --profile-kernels N then profiles
 one more step: where its device time goes (bench/kernel_profile.py).
@@ -24,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `bench` as a 
 
 from bench import kernel_profile  # noqa: E402
 from selfe.network.config import PRESETS, mmdit_preset  # noqa: E402
-from selfe.network.flops import device_peak_flops, mmdit_forward_backward_flops  # noqa: E402
+from selfe.network.flops import device_peak_flops, forward_flops  # noqa: E402
 from selfe.network.model import MMDiT  # noqa: E402
 from selfe.utils.atomic import atomic_write_bytes, folder_problem  # noqa: E402
 from selfe.utils.devices import device_problem  # noqa: E402
@@ -118,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     x = torch.randn(b, config.in_channels, latent, latent, device=device, dtype=dtype)
     t = torch.rand(b, device=device)
     s = t * torch.rand(b, device=device)
-    txt_mask = None
+    txt_mask, n_real = None, args.txt_tokens
     if args.pad_fraction > 0:
         n_real = max(1, round(args.txt_tokens * (1 - args.pad_fraction)))
         txt_mask = torch.arange(args.txt_tokens, device=device)[None, :].expand(b, -1) < n_real
@@ -154,7 +156,9 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         seconds = (time.perf_counter() - t0) / args.iters
 
-    flops = mmdit_forward_backward_flops(config, b, img_tokens, args.txt_tokens)
+    flops = 3 * forward_flops(  # forward + backward
+        config, img_tokens=img_tokens, txt_lengths=[n_real] * b, executed_txt_tokens=args.txt_tokens
+    )
     result = {
         "preset": args.preset,
         "params": config.num_parameters(),
@@ -173,10 +177,13 @@ def main(argv: list[str] | None = None) -> dict:
         "img_tokens_per_s": b * img_tokens / seconds,
         "tokens_per_s": b * (img_tokens + args.txt_tokens) / seconds,
         "samples_per_s": b / seconds,
-        "flops_per_step": flops,
-        "tflops_per_s": flops / seconds / 1e12,
+        "flops_per_step": flops.useful,
+        "executed_flops_per_step": flops.executed,
+        "useful_share": flops.useful_share,
+        "tflops_per_s": flops.useful / seconds / 1e12,
         "peak_flops": peak,
-        "mfu": flops / seconds / peak,
+        "mfu": flops.useful / seconds / peak,
+        "executed_mfu": flops.executed / seconds / peak,
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
         "torch": torch.__version__,
     }
@@ -184,13 +191,15 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"{args.preset} ({result['params'] / 1e6:.1f}M params) fwd+bwd, {result['dtype']}, "
         f"attn={args.attention_backend}, kernels={args.kernel_backend}, {'compiled' if args.compile else 'eager'}, "
-        f"{result['device']}, MFU over peak {peak / 1e12:.0f} TFLOP/s:\n"
+        f"{result['device']}, MFU of useful FLOPs (real text only) over peak {peak / 1e12:.0f} TFLOP/s; executed "
+        "FLOPs include the padding:\n"
     )
-    print("| batch | img + txt tokens | step ms | img tokens/s | tokens/s | TFLOP/s | MFU | peak memory |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| batch | img + txt tokens | step ms | img tokens/s | tokens/s | TFLOP/s | MFU | useful share | memory |")
+    print("|---|---|---|---|---|---|---|---|---|")
     print(
         f"| {b} | {img_tokens} + {args.txt_tokens} | {result['step_ms']:.2f} | {result['img_tokens_per_s']:.0f} | "
-        f"{result['tokens_per_s']:.0f} | {result['tflops_per_s']:.2f} | {100 * result['mfu']:.1f}% | {memory} |"
+        f"{result['tokens_per_s']:.0f} | {result['tflops_per_s']:.2f} | {100 * result['mfu']:.1f}% | "
+        f"{100 * result['useful_share']:.0f}% | {memory} |"
     )
     if args.profile_kernels:  # after the timing, so the profiler's overhead is in no figure above
         result["kernel_profile"] = kernel_profile.profile_call(step, device, args.profile_kernels)

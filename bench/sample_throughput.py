@@ -1,13 +1,20 @@
-"""Sampling throughput per step count: eager, compiled, and compiled + CUDA graph, in one run.
+"""Sampling latency end to end, per step count: eager, compiled, and compiled + CUDA graph, in one run.
 
-For a preset with random weights, a resolution and some batch sizes: the denoiser's latency and
-images/s at each step count (default 1, 2, 4, 8, 50), its MFU per step from the analytical FLOPs
-(selfe.network.flops; with CFG one step is one forward of 2B samples), the text-encoder and autoencoder time
-apart, and the warm-up (compile / capture) time apart from the steady state. Prints each row as it is
-measured, then a markdown table, to stdout; --json PATH writes every number and --markdown PATH the table
-(each written whole or not at all). Arguments are checked before any model is built. The defaults are
-the 2b model's on a GPU (compiled+graph needs CUDA and is skipped without it); on CPU use the smoke run.
---profile-kernels N adds, per batch and variant, where one call's device time goes (bench/kernel_profile.py).
+For a preset with random weights, a resolution, a prompt and some batch sizes, every point times the
+pipeline's whole call (`SelfEPipeline.__call__`, output_type "pt"), from the prompts to the decoded
+images, and its stages from the call's own timings (`selfe.sampling.stage_timings`: CUDA events, no
+sync on the way): the text encoder split into tokenize (and copies), T5 and CLIP (hooks on the two
+models), the denoiser alone, and the decode. The median call of `--iters` is reported whole, so its
+stages add up to at most its end to end. MFU per denoiser step is taken on useful FLOPs (each row's real
+text tokens: the prompt's and, with CFG, the null prompt's; selfe.network.flops.forward_flops), and the
+executed FLOPs (every row at the text length the step runs, the text bucket) are shown apart. The warm-up
+(compile / capture) is reported apart from the steady state. Prints each row as it is measured, then a
+markdown table, to stdout; --json PATH writes every number (per row `end_to_end_ms` and the stage times;
+per batch `useful_flops_per_step` and `executed_flops_per_step`) and --markdown PATH the table (each
+written whole or not at all). Arguments are checked before any model is built. The defaults are the 2b
+model's on a GPU (compiled+graph needs CUDA and is skipped without it); on CPU use the smoke run.
+--profile-kernels N adds, per batch and variant, where one whole call's device time goes
+(bench/kernel_profile.py).
 
 Text encoders: real local snapshots with --t5 / --clip, else random ones built in memory: T5-XXL- and
 CLIP-L-shaped for the 0.5b / 2b presets (the width the model expects), tiny ones for the tiny preset
@@ -19,23 +26,22 @@ CLIP-L-shaped for the 0.5b / 2b presets (the width the model expects), tiny ones
 
 --fp8 torchao|te also samples with an FP8 copy of the same model (its large linears converted for
 inference, selfe.components.fp8), every variant and step count, and reports it against the high-precision model
-of the same run: images/s ratio per point, and the relative error of one denoiser forward on the same
-inputs (bench/fp8.py `relative_error`).
+of the same run: the denoiser's images/s ratio per point, and the relative error of one denoiser forward on
+the same inputs (bench/fp8.py `relative_error`; bench/fp8_sampling.py measures the images' quality).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
-import statistics
 import sys
-import time
-from contextlib import nullcontext
+from collections.abc import Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tests/helpers_text for the offline tokenizers
@@ -43,13 +49,15 @@ sys.path.insert(0, str(ROOT))  # tests/helpers_text for the offline tokenizers
 from bench import kernel_profile  # noqa: E402
 from bench.fp8 import RECIPE_LIBRARIES, relative_error  # noqa: E402
 from selfe.components.autoencoder import AUTOENCODER_PRESETS, AutoEncoder  # noqa: E402
-from selfe.components.fp8 import FP8Config, converted_modules, fp8_autocast_context, fp8_copy  # noqa: E402
+from selfe.components.fp8 import FP8Config, converted_modules, fp8_autocast_context  # noqa: E402
 from selfe.components.text_encoders import CLIPTextEncoder, T5TextEncoder, TextEncoders  # noqa: E402
 from selfe.network.config import PRESETS, mmdit_preset  # noqa: E402
-from selfe.network.flops import device_peak_flops, mmdit_forward_flops  # noqa: E402
+from selfe.network.flops import ForwardFlops, device_peak_flops, forward_flops  # noqa: E402
 from selfe.network.model import MMDiT  # noqa: E402
 from selfe.sampling.fast_path import FastPathConfig, FastSampler  # noqa: E402
+from selfe.sampling.pipeline import SelfEPipeline  # noqa: E402
 from selfe.sampling.sampler import SamplerConfig  # noqa: E402
+from selfe.sampling.stage_timings import StageTimings  # noqa: E402
 from selfe.utils.atomic import atomic_write_bytes, folder_problem  # noqa: E402
 from selfe.utils.devices import device_problem  # noqa: E402
 from selfe.utils.optional import probe, unavailable_reason  # noqa: E402
@@ -70,6 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--no-cfg", action="store_true", help="no CFG: one forward per step")
     parser.add_argument("--sampler", choices=("ddim", "euler"), default="ddim", help="(default %(default)s)")
+    parser.add_argument(
+        "--prompt", default="a photo of a cat on the table", help="the prompt of every image (default %(default)r)"
+    )
     parser.add_argument("--txt-tokens", type=int, default=None, help="T5 padded length (default 512; tiny: 64)")
     parser.add_argument(
         "--text-bucket",
@@ -172,23 +183,6 @@ def _bucket(value: str) -> int | None:
     return bucket
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device: torch.device, iters: int) -> tuple[float, object]:
-    """Median wall seconds of `iters` calls (device synchronised), and the last result."""
-    times, out = [], None
-    for _ in range(iters):
-        _sync(device)
-        start = time.perf_counter()
-        out = fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
-
-
 def random_text_encoders(txt_dim: int, vec_dim: int, txt_tokens: int, device, dtype, real_shape: bool):
     """T5 and CLIP with random weights at the widths the model expects; real depths when real_shape."""
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
@@ -237,8 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
     tiny = args.preset == "tiny"
     ae_config = AUTOENCODER_PRESETS[args.autoencoder or ("tiny" if tiny else "flux1")]()
     txt_tokens = args.txt_tokens or (64 if tiny else 512)
-    f = ae_config.downsample_factor
-    latent = args.resolution // f
+    latent = args.resolution // ae_config.downsample_factor
     img_tokens = (latent // config.patch_size) ** 2
     variants = [v for v in args.variants if v != "compiled+graph" or device.type == "cuda"]
     skipped = sorted(set(args.variants) - set(variants))
@@ -251,95 +244,71 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.no_grad():  # adaLN-Zero zeros the gates at init; random everywhere makes the timing honest
         for param in model.parameters():
             param.normal_(0, 0.02)
-    model.eval().requires_grad_(False)
     if args.t5 is not None and args.clip is not None:
         text = TextEncoders.from_snapshots(args.t5, args.clip, t5_max_length=txt_tokens, device=device, dtype=dtype)
     else:
         text = random_text_encoders(config.txt_dim, config.vec_dim, txt_tokens, device, dtype, real_shape=not tiny)
+    split = TextSplit(text, device)
     fp8_config = FP8Config(recipe=args.fp8, scaling=args.fp8_scaling, fsdp_float8_all_gather=False)
-    nets: dict[str, nn.Module] = {"none": model}
-    if fp8_config.enabled:
-        nets[args.fp8] = fp8_copy(model, fp8_config, training=False)  # same weights, large linears in FP8
-    fp8_errors = []
+    defaults = SamplerConfig(method=args.sampler, guidance=guidance, kernel_backend=args.kernel_backend)
+    # each variant below gives them a fresh step of its own; this one's text bucket is what the FLOPs see
+    kwargs = {"sampler_defaults": defaults, "fast_path": FastPathConfig(text_bucket=args.text_bucket)}
+    pipes = {"none": SelfEPipeline.from_components(model, autoencoder, text, **kwargs)}
+    if fp8_config.enabled:  # the same weights, its large linears converted for FP8 sampling
+        fp8_model = copy.deepcopy(model)
+        pipes[args.fp8] = SelfEPipeline.from_components(fp8_model, autoencoder, text, fp8=fp8_config, **kwargs)
 
-    rows, stages, profiles = [], [], []
+    rows, profiles, fp8_errors, flop_counts = [], [], [], []
     for batch in args.batch:
-        prompts = ["a photo of a cat on the table"] * batch
-        # Text encoder and autoencoder: once to warm, then timed.
-        # With a text bucket T5 runs on the bucket's tokens only, as in the pipeline.
-        text.encode(prompts, bucket=args.text_bucket)
-        enc_s, cond = timed(lambda p=prompts: text.encode(p, bucket=args.text_bucket), device, args.iters)
-        null = text.null_condition(batch, cond["txt"].shape[1]) if guidance is not None else None
-        denoiser_txt = cond["txt"].shape[1]
-        noise = torch.randn(batch, config.in_channels, latent, latent, device=device)
-        with torch.no_grad():
-            autoencoder.decode(noise.to(dtype))
-            dec_s, _ = timed(lambda z=noise: autoencoder.decode(z.to(dtype)), device, args.iters)
-        stages.append(
+        prompts = [args.prompt] * batch
+        lengths, run_length = text_lengths(pipes["none"], prompts, guidance is not None)
+        flops = forward_flops(config, img_tokens=img_tokens, txt_lengths=lengths, executed_txt_tokens=run_length)
+        flop_counts.append(
             {
                 "batch": batch,
-                "text_encoder_ms": enc_s * 1e3,
-                "decode_ms": dec_s * 1e3,
-                "denoiser_txt_tokens": denoiser_txt,
+                "txt_lengths": lengths,  # each row's real T5 tokens: the prompts', then the null prompt's
+                "denoiser_txt_tokens": run_length,  # what the step runs: the text bucket, or T5's padding
+                "useful_flops_per_step": flops.useful,
+                "executed_flops_per_step": flops.executed,
             }
         )
-
         if fp8_config.enabled:
-            fp8_errors.append({"batch": batch, "relative_error": denoiser_error(nets, fp8_config, noise, cond)})
-
-        flops_step = mmdit_forward_flops(config, batch * (2 if guidance is not None else 1), img_tokens, denoiser_txt)
+            fp8_errors.append({"batch": batch, "relative_error": denoiser_error(pipes, fp8_config, prompts, latent)})
         for variant in variants:
-            for fp8, net in nets.items():
-                fast = FastSampler(
-                    net,
-                    FastPathConfig(
-                        compile=variant != "eager",
-                        cuda_graph="on" if variant == "compiled+graph" else "off",
-                        compile_backend=args.compile_backend,
-                        compile_mode=args.compile_mode,
-                        compile_regions=args.compile_regions == "on",
-                    ),
-                )
-                if variant != "eager":
-                    torch._dynamo.reset()  # each variant's warm-up pays its own compile
-                on = fp8 != "none"
-                with fp8_autocast_context(fp8_config) if on else nullcontext():
-                    warm_s = fast.warmup(noise, cond, null, args.sampler, args.kernel_backend)
+            fast_path = FastPathConfig(
+                compile=variant != "eager",
+                cuda_graph="on" if variant == "compiled+graph" else "off",
+                compile_backend=args.compile_backend,
+                compile_mode=args.compile_mode,
+                compile_regions=args.compile_regions == "on",
+                text_bucket=args.text_bucket,
+            )
+            if variant != "eager":
+                torch._dynamo.reset()  # each variant's warm-up pays its own compile
+            for fp8, pipe in pipes.items():
+                pipe.fast = FastSampler(pipe.model, fast_path)  # a fresh step: its warm-up is this variant's
+
+                def call(steps: int, p=pipe, prompts=prompts) -> dict[str, float]:
+                    size = {"height": args.resolution, "width": args.resolution}
+                    with split.timing() as stages:
+                        out = p(prompts, steps=steps, seed=args.seed, output_type="pt", **size)
+                        return {**out.timings, **stages(out.timings)}
+
+                warm_s = call(min(args.steps)).get("warmup", 0.0)  # the first call of a shape compiles (+ captures)
                 for steps in args.steps:
-                    sampler = SamplerConfig(
-                        steps=steps, method=args.sampler, guidance=guidance, kernel_backend=args.kernel_backend
-                    )
-                    gen = torch.Generator(device=device).manual_seed(args.seed)
-
-                    def run(f=fast, c=sampler, g=gen, on=on):
-                        with fp8_autocast_context(fp8_config) if on else nullcontext():
-                            return f.sample(noise, cond, null, c, img_tokens, g)  # noqa: B023
-
-                    run()  # the first call of a step count builds its grid tables; not a compile
-                    seconds, _ = timed(run, device, args.iters)
-                    per_step = seconds / steps
-                    row = {
-                        "batch": batch,
-                        "variant": variant,
-                        "fp8": fp8,
-                        "steps": steps,
-                        "latency_ms": seconds * 1e3,
-                        "step_ms": per_step * 1e3,
-                        "images_per_s": batch / seconds,
-                        "e2e_images_per_s": batch / (seconds + enc_s + dec_s),
-                        "tflops_per_s": flops_step / per_step / 1e12,
-                        "mfu": flops_step / per_step / peak,
-                        "warmup_s": warm_s,
-                    }
-                    if on:  # against the high-precision row of the same point
+                    call(steps)  # the first call of a step count builds its grid tables; not a compile
+                    timings = median_call([call(steps) for _ in range(args.iters)])
+                    rows.append(result_row(batch, variant, fp8, steps, timings, flops, peak, warm_s))
+                    if fp8 != "none":  # against the high-precision row of the same point
                         point = (batch, variant, steps, "none")
                         base = next(r for r in rows if (r["batch"], r["variant"], r["steps"], r["fp8"]) == point)
-                        row["speedup_vs_high_precision"] = row["images_per_s"] / base["images_per_s"]
-                    rows.append(row)
+                        rows[-1]["speedup_vs_high_precision"] = rows[-1]["images_per_s"] / base["images_per_s"]
                     print(_row_md(rows[-1]), flush=True)
-                    if args.profile_kernels and not on and steps == min(args.steps):
-                        summary = kernel_profile.profile_call(run, device, args.profile_kernels)
+                    if args.profile_kernels and fp8 == "none" and steps == min(args.steps):
+                        summary = kernel_profile.profile_call(lambda s=steps: call(s), device, args.profile_kernels)
                         profiles.append({"batch": batch, "variant": variant, "steps": steps, **summary})
+            for pipe in pipes.values():  # the captured graphs and compiled step of this variant go
+                pipe.fast = FastSampler(pipe.model, fast_path)
 
     result = {
         "preset": args.preset,
@@ -348,6 +317,7 @@ def main(argv: list[str] | None = None) -> dict:
         "img_tokens": img_tokens,
         "txt_tokens": txt_tokens,
         "text_bucket": args.text_bucket,
+        "prompt": args.prompt,
         "guidance": guidance,
         "sampler": args.sampler,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -362,7 +332,7 @@ def main(argv: list[str] | None = None) -> dict:
         "peak_flops": peak,
         "skipped_variants": skipped,
         "text_encoders": "snapshots" if args.t5 else ("random, real shapes" if not tiny else "random, tiny"),
-        "stages": stages,
+        "flops": flop_counts,
         "rows": rows,
     }
     if args.profile_kernels:
@@ -370,7 +340,7 @@ def main(argv: list[str] | None = None) -> dict:
     if fp8_config.enabled:
         result["fp8"] = {
             **fp8_config.to_dict(),
-            "converted_linears": len(converted_modules(nets[args.fp8])),
+            "converted_linears": len(converted_modules(pipes[args.fp8].model)),
             "denoiser_relative_error": fp8_errors,
         }
     table = markdown(result)
@@ -383,28 +353,108 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-HEADER = "| batch | variant | steps | latency ms | ms/step | images/s | MFU | warm-up s |"
+class TextSplit:
+    """The text stage of a call split into the T5 and CLIP forwards and the rest (tokenising, copies,
+    masking), timed by hooks on the two models (StageTimings: CUDA events, no sync)."""
+
+    def __init__(self, text: TextEncoders, device: torch.device):
+        self.device = device
+        self.current: StageTimings | None = None
+        for name, module in (("t5", text.t5.model), ("clip", text.clip.model)):
+            module.register_forward_pre_hook(lambda *_, n=name: self._edge(n, "start"))
+            module.register_forward_hook(lambda *_, n=name: self._edge(n, "stop"))
+
+    def _edge(self, name: str, which: str) -> None:
+        if self.current is not None:  # outside a timed call (the FLOP count's encoding) nothing is timed
+            getattr(self.current, which)(name)
+
+    @contextmanager
+    def timing(self):
+        """`with split.timing() as stages:` a call; then stages(call_timings) -> {"tokenize", "t5", "clip"}."""
+        self.current = StageTimings(self.device)
+        timings = self.current
+        try:
+            yield lambda call: split_text_stage(call, timings)
+        finally:
+            self.current = None
+
+
+def split_text_stage(call: Mapping[str, float], models: Mapping[str, float]) -> dict[str, float]:
+    """T5's and CLIP's forwards, and the rest of the text stage (tokenising, copies, masking)."""
+    t5, clip = models.get("t5", 0.0), models.get("clip", 0.0)
+    return {"t5": t5, "clip": clip, "tokenize": max(0.0, call["text_encoder"] - t5 - clip)}
+
+
+def text_lengths(pipe: SelfEPipeline, prompts: list[str], guided: bool) -> tuple[list[int], int]:
+    """The denoiser's rows' real text tokens in a call (each prompt's, then with CFG the null prompt's)
+    and the text length its step runs at (the text bucket), from the pipeline's own encoding."""
+    cond, null = pipe.encode_prompts(prompts, guided)
+    masks = [cond["txt_mask"]] + ([null["txt_mask"]] if null is not None else [])
+    return [int(n) for mask in masks for n in mask.sum(dim=1)], cond["txt"].shape[1]
+
+
+def median_call(calls: list[dict[str, float]]) -> dict[str, float]:
+    """The call of median end-to-end time, whole: its stages then add up to at most its end to end."""
+    return sorted(calls, key=lambda c: c["end_to_end"])[len(calls) // 2]
+
+
+STAGES = ("tokenize", "t5", "clip", "denoise", "decode")
+
+
+def result_row(
+    batch: int, variant: str, fp8: str, steps: int, timings: dict, flops: ForwardFlops, peak: float, warm_s: float
+) -> dict:
+    denoise = timings["denoise"]
+    per_step = denoise / steps
+    return {
+        "batch": batch,
+        "variant": variant,
+        "fp8": fp8,
+        "steps": steps,
+        "end_to_end_ms": timings["end_to_end"] * 1e3,
+        "text_encoder_ms": timings["text_encoder"] * 1e3,
+        **{f"{stage}_ms": timings[stage] * 1e3 for stage in STAGES},
+        "latency_ms": denoise * 1e3,  # the denoiser alone
+        "step_ms": per_step * 1e3,
+        "images_per_s": batch / denoise,
+        "e2e_images_per_s": batch / timings["end_to_end"],
+        "useful_flops_per_step": flops.useful,
+        "executed_flops_per_step": flops.executed,
+        "tflops_per_s": flops.useful / per_step / 1e12,
+        "mfu": flops.useful / per_step / peak,
+        "executed_mfu": flops.executed / per_step / peak,
+        "warmup_s": warm_s,
+    }
+
+
+HEADER = (
+    "| batch | variant | steps | end to end ms | tokenize | T5 | CLIP | denoise | decode | ms/step | MFU "
+    "| images/s | warm-up s |"
+)
 
 
 @torch.no_grad()
-def denoiser_error(nets: dict[str, nn.Module], config: FP8Config, x: torch.Tensor, cond: dict) -> float:
+def denoiser_error(pipes: dict[str, SelfEPipeline], config: FP8Config, prompts: list[str], latent: int) -> float:
     """Relative error of the FP8 model's denoiser output against the high-precision one: same weights,
-    same inputs (x, one t and s per sample, the prompt's condition)."""
-    b = x.shape[0]
+    same inputs (noise, one t and s per sample, the prompts' condition)."""
+    base = pipes["none"]
+    cond, _ = base.encode_prompts(prompts, guided=False)
     g = torch.Generator().manual_seed(0)
-    t = (torch.rand(b, generator=g) * 0.8 + 0.1).to(x.device)
-    s = t * torch.rand(b, generator=g).to(x.device)
-    dtype = next(nets["none"].parameters()).dtype
-    reference = nets["none"](x.to(dtype), t, s, cond)
+    b = len(prompts)
+    x = torch.randn(b, base.model.config.in_channels, latent, latent, generator=g).to(base.device, base.dtype)
+    t = (torch.rand(b, generator=g) * 0.8 + 0.1).to(base.device)
+    s = t * torch.rand(b, generator=g).to(base.device)
+    reference = base.model(x, t, s, cond)
     with fp8_autocast_context(config):
-        out = nets[config.recipe](x.to(dtype), t, s, cond)
+        out = pipes[config.recipe].model(x, t, s, cond)
     return relative_error(out, reference)
 
 
 def _row_md(r: dict) -> str:
+    stages = " | ".join(f"{r[f'{stage}_ms']:.2f}" for stage in STAGES)
     return (
-        f"| {r['batch']} | {_label(r)} | {r['steps']} | {r['latency_ms']:.2f} | {r['step_ms']:.2f} | "
-        f"{r['images_per_s']:.2f} | {100 * r['mfu']:.1f}% | {r['warmup_s']:.1f} |"
+        f"| {r['batch']} | {_label(r)} | {r['steps']} | **{r['end_to_end_ms']:.2f}** | {stages} | {r['step_ms']:.2f} | "
+        f"{100 * r['mfu']:.1f}% | {r['e2e_images_per_s']:.2f} | {r['warmup_s']:.1f} |"
     )
 
 
@@ -414,43 +464,48 @@ def _label(r: dict) -> str:
     return f"{r['variant']} fp8={r['fp8']} (x{r['speedup_vs_high_precision']:.2f})"
 
 
-def _text_tokens(result: dict) -> str:
-    """The denoiser's text tokens: T5's padded length, or what the text bucket cut it to."""
-    used = sorted({stage["denoiser_txt_tokens"] for stage in result["stages"]})
-    if used == [result["txt_tokens"]]:
-        return str(result["txt_tokens"])
-    return f"{'/'.join(map(str, used))} (T5 pads to {result['txt_tokens']}; text bucket {result['text_bucket']})"
+def _flops_line(result: dict) -> str:
+    """Useful against executed FLOPs per step, per batch."""
+    parts = [
+        f"batch {f['batch']}: {f['useful_flops_per_step'] / 1e12:.4g} useful / "
+        f"{f['executed_flops_per_step'] / 1e12:.4g} executed TFLOP "
+        f"({100 * f['useful_flops_per_step'] / f['executed_flops_per_step']:.0f}%; real text tokens per row "
+        f"{'/'.join(map(str, sorted(set(f['txt_lengths']), reverse=True)))} of {f['denoiser_txt_tokens']} run)"
+        for f in result["flops"]
+    ]
+    return "FLOPs per denoiser step, " + "; ".join(parts) + "."
 
 
 def markdown(result: dict) -> str:
     lines = [
         f"{result['preset']} ({result['params'] / 1e6:.1f}M params), {result['resolution']}², "
-        f"{result['img_tokens']} image + {_text_tokens(result)} text tokens, {result['dtype']}, "
-        f"CFG {result['guidance']}, {result['sampler']}, {result['device']}, torch {result['torch']}. "
-        "Denoiser only; MFU over peak "
-        f"{result['peak_flops'] / 1e12:.0f} TFLOP/s; warm-up = compile (+ capture), paid once per shape"
+        f"{result['img_tokens']} image tokens, T5 padding to {result['txt_tokens']} (text bucket "
+        f"{result['text_bucket']}), prompt {result['prompt']!r}, {result['dtype']}, CFG {result['guidance']}, "
+        f"{result['sampler']}, {result['device']}, torch {result['torch']}. End to end: the pipeline's call "
+        "from the prompts to the decoded images (median of the timed calls); stages in ms, the text encoder "
+        "split into tokenize (and copies), T5 and CLIP; denoise is the denoiser alone. MFU of useful FLOPs "
+        f"(real text tokens only) over peak {result['peak_flops'] / 1e12:.0f} TFLOP/s; images/s end to end; "
+        "warm-up = compile (+ capture), paid once per shape"
         f"{' (blocks compiled as nested regions)' if result['compile_regions'] else ''}.",
         "",
         HEADER,
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *(_row_md(r) for r in result["rows"]),
-        "",
-        "| batch | text encoder ms | autoencoder decode ms |",
-        "|---|---|---|",
-        *(f"| {s['batch']} | {s['text_encoder_ms']:.2f} | {s['decode_ms']:.2f} |" for s in result["stages"]),
     ]
+    if result["flops"]:
+        lines += ["", _flops_line(result)]
     if "fp8" in result:
         fp8 = result["fp8"]
         errors = ", ".join(f"batch {e['batch']}: {e['relative_error']:.3e}" for e in fp8["denoiser_relative_error"])
         lines += [
             "",
-            f"FP8 {fp8['recipe']}/{fp8['scaling']}: {fp8['converted_linears']} linears converted; (xN) = images/s "
-            f"against the high-precision row of the same point; denoiser output relative error {errors}.",
+            f"FP8 {fp8['recipe']}/{fp8['scaling']}: {fp8['converted_linears']} linears converted; (xN) = denoiser "
+            f"images/s against the high-precision row of the same point; denoiser output relative error {errors}.",
         ]
     if result["skipped_variants"]:
         lines += ["", f"Skipped (needs CUDA): {', '.join(result['skipped_variants'])}."]
     for p in result.get("kernel_profiles", []):
-        title = f"Profile, batch {p['batch']}, {p['variant']}, {p['steps']} step{'s' * (p['steps'] > 1)}"
+        title = f"Profile, batch {p['batch']}, {p['variant']}, {p['steps']} step{'s' * (p['steps'] > 1)}, end to end"
         lines += ["", kernel_profile.markdown(p, title)]
     return "\n".join(lines)
 

@@ -10,6 +10,8 @@ with its self-evaluation passes on the s < t half), one run per variant:
 MFU counts every pass (main fwd+bwd, the two no-grad self-eval forwards, and with --aux the fake
 fwd+bwd, whose forward also gives g_f), activation-checkpointing recomputation excluded, over the GPU's dense bf16
 peak (`selfe.network.flops.device_peak_flops`: H100's where the GPU is not listed; n/a on a CPU) or --peak-flops.
+MFU is on useful FLOPs (each caption at its real length, the trainer's `tflops_per_step`); the executed FLOPs
+(padding included) are reported apart. The synthetic captions fill every text token, so here the two are equal.
 tau is 1 from the start (tau_warmup=0) so the self-eval passes run at full size.
 With --fp8 torchao|te every variant also runs with the live network's large linears in FP8
 (`fp8.recipe=...`), reported against the high-precision run of the same variant (throughput ratio),
@@ -183,6 +185,8 @@ def run_variant(args: argparse.Namespace, variant: str, run_dir: Path, fp8: str 
         "tflops_per_device": first["tflops_per_step"] / world / step_time,
         "mfu": first["tflops_per_step"] * 1e12 / world / step_time / args.peak_flops if args.peak_flops else None,
         "tflops_per_step": first["tflops_per_step"],
+        "executed_tflops_per_step": first["executed_tflops_per_step"],
+        "useful_share": first["tflops_per_step"] / first["executed_tflops_per_step"],
         "max_reserved_gib": mem,
         "loss_finite": all(r["loss"] == r["loss"] for r in records),
     }
@@ -298,7 +302,8 @@ def _print(label: str, result: dict) -> None:
     print(
         f"{label:19s} step {result['step_time_s'] * 1e3:8.1f} ms | {result['images_per_s']:8.2f} img/s | "
         f"{result['tokens_per_s']:10.0f} tok/s | {result['tflops_per_device']:7.2f} TFLOP/s | "
-        f"MFU {format_mfu(result['mfu']):>6s} | mem {mem}" + (f" | x{ratio:.2f} vs high precision" if ratio else ""),
+        f"MFU {format_mfu(result['mfu']):>6s} (useful; {100 * result['useful_share']:.0f}% of executed) | mem {mem}"
+        + (f" | x{ratio:.2f} vs high precision" if ratio else ""),
         flush=True,
     )
 

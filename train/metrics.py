@@ -8,8 +8,10 @@ of n samples from selfe.network.flops:
     3 F(B_self)         with the auxiliary term on: the fake forward + backward (its forward, detached,
                         is also g_f: SELFE.md's separate no-grad fake forward is not run, so not counted)
 Activation-checkpointing recomputation is not counted (MFU counts model FLOPs, not hardware FLOPs).
-Text tokens enter the FLOPs (they are computed, padding included); tokens/s counts the image tokens of
-the main pass (global batch x image tokens per sample / step time); images/s the global batch.
+Each pass is counted twice (selfe.network.flops.forward_flops): useful FLOPs, every row at its real text
+length from the batch's txt_mask (MFU and tflops_per_step), and executed FLOPs, every row at the padded
+length run (executed_tflops_per_step). tokens/s counts the image tokens of the main pass (global batch x
+image tokens per sample / step time); images/s the global batch.
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from selfe.method.schedule import self_eval_count
 from selfe.network.config import MMDiTConfig
-from selfe.network.flops import mmdit_forward_flops
+from selfe.network.flops import mmdit_forward_flops, useful_forward_flops
 from selfe.utils import optional
 from selfe.utils.atomic import atomic_write_bytes
 
@@ -48,19 +51,48 @@ def step_flops(
     txt_tokens: int,
     self_samples: int,
     aux_on: bool,
-) -> dict[str, int]:
-    """Model FLOPs of one micro-batch by pass (see the module docstring) and their total."""
+    text_masks: dict[str, Tensor | None] | None = None,
+) -> dict[str, Any]:
+    """Executed model FLOPs of one micro-batch by pass (see the module docstring) and their total, every
+    row at `txt_tokens`; with `text_masks` (`text_masks_of(batch)`) also "useful": the same passes at each
+    row's real text length, a float64 tensor on the masks' device (no host sync: read it when logging).
+
+    Useful counts the main pass on the captions as given (a caption dropped for CFG is counted at its own
+    length, not the null prompt's: the drop is drawn inside the loss), the self-evaluation passes on the
+    first `self_samples` rows of the caption and null masks (exact under the half split, which takes those
+    rows; an estimate under the Bernoulli one), and the fake pass on the fake captions' rows alike."""
 
     def fwd(n: int) -> int:
         return mmdit_forward_flops(config, n, img_tokens, txt_tokens) if n else 0
 
-    parts = {
+    parts: dict[str, Any] = {
         "main_fwd_bwd": 3 * fwd(batch),
         "self_eval_fwd": 2 * fwd(self_samples),
         "fake_fwd_bwd": 3 * fwd(self_samples) if aux_on else 0,
     }
     parts["total"] = sum(parts.values())
+    if text_masks is not None:
+
+        def useful(key: str, rows: int) -> Tensor | int:
+            mask = text_masks.get(key)
+            if not rows:
+                return 0
+            if mask is None:  # no mask: every token real
+                return fwd(rows)
+            return useful_forward_flops(config, img_tokens, mask[:rows]).double()  # rates in float64, not 32
+
+        parts["useful"] = (
+            3 * useful("cond", batch)
+            + useful("cond", self_samples)
+            + useful("null_cond", self_samples)
+            + (3 * useful("fake_cond", self_samples) if aux_on else 0)
+        )
     return parts
+
+
+def text_masks_of(batch: dict[str, Any]) -> dict[str, Tensor | None]:
+    """The (B, L) real-token masks of a training batch's conditions, by condition key (None where absent)."""
+    return {k: (batch.get(k) or {}).get("txt_mask") for k in ("cond", "null_cond", "fake_cond")}
 
 
 @contextlib.contextmanager

@@ -53,8 +53,9 @@ class StepTimer:
 @dataclass
 class PendingStep:
     step: int  # optimizer steps done after it (the metrics' step number)
-    row: torch.Tensor  # (len(scalars) + len(COUNTERS),) float64 on the device
+    row: torch.Tensor  # (len(scalars) + len(COUNTERS) + len(device_names),) float64 on the device
     host: dict[str, Any]  # what the host knew without asking the device (lr, tau, flops, ...)
+    device_names: tuple[str, ...] = ()  # further values the device computed (the useful FLOPs, ...)
 
 
 class StepWindow:
@@ -72,12 +73,23 @@ class StepWindow:
         self.skipped_total.fill_(skipped_total)
         self.streak.fill_(streak)
 
-    def add(self, step: int, means: torch.Tensor, grad_norm: torch.Tensor, finite: torch.Tensor, host: dict) -> None:
+    def add(
+        self,
+        step: int,
+        means: torch.Tensor,
+        grad_norm: torch.Tensor,
+        finite: torch.Tensor,
+        host: dict,
+        device_values: dict[str, torch.Tensor | float] | None = None,
+    ) -> None:
         skipped = (~finite).to(torch.float64)
         self.skipped_total = self.skipped_total + skipped
         self.streak = torch.where(finite, 0.0, self.streak + 1)
         counters = torch.stack([grad_norm.detach().to(torch.float64), skipped, self.skipped_total, self.streak])
-        self.pending.append(PendingStep(step, torch.cat([means.to(torch.float64), counters]), host))
+        values = device_values or {}
+        extra = [torch.as_tensor(v, dtype=torch.float64, device=self.device).reshape(1) for v in values.values()]
+        row = torch.cat([means.to(torch.float64), counters, *extra])
+        self.pending.append(PendingStep(step, row, host, tuple(values)))
 
     def read(self, extra: torch.Tensor) -> tuple[list[dict[str, Any]], float]:
         """Every pending step as {"step", scalar..., counter..., host value..., "step_time": s}, and the
@@ -85,10 +97,10 @@ class StepWindow:
         pending, self.pending = self.pending, []
         flat = torch.cat([*(p.row for p in pending), extra.reshape(1).to(torch.float64)]).tolist()
         times = self.timer.read()
-        names = self.scalars + COUNTERS
-        width = len(names)
-        records = [
-            {"step": p.step, **dict(zip(names, flat[i * width : (i + 1) * width])), **p.host, "step_time": seconds}
-            for i, (p, seconds) in enumerate(zip(pending, times, strict=True))
-        ]
+        records, start = [], 0
+        for p, seconds in zip(pending, times, strict=True):
+            names = self.scalars + COUNTERS + p.device_names
+            values = dict(zip(names, flat[start : start + len(names)], strict=True))
+            records.append({"step": p.step, **values, **p.host, "step_time": seconds})
+            start += len(names)
         return records, flat[-1]

@@ -56,7 +56,14 @@ from selfe.train.config import TrainConfig, check_fake_prompt_encoder, save_conf
 from selfe.train.ema import EMA
 from selfe.train.initial_weights import load_initial_weights
 from selfe.train.lr import build_optimizer, build_scheduler, load_schedule, step_if
-from selfe.train.metrics import MetricsLogger, memory_stats, nvtx_range, self_eval_samples, step_flops
+from selfe.train.metrics import (
+    MetricsLogger,
+    memory_stats,
+    nvtx_range,
+    self_eval_samples,
+    step_flops,
+    text_masks_of,
+)
 from selfe.train.parallelize import parallelize, param_dtype_for, reshard_all
 from selfe.train.prefetch import Prefetcher
 from selfe.train.sources import build_source, cut_batch_text
@@ -299,7 +306,7 @@ class Trainer:
         net = _labelled(self.model, True, nvtx)
         ema_net = _labelled(self.ema.model, False, nvtx)
         sums = torch.zeros(len(SCALARS), dtype=torch.float64, device=device)
-        flops = 0
+        flops, useful_flops = 0, 0  # executed (padding included) and useful (real text), see metrics
         for micro, batch in enumerate(micro_batches):
             generator = self._generator(iteration, micro * world + self.dist.rank)
             # TE's fp8 autocast around the forward passes only (TE's rule; backward reuses their recipe).
@@ -314,7 +321,8 @@ class Trainer:
             # the half split needs no host sync; the Bernoulli one counts the drawn samples
             frac = float(parts["frac_self"]) if cfg.objective.s_split != "half" else None
             n_self = self_eval_samples(b, cfg.objective.s_split, cfg.objective.self_eval, frac)
-            flops += step_flops(cfg.model, b, img_tokens, txt_tokens, n_self, aux_on)["total"]
+            counted = step_flops(cfg.model, b, img_tokens, txt_tokens, n_self, aux_on, text_masks_of(batch))
+            flops, useful_flops = flops + counted["total"], useful_flops + counted["useful"]
 
         with nvtx_range("optimizer", nvtx):
             max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else float("inf")
@@ -344,7 +352,8 @@ class Trainer:
             tokens=global_batch * img_tokens,
             flops=flops * world,
         )
-        window.add(self.step, means, grad_norm, finite, host)
+        # the useful count is a device tensor (from the masks): read with the rest at the log step
+        window.add(self.step, means, grad_norm, finite, host, {"useful_flops": useful_flops * world})
 
     def _step_window(self) -> StepWindow:
         if self._window is None:  # after a resume: its counters from the checkpoint, copied once
@@ -373,8 +382,9 @@ class Trainer:
                 skipped=bool(row["skipped"]),
                 skipped_total=int(row["skipped_total"]),
                 step_time=row["step_time"],
-                **self.metrics.throughput(row["step_time"], row["images"], row["tokens"], row["flops"]),
-                tflops_per_step=row["flops"] / 1e12,
+                **self.metrics.throughput(row["step_time"], row["images"], row["tokens"], row["useful_flops"]),
+                tflops_per_step=row["useful_flops"] / 1e12,  # this rank's count for every rank (see metrics)
+                executed_tflops_per_step=row["flops"] / 1e12,
                 **memory,
             )
             self.metrics.log(row["step"], record)

@@ -35,9 +35,7 @@ from __future__ import annotations
 
 import math
 import os
-import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,6 +75,7 @@ from selfe.sampling.pipeline_inputs import (
     warn_truncated,
 )
 from selfe.sampling.sampler import METHODS, S_POLICIES, SamplerConfig, draw_noise, sample
+from selfe.sampling.stage_timings import StageTimings
 
 OUTPUT_TYPES = ("pil", "pt", "np", "latent")
 MAX_SIZE = 4096  # pixels per side accepted by default; RoPE has no hard limit, memory has
@@ -88,11 +87,13 @@ AUTOENCODERS = (AutoEncoder, SpaceToDepthAutoEncoder)
 class SelfEPipelineOutput:
     """images: list of PIL images ("pil"), a (B, 3, H, W) tensor in [0, 1] ("pt"), a (B, H, W, 3) float
     array ("np"), or the (B, C, h, w) latents ("latent"). latents: the sampled latents, always.
-    timings: seconds per stage (text_encoder, warmup, denoise, decode)."""
+    timings: seconds per stage (text_encoder, warmup, denoise, decode) and end_to_end, from the prompts'
+    encoding to the decoded images (argument checks and the PIL / numpy conversion left out); on CUDA timed
+    with events, so reading a time waits for that stage's work (`selfe.sampling.stage_timings`)."""
 
     images: Any
     latents: Tensor
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: Mapping[str, float] = field(default_factory=dict)
 
 
 class SelfEPipeline:
@@ -472,8 +473,8 @@ class SelfEPipeline:
             negatives = negatives * len(prompts) if len(negatives) == 1 else negatives
         warn_truncated(self.text_encoders, prompts)
 
-        timings: dict[str, float] = {}
-        clock = _Clock(self.device, timings)
+        clock = StageTimings(self.device)
+        clock.start("end_to_end")
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         if negatives is not None:
             negatives = [p for p in negatives for _ in range(num_images_per_prompt)]
@@ -496,10 +497,12 @@ class SelfEPipeline:
             with clock("denoise"), fp8_autocast_context(self.fp8):
                 latents = sample(self.model, noise, cond, null, config, num_tokens, step_noise, progress)
         if output_type == "latent":
-            return SelfEPipelineOutput(images=latents, latents=latents, timings=timings)
+            clock.stop("end_to_end")
+            return SelfEPipelineOutput(images=latents, latents=latents, timings=clock)
         with clock("decode"):
             images = self.decode(latents)
-        return SelfEPipelineOutput(images=_convert(images, output_type), latents=latents, timings=timings)
+        clock.stop("end_to_end")
+        return SelfEPipelineOutput(images=_convert(images, output_type), latents=latents, timings=clock)
 
     # ------------------------------------------------------------------------------------------
     # Validation
@@ -645,18 +648,3 @@ def _convert(images: Tensor, output_type: str) -> Any:
 
     pixels = (array * 255).round().to(torch.uint8).numpy()
     return [Image.fromarray(p) for p in pixels]
-
-
-class _Clock:
-    """`with clock("stage"):` adds the stage's wall time (device synchronised) to timings."""
-
-    def __init__(self, device: torch.device, timings: dict[str, float]):
-        self.device, self.timings = device, timings
-
-    @contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        yield
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start

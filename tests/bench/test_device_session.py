@@ -211,15 +211,18 @@ def test_cli_checks_its_arguments(tmp_path: Path, capsys) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("profile", ["engine", "shapes"])
+@pytest.mark.parametrize("profile", ["engine", "sampling", "shapes"])
 def test_dry_run_of_each_profile_passes_every_step(profile: str, tmp_path: Path, monkeypatch) -> None:
+    if profile == "sampling":
+        pytest.importorskip("torchao.float8", reason="the FP8 step's CPU run needs torchao (the device gets the wheel)")
     monkeypatch.setenv("SELFE_DEVICE_WORK", str(tmp_path / "work"))
     out = tmp_path / "out"
     assert session_cli.main(["--profile", profile, "--dry-run", "--out", str(out), "--budget", "600"]) == 0
     results = json.loads((out / "results.json").read_text())
     steps = results["steps"]
     assert steps["install"]["status"] == "skipped (dry run)"
-    assert all(s["status"] == "ok" for name, s in steps.items() if name != "install"), steps
+    assert steps.get("torchao", {"status": "skipped (dry run)"})["status"] == "skipped (dry run)"
+    assert all(s["status"] == "ok" for name, s in steps.items() if name not in ("install", "torchao")), steps
     assert steps["env"]["data"]["torch"]
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8 and all(os.path.getsize(out / f) < 16 * 2**20 for f in files)  # what the device returns
@@ -227,6 +230,16 @@ def test_dry_run_of_each_profile_passes_every_step(profile: str, tmp_path: Path,
         assert steps["gpu-tests"]["tests"]["tests"] > 0
         for name in ("kernels", "sample-b1", "train-mfu", "sample-b16", "model-fwd-bwd", "autoencoder", "compile-time"):
             assert steps[name]["data"], name
+    elif profile == "sampling":  # in the brief's order: end to end, its baseline, FP8, then the rest
+        assert list(steps)[3:6] == ["sample-b1-e2e", "sample-b1-base", "fp8"]
+        for name in ("sample-b1-e2e", "sample-b1-base", "sample-b16-e2e", "sample-b1-variants"):
+            rows = steps[name]["data"]["rows"]
+            assert rows and all(r["end_to_end_ms"] >= r["denoise_ms"] > 0 for r in rows), name
+        assert steps["sample-b1-e2e"]["data"]["kernel_profiles"]
+        assert steps["sample-b1-base"]["data"]["text_bucket"] is None  # the old defaults
+        assert all(row["passed"] for row in steps["fp8"]["data"]["quality"])
+        assert {r["batch"] for r in steps["fp8"]["data"]["speed"]} == {1, 2}
+        assert steps["gpu-tests"]["tests"]["tests"] > 0
     else:
         assert steps["shapes-pair"]["iterations"] == session_cli.DRY_SHAPES.max_steps
         assert set(steps["shapes-eval"]["data"]) == {"shapes-fm", "shapes-selfe"}  # both models scored
@@ -237,13 +250,16 @@ def test_dry_run_of_each_profile_passes_every_step(profile: str, tmp_path: Path,
             assert "shapes-eval/shapes_eval.json" in tar.getnames()
 
 
-def test_the_engine_profile_s_benchmark_commands_parse_here() -> None:
+@pytest.mark.parametrize("profile", ["engine", "sampling"])
+def test_the_profiles_benchmark_commands_parse_here(profile: str) -> None:
     """The dry run drives each benchmark with tiny sizes; this parses the device run's own argv (2b, 512^2),
     so a preset/flag clash is found here, not on the device (train-mfu once lost its lease slot to one)."""
     import importlib
 
+    from selfe.utils.optional import probe
+
     checked = []
-    for step in session_cli.engine_steps():
+    for step in session_cli.PROFILES[profile][0]():
         script = step.argv[1] if step.argv and len(step.argv) > 1 else ""
         if not script.startswith("bench/") or script == "bench/device_session.py":
             continue
@@ -251,9 +267,13 @@ def test_the_engine_profile_s_benchmark_commands_parse_here() -> None:
         argv = [arg.replace("{work}", "/tmp") for arg in step.argv[2:]]
         try:
             module.parse_args(argv)
-        except SystemExit as exit_info:  # only a refusal for want of a GPU is expected here
-            assert script == "bench/kernels.py" and exit_info.code == 2, f"{step.name}: {argv}"
+        except SystemExit as exit_info:  # only a refusal for want of a GPU (or of torchao, here) is expected
+            no_torchao = script == "bench/fp8_sampling.py" and not probe("torchao").available
+            expected = script == "bench/kernels.py" or no_torchao
+            assert expected and exit_info.code == 2, f"{step.name}: {argv}"
         checked.append(step.name)
-    assert {"kernels", "sample-b1", "train-mfu", "sample-b16", "model-fwd-bwd", "autoencoder", "compile-time"} <= set(
-        checked
-    )
+    wanted = {
+        "engine": {"kernels", "sample-b1", "train-mfu", "sample-b16", "model-fwd-bwd", "autoencoder", "compile-time"},
+        "sampling": {"sample-b1-e2e", "sample-b1-base", "fp8", "sample-b16-e2e", "sample-b1-variants"},
+    }
+    assert wanted[profile] <= set(checked)

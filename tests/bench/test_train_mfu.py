@@ -31,6 +31,7 @@ def test_a_variant_out_of_memory_is_reported_and_the_next_runs(tmp_path: Path, m
         "error": "out of memory at batch 2 per rank (CUDA out of memory. Tried to allocate 20.00 GiB)",
     }
     assert ac["variant"] == "ac" and ac["step_time_s"] > 0 and ac["loss_finite"]
+    assert ac["tflops_per_step"] == ac["executed_tflops_per_step"] and ac["useful_share"] == 1.0  # no padding
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("eager ") and "out of memory at batch 2 per rank" in lines[0]
     assert lines[1].startswith("ac ") and "MFU" in lines[1]

@@ -83,7 +83,9 @@ def test_from_pretrained_generates_at_any_step_count(pipe: SelfEPipeline) -> Non
         out = run(pipe, steps=steps, seed=0, fast=False)
         assert out.images.shape == (2, 3, SIZE, SIZE) and out.latents.shape == (2, 16, SIZE // 2, SIZE // 2)
         assert torch.isfinite(out.images).all() and 0 <= out.images.min() and out.images.max() <= 1
-        assert {"text_encoder", "denoise", "decode"} <= set(out.timings)
+        assert {"text_encoder", "denoise", "decode", "end_to_end"} <= set(out.timings)
+        stages = sum(out.timings[k] for k in ("text_encoder", "denoise", "decode"))
+        assert 0 < stages <= out.timings["end_to_end"]
         results[steps] = out.images
     assert not torch.allclose(results[1], results[2]) and not torch.allclose(results[2], results[4])
     # Prompts matter, seeds matter, and a seed reproduces.

@@ -18,6 +18,7 @@ def load_bench():
     return module
 
 
+@pytest.mark.slow  # a compile per batch and variant
 def test_sample_throughput_cpu_smoke(tmp_path: Path, capsys) -> None:
     bench = load_bench()
     out = tmp_path / "bench.json"
@@ -30,14 +31,24 @@ def test_sample_throughput_cpu_smoke(tmp_path: Path, capsys) -> None:
     points = {(r["batch"], r["variant"], r["steps"]) for r in result["rows"]}
     assert points == {(b, v, s) for b in (1, 2) for v in ("eager", "compiled") for s in (1, 2)}
     assert result["peak_flops"] == 989e12  # a CPU is not in the peak table: the H100's
+    # the bench's prompt, 8 words and EOS, fits in 16 of T5's 32 tokens: the text bucket 4 cuts there (4, 8, 16);
+    # with CFG the null prompt's rows (EOS alone) follow the prompts'
+    flops = {f["batch"]: f for f in result["flops"]}
+    assert [(f["txt_lengths"], f["denoiser_txt_tokens"]) for f in flops.values()] == [
+        ([9, 1], 16),
+        ([9, 9, 1, 1], 16),
+    ]
     for row in result["rows"]:
-        assert row["latency_ms"] > 0 and row["images_per_s"] > 0 and 0 < row["mfu"] < 1
+        f = flops[row["batch"]]
+        assert row["useful_flops_per_step"] == f["useful_flops_per_step"] < row["executed_flops_per_step"]
+        assert 0 < row["mfu"] < row["executed_mfu"] < 1
         assert row["mfu"] == pytest.approx(row["tflops_per_s"] * 1e12 / 989e12)
         assert abs(row["step_ms"] * row["steps"] - row["latency_ms"]) < 1e-6 * row["latency_ms"] + 1e-9
-    assert [s["batch"] for s in result["stages"]] == [1, 2]
-    # the bench's prompt, 8 words and EOS, fits in 16 of T5's 32 tokens: the text bucket 4 cuts there (4, 8, 16)
-    assert {s["denoiser_txt_tokens"] for s in result["stages"]} == {16}
-    assert all(s["text_encoder_ms"] > 0 and s["decode_ms"] > 0 for s in result["stages"])
+        stages = [row[f"{stage}_ms"] for stage in ("tokenize", "t5", "clip", "denoise", "decode")]
+        assert all(ms > 0 for ms in stages) and row["latency_ms"] == row["denoise_ms"]
+        assert row["tokenize_ms"] + row["t5_ms"] + row["clip_ms"] == pytest.approx(row["text_encoder_ms"])
+        assert sum(stages) <= row["end_to_end_ms"]  # the stages of one call, inside its end to end
+        assert row["e2e_images_per_s"] == pytest.approx(row["batch"] / row["end_to_end_ms"] * 1e3)
     # one profile per batch and variant, at the fewest steps, each summing to its own total
     profiles = result["kernel_profiles"]
     assert [(p["batch"], p["variant"], p["steps"]) for p in profiles] == [
@@ -49,5 +60,6 @@ def test_sample_throughput_cpu_smoke(tmp_path: Path, capsys) -> None:
     eager_kinds = {k["kind"] for k in profiles[0]["kinds"]}
     assert {"gemm", "attention"} <= eager_kinds  # the denoiser's matmuls and SDPA are found by name
     table = capsys.readouterr().out
-    assert "| batch | variant | steps |" in table and "text encoder ms" in table
-    assert "Profile, batch 2, compiled, 1 step:" in table and "| kernel | kind | calls | ms | share |" in table
+    assert "| batch | variant | steps | end to end ms | tokenize | T5 | CLIP | denoise | decode |" in table
+    assert "FLOPs per denoiser step, batch 1: " in table and "executed TFLOP" in table
+    assert "Profile, batch 2, compiled, 1 step, end to end:" in table and "| kernel | kind | calls | ms |" in table

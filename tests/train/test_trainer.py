@@ -93,6 +93,23 @@ def test_step_flops_count_every_pass():
     assert off["total"] == 3 * f(8) + 2 * f(4)
     on = step_flops(model, 8, 64, 8, 4, aux_on=True)
     assert on["total"] == 3 * f(8) + 2 * f(4) + 3 * f(4)  # the fake pass's forward is also g_f: run once
+    assert "useful" not in on  # without the batch's masks
+
+
+def test_step_flops_count_useful_work_from_the_masks():
+    model = mmdit_preset("tiny")
+    one = lambda n: mmdit_forward_flops(model, 1, 64, n)  # noqa: E731
+    lengths = torch.tensor([3, 8, 5, 2])  # 4 captions padded to 8; the first 2 self-evaluated
+    mask = torch.arange(8)[None, :] < lengths[:, None]
+    null = torch.arange(8)[None, :] < torch.ones(4, 1, dtype=torch.long)  # EOS alone
+    masks = {"cond": mask, "null_cond": null, "fake_cond": mask.roll(1, dims=0)}  # fake lengths 2, 3, 8, 5
+    parts = step_flops(model, 4, 64, 8, 2, aux_on=True, text_masks=masks)
+    main = 3 * (one(3) + one(8) + one(5) + one(2))
+    self_eval = one(3) + one(8) + 2 * one(1)  # the EMA's captioned pass and the live null pass, rows 0-1
+    assert int(parts["useful"]) == main + self_eval + 3 * (one(2) + one(3))
+    assert parts["total"] == 3 * 4 * one(8) + 2 * 2 * one(8) + 3 * 2 * one(8)  # executed: all at 8
+    no_masks = step_flops(model, 4, 64, 8, 2, aux_on=False, text_masks={"cond": None, "null_cond": None})
+    assert no_masks["useful"] == no_masks["total"]  # no mask: every token real
 
 
 def test_fused_adamw_follows_foreach(tmp_path):
@@ -218,7 +235,7 @@ def test_nan_batch_is_skipped_and_counted(tmp_path):
     records = read_metrics(tmp_path / "nan")
     for key in (
         "loss", "loss_data", "loss_self", "loss_fake", "lambda_mean", "grad_norm", "lr", "step_time",
-        "images_per_s", "tokens_per_s", "tflops_per_device", "mfu", "skipped_total",
+        "images_per_s", "tokens_per_s", "tflops_per_device", "mfu", "skipped_total", "executed_tflops_per_step",
     ):  # fmt: skip
         assert all(key in r for r in records), key
     assert records[-1]["mfu"] == pytest.approx(records[-1]["tflops_per_device"]) and records[-1]["mfu"] > 0
@@ -415,7 +432,7 @@ def test_progressive_schedule_switches_the_cached_resolution(tmp_path):
         "data.high_resolution=64", "data.high_from=2", "data.high_fraction=1.0",
     )  # fmt: skip
     _run(config)
-    flops = [r["tflops_per_step"] for r in read_metrics(tmp_path / "run")]
+    flops = [r["executed_tflops_per_step"] for r in read_metrics(tmp_path / "run")]  # useful: caption lengths too
     assert flops[0] == flops[1] < flops[2] == flops[3]  # 4x the image tokens from step 2 on
 
     # The paper's batch change between stages: resume with half the batch. The data order starts a new
@@ -423,7 +440,8 @@ def test_progressive_schedule_switches_the_cached_resolution(tmp_path):
     _run(apply_overrides(config, ["steps=6", "data.batch_size=2"]))
     records = read_metrics(tmp_path / "run")
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
-    assert records[4]["tflops_per_step"] == records[5]["tflops_per_step"] == pytest.approx(flops[3] / 2)
+    executed = [records[k]["executed_tflops_per_step"] for k in (4, 5)]
+    assert executed[0] == executed[1] == pytest.approx(flops[3] / 2)
     mix = preset("2b").data.resolution_schedule()
     assert mix.mix_at(499_999) == {256: 1.0} and mix.mix_at(500_000) == {256: 0.5, 512: 0.5}
 
@@ -483,7 +501,10 @@ def test_the_text_bucket_changes_the_cost_not_the_training(tmp_path):
     plain = _run(tiny_config(tmp_path / "plain", 3, *extra))
     cut = _run(tiny_config(tmp_path / "cut", 3, *extra, "data.text_bucket=2"))
     torch.testing.assert_close(torch.tensor(cut.losses), torch.tensor(plain.losses), rtol=0, atol=1e-5)
-    flops = lambda run: [m["tflops_per_step"] for m in read_metrics(tmp_path / run)]  # noqa: E731
-    assert all(c < p for c, p in zip(flops("cut"), flops("plain"), strict=True))  # fewer text tokens counted
+    flops = lambda run, key: [m[key] for m in read_metrics(tmp_path / run)]  # noqa: E731
+    executed = zip(flops("cut", "executed_tflops_per_step"), flops("plain", "executed_tflops_per_step"), strict=True)
+    assert all(c < p for c, p in executed)  # fewer text tokens run
+    # the same captions: the same useful work, which MFU is taken on
+    assert flops("cut", "tflops_per_step") == pytest.approx(flops("plain", "tflops_per_step"), rel=1e-12)
     with pytest.raises(ValueError, match="data.text_bucket must be >= 1"):
         tiny_config(tmp_path / "bad", 1, "data.text_bucket=0")
