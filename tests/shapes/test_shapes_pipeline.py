@@ -49,11 +49,11 @@ def test_data_set_is_a_manifest_of_its_seeded_samples_and_the_cache_inverts_exac
 
 
 def test_presets_train_the_same_budget_with_and_without_self_evaluation():
-    selfe, fm = preset("shapes-selfe"), preset("shapes-fm")
-    assert selfe.method.objective.self_eval and not fm.objective.self_eval
+    self_e, fm = preset("shapes-selfe"), preset("shapes-fm")
+    assert self_e.objective.self_eval and not fm.objective.self_eval
     for section in ("model", "data", "optim", "ema", "steps", "seed"):
-        assert getattr(selfe, section) == getattr(fm, section), section
-    assert selfe.model.in_channels == 48 and selfe.model.patch_size == 1 and selfe.data.encoders == "pixels"
+        assert getattr(self_e, section) == getattr(fm, section), section
+    assert self_e.model.in_channels == 48 and self_e.model.patch_size == 1 and self_e.data.encoders == "pixels"
 
 
 def test_train_export_pipeline_eval_and_generate(shapes_data, tmp_path, capsys):
