@@ -28,6 +28,7 @@ def tiny_overrides(run_dir: Path, steps: int, *extra: str) -> list[str]:
         "checkpoint.keep=2",
         "metrics.tensorboard=false",
         "objective.tau_warmup=4",
+        "checkpoint.export_stand_ins=false",  # the smoke preset's stand-in encoders import transformers (~8 s)
         *extra,
     ]
 
