@@ -92,8 +92,8 @@ def autoencoder_config(entry: Any, where: str = "config.json") -> AutoEncoderCon
     return cls(**entry)
 
 
-# A run trained on cached latents (or the smoke run's synthetic ones) exports the model alone; the ShapesEval
-# presets copy their autoencoder and text encoders into the export.
+# A run trained on cached latents (or on stand-in ones without checkpoint.export_stand_ins) exports the model
+# alone; the ShapesEval presets copy their autoencoder and text encoders into the export.
 NOT_EXPORTED = "a run trained on cached or synthetic latents exports only the model"
 
 
