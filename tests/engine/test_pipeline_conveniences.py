@@ -4,6 +4,7 @@ words outside a closed vocabulary, and a Hub id refused with how to get its file
 
 from __future__ import annotations
 
+import copy
 import io
 import warnings
 from pathlib import Path
@@ -24,7 +25,12 @@ from selfe.sampling.fast_path import FastPathConfig, FastSampler
 from selfe.sampling.pipeline import SelfEPipeline
 from selfe.sampling.pipeline_files import check_pipeline_dir
 from tests.helpers_pipeline import ReplayOnCPU, random_mmdit
-from tests.helpers_text import forbid_network_and_unpickling, make_tiny_clip_snapshot, make_tiny_t5_snapshot
+from tests.helpers_text import (
+    allow_inductor_unpickling,
+    forbid_network_and_unpickling,
+    make_tiny_clip_snapshot,
+    make_tiny_t5_snapshot,
+)
 
 SIZE = 16  # 8 x 8 latents, 16 tokens
 COMPILED = FastPathConfig(compile=True, compile_backend="aot_eager")  # traced by dynamo, no C++ build
@@ -188,6 +194,25 @@ def test_callback_sees_every_step_and_can_replace_the_latents(path) -> None:
     assert not torch.allclose(halved.images, plain.images, atol=1e-3)
     eager = call(pipe, fast=False, callback_on_step_end=halve_at_step(1))
     torch.testing.assert_close(halved.images, eager.images, rtol=1e-4, atol=1e-5)  # every path honours it
+
+
+@pytest.mark.gpu
+def test_callback_on_the_cuda_graph_path(parts) -> None:
+    """The real thing: the inductor-compiled step in a CUDA graph; the callback gets copies of its static
+    output, and latents it replaces reach the next replay."""
+    model, autoencoder, text = copy.deepcopy(parts)  # the module's parts stay on the CPU
+    fast_path = FastPathConfig(compile=True, cuda_graph="on")
+    pipe = SelfEPipeline.from_components(model, autoencoder, text, fast_path=fast_path, default_resolution=SIZE)
+    pipe.to("cuda").set_progress_bar_config(disable=True)
+    log: list = []
+    with allow_inductor_unpickling():
+        recorded = call(pipe, callback_on_step_end=recorder(log))
+        halved = call(pipe, callback_on_step_end=halve_at_step(1))
+        eager = call(pipe, fast=False, callback_on_step_end=halve_at_step(1))
+    assert pipe.fast.num_graphs == 1
+    assert [k for k, _, _ in log] == [0, 1, 2] and not torch.equal(log[0][2], log[1][2])
+    torch.testing.assert_close(log[-1][2], recorded.latents, rtol=0, atol=0)
+    torch.testing.assert_close(halved.images, eager.images, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize(
