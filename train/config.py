@@ -209,6 +209,11 @@ class CheckpointConfig:
             raise ValueError(f"checkpoint.every must be >= 0 and keep >= 1, got {self.every}, {self.keep}")
         if self.init_grow and not self.init_from:
             raise ValueError("checkpoint.init_grow grows the model of checkpoint.init_from, which is not set")
+        if self.export_stand_ins and (self.export_text_encoders or self.export_autoencoder):
+            raise ValueError(
+                "checkpoint.export_stand_ins writes random stand-in encoders where export_text_encoders / "
+                "export_autoencoder copy the run's own: set checkpoint.export_stand_ins=false"
+            )
         if self.export_guidance is not None and self.export_guidance < 0:  # the pipeline refuses it too
             raise ValueError(f"checkpoint.export_guidance must be >= 0 or none, got {self.export_guidance}")
 

@@ -47,5 +47,5 @@ def write_stand_ins(out_dir: Path, config: TrainConfig) -> dict:
     save_autoencoder(autoencoder, out_dir / AE_FILE)
     words = tuple(dict.fromkeys((*DEFAULT_WORDS, *COLOURS, *SHAPES)))
     make_t5_snapshot(out_dir / TEXT_DIRS[0], d_model=model.txt_dim, words=words, seed=data.seed)
-    make_clip_snapshot(out_dir / TEXT_DIRS[1], hidden_size=model.vec_dim, seed=data.seed + 1)
+    make_clip_snapshot(out_dir / TEXT_DIRS[1], hidden_size=model.vec_dim, seed=(data.seed + 1) % 2**64)
     return {"autoencoder": autoencoder_config.to_dict(), "text": {"t5_max_length": data.text_length}}

@@ -8,7 +8,7 @@ import pytest
 
 from selfe.cli import main
 from selfe.sampling.pipeline_files import check_pipeline_dir
-from selfe.train.config import DataSection, preset
+from selfe.train.config import DataSection, apply_overrides, preset
 from selfe.train.stand_in_export import trains_on_stand_ins
 from selfe.train.trainer import Trainer
 from tests.helpers_text import forbid_network_and_unpickling
@@ -22,6 +22,8 @@ def test_the_smoke_preset_exports_stand_ins_for_stand_in_data_only() -> None:
     assert trains_on_stand_ins(DataSection(source="cache", cache_dir="cache", encoders="smoke"))
     assert not trains_on_stand_ins(DataSection(source="cache", cache_dir="cache"))  # real encoders made it
     assert not trains_on_stand_ins(DataSection(source="images", manifest="data.tsv", encoders="pixels"))
+    with pytest.raises(ValueError, match="export_stand_ins=false"):  # stand-ins or the run's own, not both
+        apply_overrides(preset("smoke"), ["checkpoint.export_text_encoders=true"])
 
 
 @pytest.mark.slow
