@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from selfe import __version__
+
 # Subcommands that own their argument parsers: name -> (module, function, one-line help).
 DELEGATED = {
     "train": ("selfe.train.cli", "train_main", "train a Self-E model (FSDP2; under torchrun or plain python)"),
@@ -37,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         module, function, _ = DELEGATED[argv[0]]
         return getattr(importlib.import_module(module), function)(argv[1:])
     parser = argparse.ArgumentParser(prog="selfe", description="Self-E any-step text-to-image engine")
+    parser.add_argument("--version", action="version", version=f"selfe {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _toy2d(sub)
     for name, (_, _, help_text) in DELEGATED.items():

@@ -196,6 +196,7 @@ def generate_main(argv: list[str] | None = None) -> int:
         # 2, as for any unusable argument (`selfe eval shapes` checks its --model folders the same way)
         print(f"selfe generate: error: could not load the pipeline from {str(args.model)!r}: {err}", file=sys.stderr)
         return 2
+    pipe.set_progress_bar_config(disable=True)  # this command's own bar counts the steps of every call
 
     guidance = None if args.no_guidance else (args.guidance if args.guidance is not None else ...)
     call_kwargs = dict(

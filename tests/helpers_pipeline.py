@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 from selfe.network.config import MMDiTConfig
 from selfe.network.model import MMDiT
+from selfe.sampling.fast_path import _GraphedStep
 from tests.helpers_text import make_tiny_clip_snapshot, make_tiny_t5_snapshot
 
 
@@ -32,3 +33,19 @@ def write_pipeline_dir(root: Path, model: MMDiT, meta: dict) -> Path:
     make_tiny_t5_snapshot(root / "text_encoder", d_model=model.config.txt_dim)
     make_tiny_clip_snapshot(root / "text_encoder_2", hidden_size=model.config.vec_dim)
     return root
+
+
+class ReplayOnCPU(_GraphedStep):
+    """The CUDA-graph bookkeeping without CUDA (swap in as FastSampler.graph_class): capture runs the step
+    once on the static inputs, replay runs it again on whatever they hold now and writes the static output,
+    as a graph replay would."""
+
+    @staticmethod
+    def new_pool():
+        return object()
+
+    def _capture(self, pool, warmup_iters):
+        return self.step(**self.static)
+
+    def replay(self):
+        self.out.copy_(self.step(**self.static))

@@ -207,6 +207,11 @@ class CheckpointConfig:
     # Copy data.ae_path into the export (ae.safetensors, its config in config.json): for a small trained
     # autoencoder (ShapesEval's), not for FLUX.1's.
     export_autoencoder: bool = False
+    # A run on stand-in data (data.source procedural / synthetic, or data.encoders=smoke) has no encoders to copy:
+    # write random-init tiny ones sized to the model into the export, so `selfe generate --model RUN/export`
+    # samples with no --ae / --t5 / --clip (a pipeline check; selfe.train.stand_in_export). On in the smoke
+    # preset; off by default, as it imports transformers. A run on real encoders has nothing to stand in for.
+    export_stand_ins: bool = False
     # The export's default EP-CFG omega (config.json "sampler": "guidance"); None: sample without CFG.
     export_guidance: float | None = 5.0
 
@@ -215,6 +220,11 @@ class CheckpointConfig:
             raise ValueError(f"checkpoint.every must be >= 0 and keep >= 1, got {self.every}, {self.keep}")
         if self.init_grow and not self.init_from:
             raise ValueError("checkpoint.init_grow grows the model of checkpoint.init_from, which is not set")
+        if self.export_stand_ins and (self.export_text_encoders or self.export_autoencoder):
+            raise ValueError(
+                "checkpoint.export_stand_ins writes random stand-in encoders where export_text_encoders / "
+                "export_autoencoder copy the run's own: set checkpoint.export_stand_ins=false"
+            )
         if self.export_guidance is not None and self.export_guidance < 0:  # the pipeline refuses it too
             raise ValueError(f"checkpoint.export_guidance must be >= 0 or none, got {self.export_guidance}")
 
@@ -319,7 +329,7 @@ def smoke() -> TrainConfig:
         data=DataSection(source="procedural", batch_size=8, resolution=32, num_samples=64, text_length=8),
         optim=OptimConfig(lr=2e-3, final_lr=1e-4, warmup_steps=10),
         ema=EMAConfig(decay=0.99),
-        checkpoint=CheckpointConfig(every=50, keep=2),
+        checkpoint=CheckpointConfig(every=50, keep=2, export_stand_ins=True),
         metrics=MetricsConfig(log_every=10),
     )
 

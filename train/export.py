@@ -1,6 +1,7 @@
 """Export of the EMA weights for sampling: DIR/model.safetensors + DIR/config.json (what
 selfe.sampling.pipeline.SelfEPipeline.from_pretrained reads) + DIR/train_config.json, written atomically; with
-checkpoint.export_text_encoders / export_autoencoder also the (small) encoders, so DIR loads on its own.
+checkpoint.export_text_encoders / export_autoencoder also the (small) encoders, so DIR loads on its own (a
+run on stand-in data with checkpoint.export_stand_ins: random-init stand-ins, selfe.train.stand_in_export).
 
 Every rank calls `export_ema` (gathering the sharded weights is collective); rank 0 writes.
 The file is always plain fp32 under the unconverted model's keys: the trainer's EMA copy is never FP8-
@@ -24,6 +25,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from selfe.components.fp8 import plain_tensor
 from selfe.sampling.pipeline_files import AE_FILE
 from selfe.train.config import TrainConfig
+from selfe.train.stand_in_export import trains_on_stand_ins, write_stand_ins
 
 
 def pipeline_config(config: TrainConfig) -> dict:
@@ -74,7 +76,10 @@ def export_ema(ema_model: nn.Module, config: TrainConfig, out_dir: str | os.Path
             if not k.endswith("_extra_state")
         }
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(pipeline_config(config), indent=1))
+        meta = pipeline_config(config)
+        if config.checkpoint.export_stand_ins and trains_on_stand_ins(config.data):
+            meta.update(write_stand_ins(tmp, config))  # random encoders: the export samples on its own
+        (tmp / "config.json").write_text(json.dumps(meta, indent=1))
         if config.checkpoint.export_text_encoders:
             for name, source in (("text_encoder", config.data.t5_path), ("text_encoder_2", config.data.clip_path)):
                 if not source:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from selfe.components.text_encoders import quiet_transformers
+from selfe.components.vocabulary import CLOSED_VOCABULARY_KEY
 
 # Words a test prompt is likely to use; anything else still tokenizes (letters are in both vocabs).
 DEFAULT_WORDS = ("a", "photo", "of", "cat", "dog", "red", "blue", "fake", "image", "on", "the", "table")
@@ -93,11 +94,15 @@ def make_t5_snapshot(
     words: Sequence[str] = DEFAULT_WORDS,
     seed: int = 0,
     order_bias: float = 0.0,
+    closed_vocabulary: bool = False,
 ) -> Path:
     """A random T5 v1.1-style encoder (gated-gelu) with its tokenizer, saved under `directory`.
 
     order_bias > 0 sets the relative-position bias so that the heads look at fixed relative positions
     (see `_bias_heads_to_word_order`); 0 leaves T5's random initialisation.
+    closed_vocabulary: declare `words` the only ones a model trained on this encoder knows (config.json's
+    `selfe_closed_vocabulary`): the pipeline then warns about prompts with other words
+    (`selfe.components.vocabulary`). Off for the tests' snapshots, whose word list is only a convenience.
     """
     from transformers import T5Config, T5EncoderModel
 
@@ -118,6 +123,7 @@ def make_t5_snapshot(
         eos_token_id=1,
         decoder_start_token_id=0,
         tie_word_embeddings=False,
+        **({CLOSED_VOCABULARY_KEY: True} if closed_vocabulary else {}),
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

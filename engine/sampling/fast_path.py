@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from selfe.kernels.dispatch import get_op
 from selfe.method.schedule import sampling_grid
-from selfe.sampling.sampler import Generators, SamplerConfig, denoise_step, draw_noise, s_grid
+from selfe.sampling.sampler import Generators, SamplerConfig, StepEnd, denoise_step, draw_noise, s_grid
 
 CUDA_GRAPH_MODES = ("auto", "on", "off")
 # torch.compile modes a FastPathConfig accepts (the two that capture CUDA graphs themselves are refused).
@@ -416,10 +416,14 @@ class FastSampler:
         num_tokens: int | None = None,
         generator: Generators = None,
         progress=None,
+        on_step_end: StepEnd | None = None,
     ) -> Tensor:
         """Same contract and the same random draws as `selfe.sampling.sampler.sample`; returns a fresh tensor.
 
         progress: optional callable(k) called after step k (a progress bar's update).
+        on_step_end: optional callable(k, t_k, x) -> x after step k, from the host loop between steps (never
+        inside the compiled or captured step). With a CUDA graph it gets a copy of the graph's static output
+        (which the next replay overwrites), and the x it returns is copied into the graph's static input.
         """
         if progress is not None and not callable(progress):
             raise TypeError(f"progress must be a callable taking the step index, got {type(progress).__name__}")
@@ -458,6 +462,8 @@ class FastSampler:
                 args = _static_args(args)
             x = self._run_step(key, args, first=k == 0)
             self._warm.add(key)
+            if on_step_end is not None:
+                x = on_step_end(k, t_grid[k], x.clone() if self.uses_cuda_graph(device) else x)
             if progress is not None:
                 progress(k)
         return x.clone()

@@ -73,6 +73,15 @@ from selfe.sampling.pipeline_inputs import (
     plain_numbers,
     side_error,
     warn_truncated,
+    warn_unknown_words,
+)
+from selfe.sampling.pipeline_repr import pipeline_repr
+from selfe.sampling.progress import (
+    CALLBACK_TENSOR_INPUTS,
+    ProgressBarMixin,
+    check_step_callback,
+    counted_progress,
+    step_end_hook,
 )
 from selfe.sampling.sampler import METHODS, S_POLICIES, SamplerConfig, draw_noise, sample
 from selfe.sampling.stage_timings import StageTimings
@@ -96,8 +105,12 @@ class SelfEPipelineOutput:
     timings: Mapping[str, float] = field(default_factory=dict)
 
 
-class SelfEPipeline:
-    """Text encoders + dual-time MMDiT + autoencoder, sampled at any step count."""
+class SelfEPipeline(ProgressBarMixin):
+    """Text encoders + dual-time MMDiT + autoencoder, sampled at any step count.
+
+    Each call shows a tqdm bar over its steps (`set_progress_bar_config(disable=True)` turns it off)."""
+
+    _callback_tensor_inputs = list(CALLBACK_TENSOR_INPUTS)  # diffusers' name for what callbacks may get
 
     def __init__(
         self,
@@ -272,6 +285,9 @@ class SelfEPipeline:
     def dtype(self) -> torch.dtype:
         return self.model.img_in.weight.dtype
 
+    def __repr__(self) -> str:
+        return pipeline_repr(self)
+
     @property
     def size_multiple(self) -> int:
         """Image sides must be multiples of this: autoencoder downsampling x patch size (16 for FLUX)."""
@@ -419,6 +435,8 @@ class SelfEPipeline:
         num_inference_steps: int | None = None,
         guidance_scale: float | None = ...,  # type: ignore[assignment]
         negative_prompt: str | Sequence[str] | None = None,
+        callback_on_step_end: Callable[..., dict] | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ) -> SelfEPipelineOutput:
         """Generate images for one prompt or a list.
 
@@ -440,8 +458,14 @@ class SelfEPipeline:
         output_type "latent": `images` is the (B, C, h, w) latents tensor itself (no decode).
         negative_prompt: one prompt, or one per prompt, whose encoding replaces the null prompt's in CFG's
             unconditional branch (as in diffusers); it needs CFG (guidance not None or 1).
+        callback_on_step_end: diffusers' callback_on_step_end(pipe, step_index, timestep, callback_kwargs)
+            -> dict, called after each step (on both paths) with timestep the step's start time t_k in [0, 1]
+            (a 0-d tensor) and callback_kwargs {name: tensor} for the names in
+            callback_on_step_end_tensor_inputs (["latents"]); a "latents" in the dict it returns replaces
+            the latents the next step starts from.
         Prompts longer than the text encoders take (the config's t5_max_length T5 tokens, clip_max_length
         CLIP tokens, EOS included) are truncated to that length, as in diffusers; a UserWarning names them.
+        With a closed-vocabulary T5 (ShapesEval's), a UserWarning names the words it does not know.
         """
         prompts = check_prompt(prompt)
         steps, num_inference_steps, guidance, guidance_scale, height, width, seed, s_fixed, eta = plain_numbers(
@@ -460,6 +484,7 @@ class SelfEPipeline:
             raise TypeError(f"fast must be a bool, got {fast!r}")
         if progress is not None and not callable(progress):
             raise TypeError(f"progress must be a callable taking the step index, got {type(progress).__name__}")
+        tensor_inputs = check_step_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         negatives = None
         if negative_prompt is not None:
             negatives = check_prompt(negative_prompt, "negative_prompt")
@@ -470,8 +495,10 @@ class SelfEPipeline:
             if config.guidance is None:
                 raise ValueError("negative_prompt needs CFG: pass a guidance other than None and 1")
             warn_truncated(self.text_encoders, negatives, "negative_prompt")
+            warn_unknown_words(self.text_encoders, negatives, "negative_prompt")
             negatives = negatives * len(prompts) if len(negatives) == 1 else negatives
         warn_truncated(self.text_encoders, prompts)
+        warn_unknown_words(self.text_encoders, prompts)
 
         clock = StageTimings(self.device)
         clock.start("end_to_end")
@@ -486,16 +513,18 @@ class SelfEPipeline:
         step_noise = _on(generator, noise)
         patch = self.model.config.patch_size
         num_tokens = (latent_shape[1] // patch) * (latent_shape[2] // patch)
+        on_step_end = None if callback_on_step_end is None else step_end_hook(self, callback_on_step_end, tensor_inputs)
+        progress = counted_progress(self.progress_bar(config.steps), progress)  # closes the bar at the last step
         if fast:
             warm = self.fast.is_warm(noise, cond, guided, config.method, config.kernel_backend)
             if not warm and self.fast.prepares(noise.device):
                 with clock("warmup"), fp8_autocast_context(self.fp8):
                     self.fast.warmup(noise, cond, null, config.method, config.kernel_backend)
             with clock("denoise"), fp8_autocast_context(self.fp8):
-                latents = self.fast.sample(noise, cond, null, config, num_tokens, step_noise, progress)
+                latents = self.fast.sample(noise, cond, null, config, num_tokens, step_noise, progress, on_step_end)
         else:
             with clock("denoise"), fp8_autocast_context(self.fp8):
-                latents = sample(self.model, noise, cond, null, config, num_tokens, step_noise, progress)
+                latents = sample(self.model, noise, cond, null, config, num_tokens, step_noise, progress, on_step_end)
         if output_type == "latent":
             clock.stop("end_to_end")
             return SelfEPipelineOutput(images=latents, latents=latents, timings=clock)

@@ -6,6 +6,8 @@ The layout is documented in selfe.sampling.pipeline; everything is local, nothin
 from __future__ import annotations
 
 import json
+import os
+import re
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -90,9 +92,27 @@ def autoencoder_config(entry: Any, where: str = "config.json") -> AutoEncoderCon
     return cls(**entry)
 
 
-# A run trained on cached latents (or the smoke run's synthetic ones) exports the model alone; the ShapesEval
-# presets copy their autoencoder and text encoders into the export.
+# A run trained on cached latents (or on stand-in ones without checkpoint.export_stand_ins) exports the model
+# alone; the ShapesEval presets copy their autoencoder and text encoders into the export.
 NOT_EXPORTED = "a run trained on cached or synthetic latents exports only the model"
+
+
+# What a Hugging Face Hub id looks like: owner/name, each part letters, digits, "-", "_", ".".
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+def hub_id_note(path: Any) -> str:
+    """For a missing pipeline directory given as `owner/name`: how to get a Hub repository's files here
+    (nothing is downloaded at run time); "" for any other path."""
+    text = os.fspath(path)
+    if not _HUB_ID.fullmatch(text) or Path(text).exists():
+        return ""
+    return (
+        f". If {text!r} is a Hugging Face Hub id: selfe loads weights from local folders only and never "
+        f"downloads; on a machine with network run `huggingface-cli download {text} --local-dir DIR` (or `hf "
+        "download`), copy DIR here and pass DIR (a Self-E pipeline directory: model.safetensors + config.json, "
+        "the autoencoder and the text encoders)"
+    )
 
 
 def required_file(path: Path, what: str, hint: str = "") -> Path:
@@ -144,9 +164,11 @@ def check_pipeline_dir(root: str | Path) -> dict[str, Any]:
     config.json (parsed, returned as `read_pipeline_config` does), the model and autoencoder files and the
     two text-encoder folders. Raises FileNotFoundError or ValueError naming what is missing or broken; for
     commands that load several models one after the other and should not fail on the second after the first."""
-    root = Path(root).expanduser()
+    given, root = root, Path(root).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(f"pipeline directory {str(root)!r} does not exist or is not a directory")
+        raise FileNotFoundError(
+            f"pipeline directory {str(root)!r} does not exist or is not a directory{hub_id_note(given)}"
+        )
     meta = read_pipeline_config(root)
     required_file(root / MODEL_FILE, "model weights")
     if not isinstance(meta["autoencoder"], SpaceToDepthConfig):  # the weightless one has no file

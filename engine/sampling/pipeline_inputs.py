@@ -29,9 +29,10 @@ from selfe.components.text_encoders import (
     resolve_device,
     resolve_dtype,
 )
+from selfe.components.vocabulary import closed_vocabulary, unknown_words
 from selfe.network.config import MMDiTConfig
 from selfe.sampling.fast_path import FastPathConfig
-from selfe.sampling.pipeline_files import AE_FILE, AE_HINT, CONFIG_FILE, MODEL_FILE, required_file
+from selfe.sampling.pipeline_files import AE_FILE, AE_HINT, CONFIG_FILE, MODEL_FILE, hub_id_note, required_file
 from selfe.utils.devices import unavailable_reason
 
 
@@ -48,7 +49,7 @@ def checked_root(path: Any) -> Path:
     if not root.is_dir():
         raise FileNotFoundError(
             f"pipeline directory {str(root)!r} does not exist; expected {MODEL_FILE} + {CONFIG_FILE} "
-            "(as the trainer exports them) and the autoencoder and text encoders"
+            f"(as the trainer exports them) and the autoencoder and text encoders{hub_id_note(path)}"
         )
     return root
 
@@ -176,6 +177,24 @@ def warn_truncated(text_encoders: Any, prompts: list[str], name: str = "prompt")
             "the model does not see the rest",
             UserWarning,
             stacklevel=4,  # _warn_truncated < __call__ < torch.no_grad's wrapper < the caller
+        )
+
+
+def warn_unknown_words(text_encoders: Any, prompts: list[str], name: str = "prompt") -> None:
+    """A UserWarning naming the words of the prompts that a closed-vocabulary T5 (ShapesEval's) does not know:
+    it spells them letter by letter, which the model never saw in training. Open vocabularies: nothing."""
+    vocabulary = closed_vocabulary(getattr(text_encoders, "t5", None))
+    if vocabulary is None:
+        return
+    unknown = [(i, unknown_words(prompt, vocabulary)) for i, prompt in enumerate(prompts)]
+    notes = [f"{name}[{i}]: {', '.join(map(repr, words))}" for i, words in unknown if words]
+    if notes:
+        warnings.warn(
+            f"words outside the text encoder's closed vocabulary of {len(vocabulary)} words: {'; '.join(notes)}; "
+            "the model was never trained on them (they are spelled letter by letter), so the image will not "
+            "follow them",
+            UserWarning,
+            stacklevel=4,  # warn_unknown_words < __call__ < torch.no_grad's wrapper < the caller
         )
 
 

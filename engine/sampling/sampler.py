@@ -26,6 +26,8 @@ METHODS = ("ddim", "euler")
 
 # One generator for the whole batch, or one per sample (diffusers' list of generators).
 Generators = torch.Generator | Sequence[torch.Generator] | None
+# Called after step k as on_step_end(k, t_k, latents); returns the latents the next step starts from.
+StepEnd = Callable[[int, Tensor, Tensor], Tensor]
 
 
 def draw_noise(shape: Sequence[int], generator: Generators, device, dtype: torch.dtype | None = None) -> Tensor:
@@ -193,12 +195,15 @@ def sample(
     num_tokens: int | None = None,
     generator: Generators = None,
     progress: Callable[[int], Any] | None = None,
+    on_step_end: StepEnd | None = None,
 ) -> Tensor:
     """Run `config.steps` steps from `noise` (x at t = 1) to a clean sample. Deterministic for a given generator.
 
     generator: the per-step noise's source (eta-DDIM), one for the batch or one per sample (`draw_noise`).
     num_tokens: image tokens per sample for the length shift (unless the config fixes mu).
     progress: optional callable(k) called after step k (a progress bar's update).
+    on_step_end: optional callable(k, t_k, x) -> x called after step k, before `progress`, with t_k the
+        step's start time (a 0-d tensor) and x the latents after it; what it returns is the next step's x.
     """
     if progress is not None and not callable(progress):
         raise TypeError(f"progress must be a callable taking the step index, got {type(progress).__name__}")
@@ -227,6 +232,8 @@ def sample(
             config.method,
             config.kernel_backend,
         )
+        if on_step_end is not None:
+            x = on_step_end(k, t_grid[k], x)
         if progress is not None:
             progress(k)
     return x

@@ -291,6 +291,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
         except (FileNotFoundError, OSError, ValueError, TypeError) as err:
             print(f"selfe eval: error: could not load {str(path)!r}: {err}", file=sys.stderr)
             return 1
+        pipe.set_progress_bar_config(disable=True)  # hundreds of short calls: one line per step count instead
 
         def report(steps: int, summary: dict, name: str = name) -> None:
             line = f"{name}: {steps} steps: overall {summary['overall']:.3f}"

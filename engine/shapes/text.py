@@ -46,6 +46,7 @@ def write_text_encoders(out_dir: str | Path, seed: int = 0, t5_order_bias: float
         words=vocabulary(),
         seed=seed,
         order_bias=t5_order_bias,
+        closed_vocabulary=True,  # the model knows the template words only: the pipeline warns about others
     )
     clip = make_clip_snapshot(out / CLIP_DIR, hidden_size=TEXT_WIDTH, num_layers=2, num_heads=4, seed=seed + 1)
     return t5, clip

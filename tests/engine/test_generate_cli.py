@@ -26,6 +26,10 @@ class FakePipe:
 
     def __init__(self) -> None:
         self.calls: list[dict] = []
+        self.bar_config: dict | None = None
+
+    def set_progress_bar_config(self, **kwargs) -> None:
+        self.bar_config = kwargs
 
     def __call__(self, prompts, steps, generator, progress, **kwargs):
         from PIL import Image
@@ -78,7 +82,7 @@ def test_out_is_checked_before_the_model_loads(tmp_path: Path, no_load, capsys) 
 def test_out_keeps_writing_beside_the_grid(tmp_path: Path, fake_pipe: FakePipe) -> None:
     out = tmp_path / "new" / "deeper" / "grid.JPG"  # missing folders are made; any suffix PIL writes
     assert generate_main(["--model", str(tmp_path), "--prompt", "a", "b", "--steps", "1", "3", "--out", str(out)]) == 0
-    assert out.is_file()
+    assert out.is_file() and fake_pipe.bar_config == {"disable": True}  # the command's own bar, none per call
     assert sorted(p.name for p in out.parent.glob("grid_p*.png")) == [
         "grid_p00_1steps.png", "grid_p00_3steps.png", "grid_p01_1steps.png", "grid_p01_3steps.png",
     ]  # fmt: skip
@@ -225,7 +229,7 @@ def test_a_broken_text_encoder_config_is_named(model_copy: Path, tmp_path: Path,
 
 @needs_shipped
 def test_a_model_only_export_names_the_flags_that_complete_it(model_copy: Path, tmp_path: Path, capsys) -> None:
-    """A run on cached or synthetic latents (the smoke preset) exports the model alone."""
+    """A run on cached latents (or on synthetic ones without checkpoint.export_stand_ins) exports the model alone."""
     root = tmp_path / "export"
     root.mkdir()
     for name in ("model.safetensors", "config.json"):

@@ -435,7 +435,8 @@ def test_long_prompts_are_truncated_with_a_warning(pipe: SelfEPipeline) -> None:
     accented = "é" * (clip_limit - 2)
     assert len(pipe.text_encoders.clip.tokenizer([accented])["input_ids"][0]) > clip_limit
     with pytest.warns(UserWarning, match=rf"prompt\[0\] \(CLIP, {clip_limit} tokens kept\)"):
-        pipe([accented], seed=0, output_type="latent")
+        with pytest.warns(UserWarning, match="closed vocabulary"):  # nor is "ééé..." a word the shipped T5 knows
+            pipe([accented], seed=0, output_type="latent")
 
 
 def test_numpy_numbers_are_numbers(pipe: SelfEPipeline) -> None:

@@ -24,8 +24,9 @@ from selfe.components.autoencoder import AutoEncoder
 from selfe.components.autoencoder import tiny as tiny_autoencoder
 from selfe.generate import generate_main
 from selfe.network.config import tiny as tiny_mmdit
-from selfe.sampling.fast_path import FastPathConfig, FastSampler, _GraphedStep
+from selfe.sampling.fast_path import FastPathConfig, FastSampler
 from selfe.sampling.pipeline import SelfEPipeline, SelfEPipelineOutput
+from tests.helpers_pipeline import ReplayOnCPU as _ReplayOnCPU
 from tests.helpers_pipeline import random_mmdit, write_pipeline_dir
 from tests.helpers_text import allow_inductor_unpickling, forbid_network_and_unpickling
 
@@ -217,21 +218,6 @@ def test_eager_step_of_the_fast_path_matches(pipeline_dir: Path) -> None:
     assert "warmup" not in a.timings and len(forwards) == 2
     b = run(plain, steps=2, seed=5, fast=False)
     torch.testing.assert_close(a.images, b.images, rtol=0, atol=0)
-
-
-class _ReplayOnCPU(_GraphedStep):
-    """The CUDA-graph bookkeeping without CUDA: capture runs the step once on the static inputs, replay
-    runs it again on whatever they hold now and writes the static output, as a graph replay would."""
-
-    @staticmethod
-    def new_pool():
-        return object()
-
-    def _capture(self, pool, warmup_iters):
-        return self.step(**self.static)
-
-    def replay(self):
-        self.out.copy_(self.step(**self.static))
 
 
 def test_graph_replay_bookkeeping(pipeline_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
