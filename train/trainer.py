@@ -52,6 +52,7 @@ from selfe.train.initial_weights import load_initial_weights
 from selfe.train.lr import build_optimizer, build_scheduler, load_schedule
 from selfe.train.metrics import MetricsLogger, memory_stats, nvtx_range, self_eval_samples, step_flops
 from selfe.train.parallelize import parallelize, reshard_all
+from selfe.train.run_dir import claim_on_rank0
 from selfe.train.sources import build_source, cut_batch_text
 from selfe.utils.atomic import folder_problem
 
@@ -154,6 +155,7 @@ class Trainer:
     def __init__(self, config: TrainConfig):
         self.config = config
         self.dist = init_distributed(config)
+        self.run_lock = None  # the claim on run_dir (rank 0), held until close()
         try:
             self._build(config)
         except BaseException:
@@ -166,6 +168,8 @@ class Trainer:
         if (problem := folder_problem(self.run_dir)) is not None:
             raise ValueError(f"run_dir {config.run_dir!r}: {problem}")
         check_fake_prompt_encoder(config)  # now, not when the auxiliary term switches on
+        # Before anything is written or cleaned there: a folder that is not a run, or another trainer's, is refused.
+        self.run_lock = claim_on_rank0(self.run_dir, config.name, rank, world, device)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", config.checkpoint.keep, rank, world)
         self.checkpointer.clean_partial()
         latest = self.checkpointer.latest()
@@ -218,7 +222,7 @@ class Trainer:
         if resume_from is not None:
             self.load(resume_from)
             self._resumed_step = self.step
-            self.metrics.drop_after(self.step)  # the steps after the checkpoint run again
+        self.metrics.drop_after(self.step)  # the steps after the checkpoint (all, without one: a kill) run again
         if rank == 0:  # only now: a refused resume leaves the run's config.json as its checkpoints have it
             save_config(config, self.run_dir / "config.json")
 
@@ -406,6 +410,8 @@ class Trainer:
         return result
 
     def close(self) -> None:
-        """Destroy the process group if this trainer made it."""
+        """Release run_dir, and destroy the process group if this trainer made it."""
+        if self.run_lock is not None:
+            self.run_lock.release()
         if self.dist.owns_group and dist.is_initialized():
             dist.destroy_process_group()
