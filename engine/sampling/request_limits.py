@@ -50,7 +50,7 @@ class RequestLimits:
         """`images` in one call, counted as `what` says (e.g. "2 prompts x 500 num_images_per_prompt")."""
         if self.max_images is not None and images > self.max_images:
             raise ValueError(
-                f"{what} ask for {images} images in one call, over RequestLimits.max_images={self.max_images} "
+                f"{what} means {images} images in one call, over RequestLimits.max_images={self.max_images} "
                 f"(one batch, held in memory at once): split the call, or {HOW_TO_RAISE}"
             )
 
