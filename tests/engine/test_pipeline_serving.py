@@ -135,8 +135,16 @@ def test_nan_weights_give_a_warning_naming_the_step(nan_pipe: SelfEPipeline, fas
     ):
         out = pipe("a red circle", steps=4, seed=0, output_type="pt", fast=fast)
     assert "at step 1 of 4" in out.nonfinite and "come out black" in out.nonfinite
-    with pytest.warns(NonFiniteOutputWarning, match="at step 1 of 2"):
+    with pytest.warns(NonFiniteOutputWarning, match="at step 1 of 2") as record:
         assert pipe("a red circle", steps=2, seed=0, output_type="latent", fast=fast).nonfinite
+    assert record[0].filename == __file__  # it points at the caller, through the lock's frame
+
+
+def test_the_truncation_warning_points_at_the_caller(pipe: SelfEPipeline) -> None:
+    long = " and ".join(["a red circle"] * pipe.text_encoders.t5.max_length)
+    with pytest.warns(UserWarning, match="truncated") as record:
+        pipe(long, steps=1, seed=0, output_type="latent")
+    assert record[0].filename == __file__
 
 
 def test_a_finite_output_is_silent_and_a_broken_decoder_is_named(pipe: SelfEPipeline) -> None:
