@@ -21,7 +21,7 @@ from selfe.sampling.pipeline import SelfEPipeline
 from selfe.sampling.sampler import SamplerConfig
 from selfe.shapes import shipped_model_dir
 from tests.engine.test_pipeline import _ReplayOnCPU
-from tests.helpers_text import forbid_network_and_unpickling
+from tests.helpers_text import allow_inductor_unpickling, forbid_network_and_unpickling
 
 SHIPPED = shipped_model_dir()
 pytestmark = pytest.mark.skipif(SHIPPED is None, reason="this install lacks the shipped ShapesEval model")
@@ -101,6 +101,25 @@ def test_calls_from_four_threads_share_one_compiled_step() -> None:
     with torch._dynamo.config.patch(error_on_recompile=True):
         for result, request in zip(together, REQUESTS):
             torch.testing.assert_close(result, call(pipe, request, fast=True), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_threads_and_a_nan_model_on_real_cuda_graphs(tmp_path: Path) -> None:
+    """The real thing: the inductor-compiled step in CUDA graphs, called from four threads at once; then a NaN
+    model on a graphed step (its generators forked on the device, so the search draws the same noise)."""
+    graphed = FastPathConfig(compile=True, cuda_graph="on")
+    pipe = SelfEPipeline.from_pretrained(SHIPPED, torch_dtype=torch.float32, device="cuda", fast_path=graphed)
+    with allow_inductor_unpickling():
+        one_by_one = [call(pipe, request, fast=True) for request in REQUESTS]
+        together = in_threads(pipe, fast=True)
+    for result, alone in zip(together, one_by_one):
+        torch.testing.assert_close(result, alone, rtol=0, atol=0)
+    assert pipe.fast.num_graphs == 1
+    eager_graphed = FastPathConfig(compile=False, cuda_graph="on")
+    nan = SelfEPipeline.from_pretrained(nan_weights_copy(tmp_path / "nan"), device="cuda", fast_path=eager_graphed)
+    with pytest.warns(NonFiniteOutputWarning, match="at step 1 of 4"):
+        nan("a red circle", steps=4, seed=0, output_type="pt")
+    assert nan.fast.num_graphs == 1
 
 
 # ----------------------------------------------------------------------------------------------
