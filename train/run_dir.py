@@ -44,10 +44,6 @@ class RunDirLock:
     def __init__(self, run_dir: Path, file: IO[str]):
         self.run_dir, self._file = run_dir, file
 
-    @property
-    def held(self) -> bool:
-        return self._file is not None
-
     def release(self) -> None:
         if self._file is not None:
             self._file.close()  # closing the last descriptor drops the flock; the file stays (see the docstring)

@@ -9,6 +9,7 @@ finite; with NaN weights that is the first step, so the search costs one step.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -63,7 +64,9 @@ def first_nonfinite_step(
     return None if bool(out.isfinite().all()) else config.steps - 1
 
 
-def nonfinite_message(latents: Tensor, images: Tensor | None, find_step, steps: int) -> str | None:
+def nonfinite_message(
+    latents: Tensor, images: Tensor | None, find_step: Callable[[], int | None], steps: int
+) -> str | None:
     """None when `images` (or, without them, `latents`) are finite: one host sync. Otherwise what went wrong
     and where: `find_step()` (e.g. `first_nonfinite_step` bound to the call's inputs) names the step."""
     if bool((latents if images is None else images).isfinite().all()):
