@@ -33,6 +33,7 @@ _EXPORTS = {
     "FastPathConfig": "selfe.sampling.fast_path",
     "SelfEPipeline": "selfe.sampling.pipeline",
     "SelfEPipelineOutput": "selfe.sampling.pipeline",
+    "RequestLimits": "selfe.sampling.request_limits",
     # components
     "AutoEncoder": "selfe.components.autoencoder",
     "TextEncoders": "selfe.components.text_encoders",

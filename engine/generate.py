@@ -11,6 +11,9 @@ ShapesEval model shipped with the package (`selfe.shapes.shipped_model_dir()`) i
 install has it.
 Images are written at the model's native resolution unless --height / --width say otherwise, and
 upscaled (nearest neighbour, --upscale) so that small ones (ShapesEval's 32x32) are visible.
+Requests are bounded before the model samples: the pipeline's RequestLimits (images per call, image tokens, steps;
+selfe.sampling.request_limits), a written image's side after upscaling (MAX_OUTPUT_SIDE) and the grid's pixels
+(MAX_GRID_PIXELS); --no-limits lifts them all. A model whose output holds NaN or Inf writes nothing (exit 3).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import io
 import math
 import re
 import sys
+import warnings
 from pathlib import Path
 
 from selfe.utils.atomic import atomic_write_bytes, folder_problem
@@ -37,6 +41,8 @@ DIR is a pipeline directory holding:
 Nothing is downloaded: every path must be local."""
 AUTO_UPSCALE_MIN_SIDE = 128  # --upscale auto: the smallest integer factor that makes the image side >= this
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit seed
+MAX_OUTPUT_SIDE = 8192  # pixels a side of a written image, upscaling included (--no-limits lifts it)
+MAX_GRID_PIXELS = 2**28  # pixels of the grid (16384², 768 MiB as RGB: 2b's 2048² at 4 prompts x 8 step counts fits)
 
 
 def upscale_factor(value: str) -> int | str:
@@ -80,6 +86,25 @@ def out_problem(out: Path) -> str | None:
         return f"--out {str(out)!r}: PIL cannot write an RGB image as {kind}; use .png, .jpg or .webp"
     problem = folder_problem(out.parent)  # mkdir runs after sampling
     return None if problem is None else f"--out {str(out)!r}: {problem}"
+
+
+def output_problem(height: int, width: int, factor: int, rows: int, columns: int) -> str | None:
+    """Why the upscaled images or their grid (rows x columns of them) would be too large to write, or None.
+    Checked before sampling, so `--upscale 100000` is one line, not an allocation the OOM killer ends."""
+    side = max(height, width) * factor
+    if side > MAX_OUTPUT_SIDE:
+        return (
+            f"--upscale {factor} makes the {width}x{height} images {width * factor}x{height * factor}, over "
+            f"{MAX_OUTPUT_SIDE} pixels a side (the limit on a written image; pass a smaller --upscale, or --no-limits)"
+        )
+    pixels = rows * height * factor * columns * width * factor
+    if pixels > MAX_GRID_PIXELS:
+        return (
+            f"the grid of {rows} prompts x {columns} step counts of {width * factor}x{height * factor} images would "
+            f"be {pixels} pixels, over {MAX_GRID_PIXELS} (2^28, the limit on the grid): pass fewer prompts or "
+            "step counts, a smaller --upscale, or --no-limits"
+        )
+    return None
 
 
 def auto_upscale(height: int, width: int, min_side: int = AUTO_UPSCALE_MIN_SIDE) -> int:
@@ -145,12 +170,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="FP8 linears for sampling: torchao float8 (emulated off FP8 GPUs) or Transformer Engine",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--no-limits",
+        action="store_true",
+        help="lift the request limits (images per call, image tokens, steps: selfe.RequestLimits) and the "
+        f"output-size limits ({MAX_OUTPUT_SIDE} px a side, {MAX_GRID_PIXELS} px a grid); for machines that can take it",
+    )
     return parser
 
 
 def generate_main(argv: list[str] | None = None) -> int:
     """Entry point of `selfe generate`; returns the exit code (0 ok, 2 bad arguments or a model that does not
-    load, 1 a failure while writing the images).
+    load, 1 a failure while writing the images, 3 a model whose output holds NaN or Inf: nothing written).
     Argument errors found by argparse or the up-front checks exit 2 through SystemExit, as argparse does."""
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
@@ -177,7 +208,9 @@ def generate_main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from selfe.sampling.fast_path import FastPathConfig
+    from selfe.sampling.nonfinite import NonFiniteOutputWarning
     from selfe.sampling.pipeline import SelfEPipeline
+    from selfe.sampling.request_limits import RequestLimits
 
     compile_step = {"auto": "auto", "on": True, "off": False}[args.compile]
     fast_path = FastPathConfig(compile=False if args.eager else compile_step)
@@ -197,6 +230,14 @@ def generate_main(argv: list[str] | None = None) -> int:
         print(f"selfe generate: error: could not load the pipeline from {str(args.model)!r}: {err}", file=sys.stderr)
         return 2
     pipe.set_progress_bar_config(disable=True)  # this command's own bar counts the steps of every call
+    if args.no_limits:
+        pipe.limits = RequestLimits.none()
+    height, width = args.height or pipe.default_size[0], args.width or pipe.default_size[1]
+    factor = auto_upscale(height, width) if args.upscale == "auto" else args.upscale
+    problem = None if args.no_limits else output_problem(height, width, factor, len(args.prompt), len(args.steps))
+    if problem is not None:
+        print(f"selfe generate: error: {problem}", file=sys.stderr)
+        return 2
 
     guidance = None if args.no_guidance else (args.guidance if args.guidance is not None else ...)
     call_kwargs = dict(
@@ -210,13 +251,23 @@ def generate_main(argv: list[str] | None = None) -> int:
         for steps in args.steps:
             bar.set_description(f"{steps} step{'s' if steps > 1 else ''}")
             generator = torch.Generator(device=pipe.device).manual_seed(args.seed)
-            out = pipe(
-                args.prompt,
-                steps=steps,
-                generator=generator,
-                progress=lambda _k: bar.update(1),
-                **call_kwargs,
-            )
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", NonFiniteOutputWarning)  # an error below instead
+                out = pipe(
+                    args.prompt,
+                    steps=steps,
+                    generator=generator,
+                    progress=lambda _k: bar.update(1),
+                    **call_kwargs,
+                )
+            if out.nonfinite is not None:
+                bar.close()
+                print(
+                    f"selfe generate: error: the model {str(args.model)!r} at {steps} step{'s' * (steps > 1)}: "
+                    f"{out.nonfinite}; no image written",
+                    file=sys.stderr,
+                )
+                return 3
             columns.append(out.images)
     except (ValueError, TypeError) as err:
         bar.close()
@@ -225,7 +276,6 @@ def generate_main(argv: list[str] | None = None) -> int:
     bar.close()
 
     width, height = columns[0][0].size
-    factor = auto_upscale(height, width) if args.upscale == "auto" else args.upscale
     columns = [[upscale(image, factor) for image in column] for column in columns]
     paths = []
     try:  # checked up front, but the disk can still fill or the folder change meanwhile
@@ -273,13 +323,22 @@ def earlier_images(out: Path, keep: list[Path]) -> list[Path]:
 def argument_problem(args: argparse.Namespace) -> str | None:
     """The first thing wrong with the parsed arguments that needs no model to see, or None.
     (Sizes that are not a multiple of the model's patch are caught by the pipeline, before sampling.)"""
+    from selfe.sampling.request_limits import RequestLimits, guidance_problem
+
     if args.guidance is not None:
         if args.no_guidance:
             return "--guidance and --no-guidance contradict each other; pass one"
-        if not math.isfinite(args.guidance) or args.guidance < 0:
-            return f"--guidance must be a finite number >= 0 (or pass --no-guidance), got {args.guidance}"
+        if (problem := guidance_problem(args.guidance)) is not None:
+            return f"--guidance {problem} (or pass --no-guidance), got {args.guidance}"
     if not 0 <= args.seed <= MAX_SEED:
         return f"--seed must be in [0, 2^64 - 1], got {args.seed}"
+    if not args.no_limits:  # what needs no model to see; sizes are checked once it has loaded
+        limits = RequestLimits()
+        try:
+            limits.check_images(len(args.prompt), f"{len(args.prompt)} --prompt values")
+            limits.check_steps(max(args.steps))
+        except ValueError as err:
+            return str(err)
     problem = out_problem(args.out)
     if problem is None and args.device is not None:
         problem = device_problem(args.device)

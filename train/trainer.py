@@ -66,6 +66,7 @@ from selfe.train.metrics import (
 )
 from selfe.train.parallelize import parallelize, param_dtype_for, reshard_all
 from selfe.train.prefetch import Prefetcher
+from selfe.train.run_dir import claim_on_rank0
 from selfe.train.sources import build_source, cut_batch_text
 from selfe.train.step_window import StepWindow
 from selfe.utils.atomic import folder_problem
@@ -161,6 +162,7 @@ class Trainer:
     def __init__(self, config: TrainConfig):
         self.config = config
         self.dist = init_distributed(config)
+        self.run_lock = None  # the claim on run_dir (rank 0), held until close()
         try:
             self._build(config)
         except BaseException:
@@ -173,6 +175,8 @@ class Trainer:
         if (problem := folder_problem(self.run_dir)) is not None:
             raise ValueError(f"run_dir {config.run_dir!r}: {problem}")
         check_fake_prompt_encoder(config)  # now, not when the auxiliary term switches on
+        # Before anything is written or cleaned there: a folder that is not a run, or another trainer's, is refused.
+        self.run_lock = claim_on_rank0(self.run_dir, config.name, rank, world, device)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", config.checkpoint.keep, rank, world)
         self.checkpointer.clean_partial()
         latest = self.checkpointer.latest()
@@ -467,8 +471,10 @@ class Trainer:
         return result
 
     def close(self) -> None:
-        """Stop the prefetch thread; destroy the process group if this trainer made it."""
+        """Stop the prefetch thread, release run_dir, and destroy the process group if this trainer made it."""
         if getattr(self, "source", None) is not None:
             self.source.close()
+        if self.run_lock is not None:
+            self.run_lock.release()
         if self.dist.owns_group and dist.is_initialized():
             dist.destroy_process_group()

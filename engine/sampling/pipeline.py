@@ -29,12 +29,22 @@ folder, else from the sibling `tokenizer` / `tokenizer_2` folder. Everything is 
 A call validates every argument before any device work (errors name the argument), encodes the prompts
 once (the null prompt "" is cached by the text encoders), samples with the fast path of
 `selfe.sampling.fast_path` (one compiled, CUDA-graph-captured step for every step count) or eagerly, and decodes.
+What a call may ask for (images, image tokens, steps) is bounded by `pipe.limits` (selfe.sampling.request_limits),
+checked with the arguments. A NaN or Inf output is a NonFiniteOutputWarning naming the step where the latents went
+non-finite, and `output.nonfinite` says it (selfe.sampling.nonfinite); it costs one host sync after the loop.
+
+Threads: a pipeline runs one call at a time. `__call__`, `warmup` and `to` hold the pipeline's lock (an RLock), so
+calls from several threads are serialized and give exactly the images they give one by one: the compiled step,
+its CUDA graphs' static buffers, the tokenizers and the text encoders' caches are shared. For throughput, batch
+prompts into one call, or give each device its own pipeline.
 """
 
 from __future__ import annotations
 
-import math
+import functools
 import os
+import threading
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +61,7 @@ from selfe.components.weights import check_safetensors_file, load_safetensors_in
 from selfe.network.config import MMDiTConfig
 from selfe.network.model import MMDiT
 from selfe.sampling.fast_path import FastPathConfig, FastSampler
+from selfe.sampling.nonfinite import NonFiniteOutputWarning, first_nonfinite_step, fork_generators, nonfinite_message
 from selfe.sampling.pipeline_files import (
     CONFIG_FILE,
     MODEL_FILE,
@@ -83,6 +94,7 @@ from selfe.sampling.progress import (
     counted_progress,
     step_end_hook,
 )
+from selfe.sampling.request_limits import RequestLimits, checked_limits, guidance_problem
 from selfe.sampling.sampler import METHODS, S_POLICIES, SamplerConfig, draw_noise, sample
 from selfe.sampling.stage_timings import StageTimings
 
@@ -92,17 +104,30 @@ DEFAULT_SIZE = 512  # pixels per side when neither the call nor the pipeline's c
 AUTOENCODERS = (AutoEncoder, SpaceToDepthAutoEncoder)
 
 
+def _serialized(method: Callable) -> Callable:
+    """The pipeline method, run holding the pipeline's lock (one call at a time: the module docstring)."""
+
+    @functools.wraps(method)
+    def locked(self: SelfEPipeline, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
 @dataclass
 class SelfEPipelineOutput:
     """images: list of PIL images ("pil"), a (B, 3, H, W) tensor in [0, 1] ("pt"), a (B, H, W, 3) float
     array ("np"), or the (B, C, h, w) latents ("latent"). latents: the sampled latents, always.
     timings: seconds per stage (text_encoder, warmup, denoise, decode) and end_to_end, from the prompts'
     encoding to the decoded images (argument checks and the PIL / numpy conversion left out); on CUDA timed
-    with events, so reading a time waits for that stage's work (`selfe.sampling.stage_timings`)."""
+    with events, so reading a time waits for that stage's work (`selfe.sampling.stage_timings`).
+    nonfinite: None, or why the latents or images hold NaN / Inf (the NonFiniteOutputWarning's text)."""
 
     images: Any
     latents: Tensor
     timings: Mapping[str, float] = field(default_factory=dict)
+    nonfinite: str | None = None
 
 
 class SelfEPipeline(ProgressBarMixin):
@@ -123,6 +148,7 @@ class SelfEPipeline(ProgressBarMixin):
         max_size: int = MAX_SIZE,
         fp8: str | FP8Config = "none",
         default_resolution: int | None = None,
+        limits: RequestLimits | None = None,
     ):
         """autoencoder: the FLUX-architecture AutoEncoder (latent models) or the weightless
         SpaceToDepthAutoEncoder (pixel-space models).
@@ -131,7 +157,8 @@ class SelfEPipeline(ProgressBarMixin):
         FastPathConfig(compile=False, cuda_graph="off") for a plain eager step.
         fp8: "none", "torchao", "te" or an FP8Config: the model's large linears are converted in place for
         FP8 sampling here, after its weights are loaded and before the step is ever compiled.
-        default_resolution: the image side used when a call omits height / width (None: 512)."""
+        default_resolution: the image side used when a call omits height / width (None: 512).
+        limits: what one call may ask for (None: RequestLimits(), the defaults); settable later as `pipe.limits`."""
         if not isinstance(model, MMDiT):
             raise TypeError(f"model must be an MMDiT, got {type(model).__name__}")
         if not isinstance(autoencoder, AUTOENCODERS):
@@ -150,6 +177,7 @@ class SelfEPipeline(ProgressBarMixin):
         if sampler_defaults is not None and not isinstance(sampler_defaults, SamplerConfig):
             raise TypeError(f"sampler_defaults must be a SamplerConfig or None, got {type(sampler_defaults).__name__}")
         check_engine_options(fast_path, max_size)
+        self.limits = RequestLimits() if limits is None else limits
         if default_resolution is not None:
             error = side_error(
                 "default_resolution",
@@ -168,6 +196,7 @@ class SelfEPipeline(ProgressBarMixin):
         self.fast = FastSampler(self.model, fast_path)
         self.max_size = max_size
         self.default_resolution = default_resolution
+        self._lock = threading.RLock()  # one call at a time (module docstring)
 
     @classmethod
     def from_components(
@@ -196,6 +225,7 @@ class SelfEPipeline(ProgressBarMixin):
         fast_path: FastPathConfig | None = None,
         max_size: int = MAX_SIZE,
         fp8: str | FP8Config = "none",
+        limits: RequestLimits | None = None,
     ) -> SelfEPipeline:
         """Load a pipeline directory (layout in the module docstring) from local files only.
 
@@ -204,6 +234,7 @@ class SelfEPipeline(ProgressBarMixin):
         autoencoder_path: the FLUX autoencoder's weights (default DIR/ae.safetensors); an error with a
         "space_to_depth" autoencoder, which has none.
         fp8: "none", "torchao", "te" or an FP8Config (see `__init__`); the file stays high precision.
+        limits: a RequestLimits (see `__init__`).
         The config's "resolution" becomes `default_resolution`.
         device: "cpu", "cuda", "cuda:1", a torch.device or None (CUDA when present, else CPU); one that
         does not parse or is not available here is a ValueError naming `device`.
@@ -219,6 +250,8 @@ class SelfEPipeline(ProgressBarMixin):
             dtype if text_encoder_dtype is None else checked_dtype("text_encoder_dtype", text_encoder_dtype, device)
         )
         check_engine_options(fast_path, max_size)
+        if limits is not None:
+            checked_limits(limits)
         fp8 = resolve_fp8(fp8)
         for name, value in (("autoencoder_path", autoencoder_path), ("t5_path", t5_path), ("clip_path", clip_path)):
             if value is not None and not isinstance(value, (str, os.PathLike)):
@@ -272,6 +305,7 @@ class SelfEPipeline(ProgressBarMixin):
             max_size=max_size,
             fp8=fp8,
             default_resolution=meta["resolution"],
+            limits=limits,
         )
 
     # ------------------------------------------------------------------------------------------
@@ -289,10 +323,20 @@ class SelfEPipeline(ProgressBarMixin):
         return pipeline_repr(self)
 
     @property
+    def limits(self) -> RequestLimits:
+        """What one call may ask for (a RequestLimits; RequestLimits.none() lifts every limit)."""
+        return self._limits
+
+    @limits.setter
+    def limits(self, value: RequestLimits) -> None:
+        self._limits = checked_limits(value)
+
+    @property
     def size_multiple(self) -> int:
         """Image sides must be multiples of this: autoencoder downsampling x patch size (16 for FLUX)."""
         return self.autoencoder.downsample_factor * self.model.config.patch_size
 
+    @_serialized
     def to(self, *args: Any, device: Any = None, dtype: Any = None) -> SelfEPipeline:
         """Move the pipeline to a device and / or cast the model and the autoencoder to a dtype, as in
         diffusers: `pipe.to("cuda")`, `pipe.to(torch.bfloat16)`, `pipe.to("cuda", torch.bfloat16)`.
@@ -360,6 +404,7 @@ class SelfEPipeline(ProgressBarMixin):
             raise ValueError(f"text_tokens must be at most the text encoder's padded length {limit}, got {text_tokens}")
         return {"length": text_bucket_length(text_tokens, bucket, limit)}
 
+    @_serialized
     def warmup(
         self,
         batch: int,
@@ -381,6 +426,8 @@ class SelfEPipeline(ProgressBarMixin):
         check_int("batch", batch, 1)
         height, width = self._resolve_size(height, width)
         self._check_size(height, width)
+        self.limits.check_images(batch, f"batch={batch}")
+        self.limits.check_tokens(batch, height, width, self.size_multiple)
         sampler = self.sampler_defaults.method if sampler is None else sampler
         check_choice("sampler", sampler, METHODS)
         if guidance is None:
@@ -414,6 +461,7 @@ class SelfEPipeline(ProgressBarMixin):
     # ------------------------------------------------------------------------------------------
     # The call
 
+    @_serialized
     @torch.no_grad()
     def __call__(
         self,
@@ -479,6 +527,7 @@ class SelfEPipeline(ProgressBarMixin):
         self._check_size(height, width)
         check_choice("output_type", output_type, OUTPUT_TYPES)
         check_int("num_images_per_prompt", num_images_per_prompt, 1)
+        self._check_limits(len(prompts), num_images_per_prompt, height, width, config.steps)
         generator = self._generator(seed, generator, len(prompts) * num_images_per_prompt)
         if not isinstance(fast, bool):
             raise TypeError(f"fast must be a bool, got {fast!r}")
@@ -511,6 +560,7 @@ class SelfEPipeline(ProgressBarMixin):
         latent_shape = self._latent_shape(height, width)
         noise = draw_noise((batch, *latent_shape), generator, self.device)
         step_noise = _on(generator, noise)
+        replay = fork_generators(step_noise)  # the same per-step noise again, should the output not be finite
         patch = self.model.config.patch_size
         num_tokens = (latent_shape[1] // patch) * (latent_shape[2] // patch)
         on_step_end = None if callback_on_step_end is None else step_end_hook(self, callback_on_step_end, tensor_inputs)
@@ -525,13 +575,31 @@ class SelfEPipeline(ProgressBarMixin):
         else:
             with clock("denoise"), fp8_autocast_context(self.fp8):
                 latents = sample(self.model, noise, cond, null, config, num_tokens, step_noise, progress, on_step_end)
+        find_step = functools.partial(self._first_nonfinite_step, noise, cond, null, config, num_tokens, replay)
         if output_type == "latent":
+            nonfinite = self._nonfinite(latents, None, find_step, config.steps)
             clock.stop("end_to_end")
-            return SelfEPipelineOutput(images=latents, latents=latents, timings=clock)
+            return SelfEPipelineOutput(images=latents, latents=latents, timings=clock, nonfinite=nonfinite)
         with clock("decode"):
             images = self.decode(latents)
+        nonfinite = self._nonfinite(latents, images, find_step, config.steps)
         clock.stop("end_to_end")
-        return SelfEPipelineOutput(images=_convert(images, output_type), latents=latents, timings=clock)
+        return SelfEPipelineOutput(
+            images=_convert(images, output_type), latents=latents, timings=clock, nonfinite=nonfinite
+        )
+
+    def _nonfinite(self, latents: Tensor, images: Tensor | None, find_step, steps: int) -> str | None:
+        """None when the output is finite (one host sync); else a NonFiniteOutputWarning, and its text."""
+        message = nonfinite_message(latents, images, find_step, steps)
+        if message is not None:
+            message = f"model {self.model.config.name!r}: {message}; such pixels come out black"
+            # _nonfinite < __call__ < torch.no_grad's wrapper < _serialized < the caller
+            warnings.warn(message, NonFiniteOutputWarning, stacklevel=5)
+        return message
+
+    def _first_nonfinite_step(self, noise, cond, null, config, num_tokens, generator) -> int | None:
+        with fp8_autocast_context(self.fp8):
+            return first_nonfinite_step(self.model, noise, cond, null, config, num_tokens, generator)
 
     # ------------------------------------------------------------------------------------------
     # Validation
@@ -553,15 +621,9 @@ class SelfEPipeline(ProgressBarMixin):
         check_int("steps", steps, 1)
         guidance = _alias("guidance", guidance, ..., "guidance_scale", guidance_scale)
         guidance = defaults.guidance if guidance is ... else guidance
-        if guidance is not None:
-            # omega < 0 would push away from the prompt: a typo, not a setting (0 is unconditional, 1 is no CFG)
-            if (
-                isinstance(guidance, bool)
-                or not isinstance(guidance, (int, float))
-                or not math.isfinite(guidance)
-                or guidance < 0
-            ):
-                raise ValueError(f"guidance must be a finite number >= 0 or None (no CFG), got {guidance!r}")
+        # omega < 0 would push away from the prompt: a typo, not a setting (0 is unconditional, 1 is no CFG)
+        if guidance is not None and (problem := guidance_problem(guidance)) is not None:
+            raise ValueError(f"guidance {problem}, or None (no CFG), got {guidance!r}")
         method = defaults.method if sampler is None else sampler
         check_choice("sampler", method, METHODS)
         policy = defaults.s_policy if s_policy is None else s_policy
@@ -582,6 +644,12 @@ class SelfEPipeline(ProgressBarMixin):
             time_shift=defaults.time_shift,
             kernel_backend=defaults.kernel_backend,
         )
+
+    def _check_limits(self, prompts: int, per_prompt: int, height: int, width: int, steps: int) -> None:
+        images = prompts * per_prompt
+        self.limits.check_images(images, f"{prompts} prompt{'s' * (prompts != 1)} x num_images_per_prompt={per_prompt}")
+        self.limits.check_tokens(images, height, width, self.size_multiple)
+        self.limits.check_steps(steps)
 
     def _resolve_size(self, height: Any, width: Any) -> tuple[Any, Any]:
         default_height, default_width = self.default_size

@@ -176,7 +176,7 @@ def warn_truncated(text_encoders: Any, prompts: list[str], name: str = "prompt")
             f"prompts longer than the text encoders take are truncated: {', '.join(notes)}; "
             "the model does not see the rest",
             UserWarning,
-            stacklevel=4,  # _warn_truncated < __call__ < torch.no_grad's wrapper < the caller
+            stacklevel=5,  # warn_truncated < __call__ < torch.no_grad's wrapper < the pipeline's lock < the caller
         )
 
 

@@ -23,6 +23,7 @@ class FakePipe:
     """Stands in for SelfEPipeline: records each call's keyword arguments, returns 4x4 black images."""
 
     device = torch.device("cpu")
+    default_size = (4, 4)
 
     def __init__(self) -> None:
         self.calls: list[dict] = []
@@ -35,7 +36,7 @@ class FakePipe:
         from PIL import Image
 
         self.calls.append(kwargs)
-        return SimpleNamespace(images=[Image.new("RGB", (4, 4)) for _ in prompts])
+        return SimpleNamespace(images=[Image.new("RGB", (4, 4)) for _ in prompts], nonfinite=None)
 
 
 @pytest.fixture
