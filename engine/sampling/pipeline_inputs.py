@@ -194,7 +194,7 @@ def warn_unknown_words(text_encoders: Any, prompts: list[str], name: str = "prom
             "the model was never trained on them (they are spelled letter by letter), so the image will not "
             "follow them",
             UserWarning,
-            stacklevel=4,  # warn_unknown_words < __call__ < torch.no_grad's wrapper < the caller
+            stacklevel=5,  # warn_unknown_words < __call__ < torch.no_grad's wrapper < the pipeline's lock < the caller
         )
 
 

@@ -188,6 +188,9 @@ def test_no_limits_lifts_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         def __call__(self, prompts, steps, **kwargs):
             return type("Out", (), {"images": [Image.new("RGB", (4, 4))] * len(prompts), "nonfinite": None})
 
+        def set_progress_bar_config(self, **kwargs):
+            pass
+
     recorder = Recorder()
     monkeypatch.setattr(SelfEPipeline, "from_pretrained", classmethod(lambda cls, *a, **k: recorder))
     argv = ["--model", str(tmp_path), "--prompt", "a", "--steps", "5000", "--out", str(tmp_path / "g.png")]
