@@ -110,7 +110,7 @@ def py(*args: str) -> list[str]:
     return ["{py}", *args]
 
 
-PEER_WHEELS = ".whl"  # diffusers and importlib_metadata as wheels: the device has neither, nor a network
+PEER_WHEELS = ".whl"  # diffusers (+ importlib_metadata, lazy-importer) as wheels: the device has no network
 
 
 def with_peer_wheels() -> list[str]:

@@ -21,6 +21,12 @@ compile) is printed per variant. Parameter counts of the two models are printed 
 
     python bench/peers.py --preset tiny --resolution 32 --txt-tokens 16 --compile-backend aot_eager  # CPU smoke
     python bench/peers.py --preset 2b --resolution 512 --batch 1 --steps 2 --train-batch 4 --json bench/peers.json
+
+On the device machine (no network, no diffusers) this is the engine profile's `peers` step; its wheels travel
+in .whl (ignored by git), fetched here once:
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 -d .whl diffusers==0.42.1 importlib_metadata==10.2.0 lazy-importer==0.1.0
+    python3 bench/device_session.py --profile engine --only peers --out "$OUT" --budget 540   # carry: [".whl"]
 """
 
 from __future__ import annotations
