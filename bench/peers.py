@@ -235,6 +235,7 @@ def sampling_rows(args: argparse.Namespace, device: torch.device, dtype: torch.d
         if variant == "regional":  # undo the in-place compile (Module.compile) for whatever comes next
             for block in [*peer.transformer_blocks, *peer.single_transformer_blocks]:
                 block._compiled_call_impl = None
+    torch._dynamo.reset()  # the compiled code holds the models: free them for the training part
     return rows, info
 
 
@@ -315,8 +316,8 @@ def training_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
         if owns_group:
             dist.destroy_process_group()
     work = ours["selfe"]["tflops_per_step"] / ours["fm"]["tflops_per_step"]
-    common = {"part": "train", "batch": batch_size, "variant": variant, "peer_ms": peer_ms,
-              "peer_warmup_s": peer_warm}  # fmt: skip
+    common = {"part": "train", "batch": batch_size, "img_tokens": h * h, "txt_tokens": txt, "variant": variant,
+              "peer_ms": peer_ms, "peer_warmup_s": peer_warm}  # fmt: skip
     rows = [
         {**common, "what": "flow matching step", "ours_ms": ours["fm"]["step_time_s"] * 1e3, "work": 1.0},
         {
@@ -392,15 +393,21 @@ def _row_md(r: dict) -> str:
 
 def markdown(result: dict) -> str:
     p = result["params"]
+    sampling = "not run"
+    if result["img_tokens"] is not None:
+        sampling = (
+            f"{result['img_tokens']} image tokens, batch {result['batch']}, CFG {result['guidance']} as two batched "
+            f"rows, {result['dtype']}"
+        )
     return "\n".join(
         [
             f"{result['preset']} vs diffusers {result['diffusers']} FLUX at the same sizes (params: ours "
             f"{p['ours'] / 1e6:.2f}M, peer {p['peer'] / 1e6:.2f}M; guidance embedder "
-            f"{'on' if result['guidance_embeds'] else 'off'}), {result['resolution']}², {result['img_tokens']} "
-            f"image + {result['txt_tokens']} text tokens, sampling batch {result['batch']}, CFG "
-            f"{result['guidance']} as two batched rows, {result['dtype']}, {result['device']}, torch "
+            f"{'on' if result['guidance_embeds'] else 'off'}), {result['resolution']}², {result['txt_tokens']} text "
+            f"tokens; sampling: {sampling}; {result['device']}, torch "
             f"{result['torch']}, compile backend {result['compile_backend']}. ratio = peer ms / ours ms "
-            "(> 1: ours faster); images end to end = steps + decode, text encoders excluded.",
+            "(> 1: ours faster); images end to end = steps + decode, text encoders excluded; training: fp32 "
+            "weights, bf16 compute on CUDA, ours with its EMA and text mask, the peer without either.",
             "",
             HEADER,
             "|---|---|---|---|---|---|---|---|",
