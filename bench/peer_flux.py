@@ -1,9 +1,9 @@
 """diffusers' FLUX built at our sizes, and what a diffusers / torchtitan user would run with it.
 
-The peer of bench/peers.py: `FluxTransformer2DModel` and `AutoencoderKL` (random weights) configured from
-our `MMDiTConfig` / `AutoEncoderConfig`, its denoising loop (CFG as two batched rows, Euler) and its
-flow-matching training step (torchtitan's FLUX trainer: full activation checkpointing and compile per
-block, FSDP2, AdamW). diffusers is imported here only, lazily: the engine never imports it
+The peer of bench/peers.py: `FluxTransformer2DModel` and `AutoencoderKL` configured from our `MMDiTConfig` /
+`AutoEncoderConfig` (random weights, or our MMDiT's mapped in: `peer_state_dict`), its denoising loop (CFG
+as two batched rows, Euler) and its flow-matching training step (torchtitan's FLUX trainer: full activation
+checkpointing and compile per block, FSDP2, AdamW). diffusers is imported here only, lazily: the engine never imports it
 (`pip install -e '.[bench]'`).
 
 Parameter counts. Our MMDiT is FLUX's network plus MLP_s (the gap t - s): 256 -> D -> D. FLUX.1-dev's
@@ -13,8 +13,8 @@ those 256 D + D^2 + 2 D parameters (0.21% of the 2b). diffusers fixes the timest
 channels: our config must use time_embed_dim=256 (the 0.5b and 2b presets do; `peer_config` sets it).
 
 Conditioning inputs differ in meaning, not in cost: FLUX takes t, pooled CLIP and (dev) a guidance
-scalar; ours t, s (as the gap t - s) and pooled CLIP. diffusers' FLUX has no text padding mask: both
-sides run unmasked text of the same length.
+scalar; ours t, s (as the gap t - s) and pooled CLIP. diffusers' FLUX has no text padding mask: in sampling
+both sides run unmasked text of the same length (our trainer keeps its mask).
 """
 
 from __future__ import annotations
