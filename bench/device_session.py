@@ -15,8 +15,8 @@ into the running Python and run the 2b checks on the CPU).
 Profiles (the issue each step serves in brackets):
     engine  env, install (with the CUDA extension), GPU tests of kernels and engine [3, 6], sampling at
             batch 1 [6] and its baseline (the defaults before the H200 kernel table) [6], training MFU [5],
-            sampling at batch 16 [6], the fused-op benchmark [3], model fwd+bwd [2], the autoencoder [4],
-            the kernels' fp32/fp16 tests on the GPU [3]
+            ours beside diffusers' FLUX [34], sampling at batch 16 [6], the fused-op benchmark [3], model
+            fwd+bwd [2], the autoencoder [4], the kernels' fp32/fp16 tests on the GPU [3]
     sampling  env, install (pure Python), torchao from the carried wheel, then [29]: sampling end to end at
             batch 1 and 1/2/4/8 steps (fast path, new defaults) with its stages and kernel profile, the same at
             2 steps with the old defaults (the baseline), FP8 against bf16 (bench/fp8_sampling.py: quality over
@@ -119,12 +119,26 @@ def py(*args: str) -> list[str]:
     return ["{py}", *args]
 
 
+PEER_WHEELS = ".whl"  # diffusers (+ importlib_metadata, lazy-importer) as wheels: the device has no network
+
+
+def with_peer_wheels() -> list[str]:
+    """A shell prefix for a step's argv: where diffusers is missing, install the wheels carried in PEER_WHEELS
+    (`carry: [".whl"]`, fetched with `pip download --no-deps`, bench/peers.py) into {work}/peer-site and put it
+    on PYTHONPATH; then the rest of argv runs (`"$@"`)."""
+    site = "{work}/peer-site"
+    install = f"{{py}} -m pip install -q --no-index --no-deps --target {site} {PEER_WHEELS}/*.whl"
+    script = f'{{py}} -c "import diffusers" 2>/dev/null || {{ {install} && export PYTHONPATH={site}; }}; exec "$@"'
+    return ["bash", "-c", script, "peers"]
+
+
 def engine_steps() -> list[Step]:
     """The issues' shapes (2b preset at 512^2: 1024 image + 512 text tokens); the dry run is each script's
     own CPU smoke. Caps add up past the budget on purpose: the order is the priority."""
     pytest = py("-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "--durations=15",
                 "--junitxml", "{work}/gpu_tests.xml")  # fmt: skip
     sample = py("bench/sample_throughput.py", "--preset", "2b", "--resolution", "512")
+    peers = py("bench/peers.py", "--preset", "2b", "--resolution", "512")
     dry_sample = py("bench/sample_throughput.py", "--preset", "tiny", "--resolution", "64", "--steps", "1", "2",
                     "--variants", "eager", "--iters", "1")  # fmt: skip
     return [
@@ -165,6 +179,16 @@ def engine_steps() -> list[Step]:
             dry_argv=py("bench/train_mfu.py", "--preset", "tiny", "--resolution", "64", "--steps", "2",
                         "--variants", "eager", "--json", "{work}/train_mfu.json"),
             json="train_mfu.json",
+        ),
+        Step(  # ours beside diffusers' FLUX at the 2b sizes, after the headline numbers: sampling at batch 1, 2 steps
+            # (the peer eager, compiled whole and regionally) and the fwd+bwd step at batch 4 (torchtitan's way)
+            "peers", "34", 420,
+            argv=[*with_peer_wheels(), *peers, "--batch", "1", "--steps", "2", "--train-batch", "4",
+                  "--json", "{work}/peers.json"],
+            dry_argv=[*with_peer_wheels(), *py("bench/peers.py", "--preset", "tiny", "--resolution", "32",
+                      "--txt-tokens", "8", "--variants", "eager", "--iters", "1", "--train-compile", "off",
+                      "--train-steps", "1", "--train-warmup", "0", "--json", "{work}/peers.json")],
+            json="peers.json",
         ),
         Step(  # batch 16: the MFU goal; 50 steps here would take most of the lease (~0.3 s a step)
             "sample-b16", "6", 150,
