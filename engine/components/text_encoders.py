@@ -441,6 +441,7 @@ class TextEncoders:
         t5_attention_mask: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | str | None = None,
+        prompt_cache_size: int = 0,
     ) -> TextEncoders:
         """Both encoders from local snapshot folders, on one device and dtype."""
         t5 = load_t5_encoder(
@@ -458,7 +459,7 @@ class TextEncoders:
             device=device,
             dtype=dtype,
         )
-        return cls(t5, clip, pad_to_max_length=pad_to_max_length)
+        return cls(t5, clip, pad_to_max_length=pad_to_max_length, prompt_cache_size=prompt_cache_size)
 
     def encode(
         self, prompts: Sequence[str], *, length: int | None = None, bucket: int | None = None

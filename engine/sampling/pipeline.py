@@ -403,7 +403,8 @@ class SelfEPipeline:
         with fp8_autocast_context(self.fp8):
             self.fast.warmup(x, cond, null, sampler, self.sampler_defaults.kernel_backend)
         if self.components.decoder_compiled:
-            self.decode(x)
+            with torch.no_grad():  # as in a call: grad mode is part of what the trace guards on
+                self.decode(x)
         shape = dict(batch=batch, height=height, width=width, text_length=cond["txt"].shape[1], guided=guidance)
         self.components.warmed_up(dict(shape, sampler=sampler, dtype=str(self.dtype)), self.device)
         if self.device.type == "cuda":
