@@ -8,7 +8,7 @@ on (again after it moved), before anything there compiles:
   The pipeline runs T5 at the prompts' text bucket, so a server sees a few such shapes.
 - compile_decoder / decoder_channels_last: the FLUX decoder likewise, per latent shape; `tiled_decode`
   cuts equal tiles, so a large image adds one shape however many tiles it has.
-- prompt_cache_size: the TextEncoders' LRU of recent prompts' encodings.
+- prompt_cache_size: the TextEncoders' LRU of recent prompts' encodings (0 leaves the encoders' own).
 - compile_cache: the first prepare loads the saved artifacts (`selfe.sampling.compile_cache`);
   `save(shapes)` writes what the process compiled, `SelfEPipeline.warmup` calls it.
 
@@ -39,7 +39,7 @@ class FastComponents:
         self.config = config
         self.text_encoders = text_encoders if isinstance(text_encoders, TextEncoders) else None
         self.autoencoder = autoencoder if isinstance(autoencoder, AutoEncoder) else None
-        if self.text_encoders is not None and config.prompt_cache_size != self.text_encoders.prompt_cache.capacity:
+        if self.text_encoders is not None and config.prompt_cache_size > 0:  # 0 keeps the encoders' own setting
             self.text_encoders.prompt_cache = PromptEncodingCache(config.prompt_cache_size)
         self.compile_cache = CompileCache(config.compile_cache_dir)
         self.cache_load: CacheLoad | None = None  # what the first prepare with the cache on loaded
@@ -66,8 +66,9 @@ class FastComponents:
         return self._on(self.config.compile_decoder, device)
 
     def uses_channels_last(self, device: torch.device) -> bool:
+        """With "auto", as the decoder compiles: its generated kernels take the layout (eager GroupNorm may not)."""
         value = self.config.decoder_channels_last
-        return device.type == "cuda" if value == "auto" else bool(value)
+        return self.compiles_decoder(device) if value == "auto" else bool(value)
 
     def uses_compile_cache(self, device: torch.device) -> bool:
         value = self.config.compile_cache

@@ -69,11 +69,11 @@ class FastPathConfig:
     `compile_text_encoder`: T5 and CLIP compiled at static shapes, one trace per (batch, text bucket);
     `compile_decoder`: the FLUX decoder compiled, one trace per latent shape (tiles of `tiled_decode` share
     one); `decoder_channels_last`: its weights and activations in channels-last (NHWC) memory format, the
-    convolutions' fast layout on GPUs. "auto": on CUDA, the first two only when the step is compiled; on a
-    CPU off (inductor's C++ build of T5 takes minutes there). All use `compile_backend` / `compile_mode`,
-    and each serves at most `max_compiled_shapes` shapes.
-    `prompt_cache_size`: recent prompts whose encodings are kept (0: off; `selfe.components.encoding_cache`);
-    the null prompt and a few negative prompts are kept always.
+    convolutions' fast layout on GPUs. "auto": on CUDA when the step is compiled (channels-last: when the
+    decoder is); on a CPU off (inductor's C++ build of T5 takes minutes there). All use `compile_backend` /
+    `compile_mode`, and each serves at most `max_compiled_shapes` shapes.
+    `prompt_cache_size`: recent prompts whose encodings are kept (0: off, or what a TextEncoders was built
+    with; `selfe.components.encoding_cache`); the null prompt and a few negative prompts are kept always.
     `compile_cache`: torch.compile's artifacts saved by `SelfEPipeline.warmup` and loaded by a fresh process
     before its first compile (`selfe.sampling.compile_cache`), in `compile_cache_dir` (None: the folder
     $SELFE_COMPILE_CACHE, else ~/.cache/selfe/compile), under a sub-folder per torch version. "auto": on

@@ -98,7 +98,7 @@ def test_text_encoders_stay_eager_on_a_cpu_by_default(snapshots: tuple[Path, Pat
         torch.device("cuda")
     )
     off = FastComponents(FastPathConfig(compile=False), encoders, None)
-    assert not off.compiles_text_encoder(torch.device("cuda")) and off.uses_channels_last(torch.device("cuda"))
+    assert not off.compiles_text_encoder(torch.device("cuda")) and not off.uses_channels_last(torch.device("cuda"))
 
 
 @pytest.mark.slow
