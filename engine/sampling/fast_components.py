@@ -112,8 +112,9 @@ class FastComponents:
     def warmed_up(self, shape: Mapping[str, Any], device: torch.device) -> Path | None:
         """Record a shape `SelfEPipeline.warmup` prepared and, with the compile cache on, save the artifacts
         of every shape prepared so far (one file per shape set). Returns the file written, if any."""
-        if dict(shape) not in self.warmed:
-            self.warmed.append(dict(shape))
+        shape = dict(shape, device=torch.cuda.get_device_name(device) if device.type == "cuda" else device.type)
+        if shape not in self.warmed:
+            self.warmed.append(shape)
         if not self.uses_compile_cache(device):
             return None
         return self.compile_cache.save(self.warmed)

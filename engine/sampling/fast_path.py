@@ -74,6 +74,7 @@ class FastPathConfig:
     `compile_mode`, and each serves at most `max_compiled_shapes` shapes.
     `prompt_cache_size`: recent prompts whose encodings are kept (0: off, or what a TextEncoders was built
     with; `selfe.components.encoding_cache`); the null prompt and a few negative prompts are kept always.
+    T5 then runs on the prompts it lacks only, so its compiled shapes are (new prompts, text bucket).
     `compile_cache`: torch.compile's artifacts saved by `SelfEPipeline.warmup` and loaded by a fresh process
     before its first compile (`selfe.sampling.compile_cache`), in `compile_cache_dir` (None: the folder
     $SELFE_COMPILE_CACHE, else ~/.cache/selfe/compile), under a sub-folder per torch version. "auto": on
@@ -92,7 +93,7 @@ class FastPathConfig:
     decoder_channels_last: bool | str = "auto"
     prompt_cache_size: int = 0
     compile_cache: bool | str = "auto"
-    compile_cache_dir: str | None = None
+    compile_cache_dir: str | os.PathLike | None = None
 
     def __post_init__(self) -> None:
         # `1 in (True, False, "auto")` holds in Python, so the bool check is by type.

@@ -405,8 +405,9 @@ class SelfEPipeline:
         if self.components.decoder_compiled:
             with torch.no_grad():  # as in a call: grad mode is part of what the trace guards on
                 self.decode(x)
-        shape = dict(batch=batch, height=height, width=width, text_length=cond["txt"].shape[1], guided=guidance)
-        self.components.warmed_up(dict(shape, sampler=sampler, dtype=str(self.dtype)), self.device)
+        text_length = cond["txt"].shape[1]
+        shape = dict(batch=batch, height=height, width=width, text_length=text_length, guided=guidance, sampler=sampler)
+        self.components.warmed_up(dict(shape, dtype=str(self.dtype)), self.device)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - start

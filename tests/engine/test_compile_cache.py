@@ -124,7 +124,7 @@ def test_warmed_shapes_are_saved_only_with_the_cache_on(tmp_path: Path, torch_ar
     on.prepare(cpu)
     assert on.cache_load is not None and on.cache_load.files == []
     path = on.warmed_up(dict(batch=1), cpu)
-    assert on.warmed_up(dict(batch=1), cpu) == path and on.warmed == [dict(batch=1)]
+    assert on.warmed_up(dict(batch=1), cpu) == path and on.warmed == [dict(batch=1, device="cpu")]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -69,6 +69,7 @@ def assert_flash_tolerance(got: torch.Tensor, eager: torch.Tensor, reference: to
 # Text encoders
 
 
+@pytest.mark.slow
 def test_text_encoders_compile_once_per_bucket_and_equal_eager(snapshots: tuple[Path, Path]) -> None:
     torch._dynamo.reset()
     counter = CompileCounter()
@@ -169,6 +170,7 @@ def test_past_max_shapes_the_eager_part_runs_with_one_warning() -> None:
 # The pipeline: a new resolution mid-serving
 
 
+@pytest.mark.slow
 def test_a_new_resolution_compiles_once_and_the_others_stay(tmp_path: Path) -> None:
     from tests.engine.test_pipeline import write_tiny_pipeline
 
