@@ -68,9 +68,9 @@ class PromptEncodingCache:
             found = {key: self._rows[key] for key in keys if key in self._rows}
             for key in found:
                 self._rows.move_to_end(key)
-        missing = list(dict.fromkeys(key[0] for key in keys if key not in found))
-        self.hits += len(prompts) - sum(key not in found for key in keys)
-        self.misses += len(missing)
+            missing = list(dict.fromkeys(key[0] for key in keys if key not in found))
+            self.hits += sum(key in found for key in keys)
+            self.misses += len(missing)
         if missing:
             fresh = dict(zip(((prompt, *setting) for prompt in missing), _rows(encode(missing), row_length)))
             found.update(fresh)
