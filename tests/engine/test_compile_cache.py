@@ -132,7 +132,6 @@ def test_warmed_shapes_are_saved_only_with_the_cache_on(tmp_path: Path, torch_ar
 
 CHILD = """
 import json, sys
-import torch
 from safetensors.torch import save_file
 from torch._dynamo.utils import counters
 from selfe.sampling.fast_path import FastPathConfig
