@@ -196,3 +196,22 @@ def test_a_new_resolution_compiles_once_and_the_others_stay(tmp_path: Path) -> N
     assert counter.frame_count == frames + added
     torch.testing.assert_close(new.images, reference("a cat", height=24, width=24, **call).images, rtol=1e-4, atol=1e-5)
     assert [shape["height"] for shape in pipe.components.warmed] == [16, 32]
+
+
+@pytest.mark.slow
+def test_the_pipeline_keeps_prompts_and_negative_prompts_and_the_images_stay(tmp_path: Path) -> None:
+    from tests.engine.test_pipeline import write_tiny_pipeline
+
+    eager = FastPathConfig(compile=False, cuda_graph="off")
+    root = write_tiny_pipeline(tmp_path / "tiny")
+    plain = SelfEPipeline.from_pretrained(root, fast_path=eager)
+    kept = SelfEPipeline.from_pretrained(root, fast_path=dataclasses.replace(eager, prompt_cache_size=4))
+    assert kept.text_encoders.prompt_cache.capacity == 4 and plain.text_encoders.prompt_cache.capacity == 0
+    batches: list[list[str]] = []
+    t5_encode = kept.text_encoders.t5.encode
+    kept.text_encoders.t5.encode = lambda prompts, **kw: batches.append(list(prompts)) or t5_encode(prompts, **kw)
+    call = dict(height=16, width=16, steps=1, guidance=3.0, output_type="pt", negative_prompt="blurry")
+    for seed in (0, 1):
+        want = plain(["a cat", "a dog"], seed=seed, **call).images
+        torch.testing.assert_close(kept(["a cat", "a dog"], seed=seed, **call).images, want, rtol=1e-5, atol=1e-6)
+    assert batches == [["a cat", "a dog"], ["blurry"]]  # the second call encoded nothing
