@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -289,6 +290,10 @@ class AutoEncoder(nn.Module):
         self.config = config
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
+        # The decoder compiled per shape (selfe.utils.compiling.CompiledPerShape), set by the pipeline's fast
+        # path; `set_decoder_channels_last` switches its memory format.
+        self.compiled_decoder: Callable[[Tensor], Tensor] | None = None
+        self.decoder_channels_last = False
 
     @property
     def downsample_factor(self) -> int:
@@ -354,7 +359,18 @@ class AutoEncoder(nn.Module):
         return self._decode_z(z, batch_chunk)
 
     def _decode_z(self, z: Tensor, batch_chunk: int | None) -> Tensor:
-        return torch.cat([self.decoder(part) for part in _batch_chunks(z, batch_chunk)])
+        decoder = self.decoder if self.compiled_decoder is None else self.compiled_decoder
+        if self.decoder_channels_last:  # the output comes back in the usual layout
+            z = z.contiguous(memory_format=torch.channels_last)
+            return torch.cat([decoder(part).contiguous() for part in _batch_chunks(z, batch_chunk)])
+        return torch.cat([decoder(part) for part in _batch_chunks(z, batch_chunk)])
+
+    def set_decoder_channels_last(self, on: bool) -> None:
+        """Hold the decoder's convolution weights, and run its activations, in channels-last (NHWC) memory
+        format (on: True) or the default (False). Same values up to the convolutions' rounding; GPUs run
+        NHWC convolutions faster. A later `.to(dtype)` keeps the format."""
+        self.decoder.to(memory_format=torch.channels_last if on else torch.contiguous_format)
+        self.decoder_channels_last = on
 
     def unnormalize(self, latents: Tensor) -> Tensor:
         """Normalised latents -> the decoder's z: `latents / scale + shift` (inverse of encode's affine)."""

@@ -20,14 +20,18 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
+from selfe.components.encoding_cache import PromptEncodingCache
+
 CONDITION_KEYS = ("txt", "txt_mask", "pooled")
+# Distinct negative prompts whose encodings a TextEncoders keeps (a server usually has one or two).
+NEGATIVE_CACHE_SIZE = 8
 
 # Any one group of files is enough for the tokenizer of that family.
 T5_TOKENIZER_FILES = (("tokenizer.json",), ("spiece.model",))
@@ -200,6 +204,8 @@ class T5TextEncoder:
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.attention_mask = attention_mask
+        # The model compiled per shape (selfe.utils.compiling.CompiledPerShape), set by the pipeline's fast path.
+        self.compiled_model: Callable[..., Any] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -238,7 +244,8 @@ class T5TextEncoder:
             mask = torch.nn.functional.pad(mask, (0, extra), value=0)
         ids = ids.to(self.device)
         mask = mask.to(self.device).bool()
-        states = self.model(input_ids=ids, attention_mask=mask.long() if self.attention_mask else None)
+        model = self.model if self.compiled_model is None else self.compiled_model
+        states = model(input_ids=ids, attention_mask=mask.long() if self.attention_mask else None)
         states = states.last_hidden_state
         if self.attention_mask:
             states = states.masked_fill(~mask[..., None], 0.0)
@@ -256,6 +263,7 @@ class CLIPTextEncoder:
         self.model = model
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.compiled_model: Callable[..., Any] | None = None  # as T5TextEncoder's
 
     @property
     def device(self) -> torch.device:
@@ -272,7 +280,8 @@ class CLIPTextEncoder:
         tokens = self.tokenizer(
             prompts, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
         )
-        return self.model(input_ids=tokens["input_ids"].to(self.device)).pooler_output
+        model = self.model if self.compiled_model is None else self.compiled_model
+        return model(input_ids=tokens["input_ids"].to(self.device)).pooler_output
 
 
 def load_t5_encoder(
@@ -401,14 +410,22 @@ class NullConditionCache:
 
 
 class TextEncoders:
-    """T5 + CLIP behind one `encode(prompts) -> {"txt", "txt_mask", "pooled"}` (a PromptEncoder)."""
+    """T5 + CLIP behind one `encode(prompts) -> {"txt", "txt_mask", "pooled"}` (a PromptEncoder).
 
-    def __init__(self, t5: T5TextEncoder, clip: CLIPTextEncoder, *, pad_to_max_length: bool = True):
+    prompt_cache_size: how many recent prompts' encodings `encode` keeps (0: none, the default; see
+    `selfe.components.encoding_cache`). Negative prompts (`encode_negative`) and the null prompt
+    (`null_condition`) are always kept: a few distinct ones serve every call."""
+
+    def __init__(
+        self, t5: T5TextEncoder, clip: CLIPTextEncoder, *, pad_to_max_length: bool = True, prompt_cache_size: int = 0
+    ):
         self.t5 = t5
         self.clip = clip
         self.pad_to_max_length = pad_to_max_length
         # padded length -> the encoding of "" at that length, batch 1
         self._null: dict[int, dict[str, Tensor]] = {}
+        self.prompt_cache = PromptEncodingCache(prompt_cache_size)
+        self.negative_cache = PromptEncodingCache(NEGATIVE_CACHE_SIZE)
 
     @classmethod
     def from_snapshots(
@@ -424,6 +441,7 @@ class TextEncoders:
         t5_attention_mask: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | str | None = None,
+        prompt_cache_size: int = 0,
     ) -> TextEncoders:
         """Both encoders from local snapshot folders, on one device and dtype."""
         t5 = load_t5_encoder(
@@ -441,7 +459,7 @@ class TextEncoders:
             device=device,
             dtype=dtype,
         )
-        return cls(t5, clip, pad_to_max_length=pad_to_max_length)
+        return cls(t5, clip, pad_to_max_length=pad_to_max_length, prompt_cache_size=prompt_cache_size)
 
     def encode(
         self, prompts: Sequence[str], *, length: int | None = None, bucket: int | None = None
@@ -452,20 +470,53 @@ class TextEncoders:
         (`text_bucket_length`: T5 then runs on those tokens only, exact when T5 takes the attention mask;
         without it the real tokens' states depend on the padding, so T5 runs at max_length and the bucket
         is left to `fit_to_text_bucket`); else t5 max_length (pad_to_max_length) or the longest prompt.
+        Prompts held by `prompt_cache` are not encoded again.
         """
+        return self._encode_through(self.prompt_cache, prompts, length, bucket)
+
+    def encode_negative(
+        self, prompts: Sequence[str], *, length: int | None = None, bucket: int | None = None
+    ) -> dict[str, Tensor]:
+        """As `encode`, for negative prompts: their encodings are kept (NEGATIVE_CACHE_SIZE distinct
+        prompts), so a server's fixed negative prompt runs through T5 once."""
+        return self._encode_through(self.negative_cache, prompts, length, bucket)
+
+    def _encode_through(
+        self, cache: PromptEncodingCache, prompts: Sequence[str], length: int | None, bucket: int | None
+    ) -> dict[str, Tensor]:
         prompts = check_prompts(prompts)
         if length is not None or not self.t5.attention_mask:
             bucket = None
         if length is None and bucket is None and self.pad_to_max_length:
             length = self.t5.max_length
+        if cache.capacity == 0 or (length is None and not self.t5.attention_mask):
+            # Nothing kept, or rows whose states depend on the batch's padding (T5 without its mask, unpadded).
+            return self._encode_now(prompts, length, bucket)
+        full = self.t5.max_length
+
+        def row_length(tokens: int) -> int:  # a prompt's own length: what encoding it alone would give
+            if length is not None:
+                return length
+            tokens = max(tokens, 1)
+            return min(tokens, full) if bucket is None else text_bucket_length(tokens, bucket, full)
+
+        t5_weight, clip_weight = next(self.t5.model.parameters()), next(self.clip.model.parameters())
+        setting = (length, bucket, t5_weight.dtype, t5_weight.device, clip_weight.dtype, clip_weight.device)
+        return cache.encode(
+            prompts, lambda missing: self._encode_now(missing, length, bucket), setting=setting, row_length=row_length
+        )
+
+    def _encode_now(self, prompts: list[str], length: int | None, bucket: int | None) -> dict[str, Tensor]:
         txt, txt_mask = self.t5.encode(prompts, length=length, bucket=bucket)
         return {"txt": txt, "txt_mask": txt_mask, "pooled": self.clip.encode(prompts)}
 
     def to(self, device: torch.device | str) -> TextEncoders:
-        """Both encoders on `device` (their dtype kept); the cached null encodings are made anew there."""
+        """Both encoders on `device` (their dtype kept); the cached encodings are made anew there."""
         self.t5.model.to(device)
         self.clip.model.to(device)
         self._null.clear()
+        self.prompt_cache.clear()
+        self.negative_cache.clear()
         return self
 
     def null_condition(self, batch: int, length: int | None = None) -> dict[str, Tensor]:

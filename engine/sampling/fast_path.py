@@ -22,6 +22,7 @@ only) or compiled with `compile=True`. Either way
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from collections.abc import Mapping
@@ -34,6 +35,7 @@ from torch import Tensor, nn
 from selfe.kernels.dispatch import get_op
 from selfe.method.schedule import sampling_grid
 from selfe.sampling.sampler import Generators, SamplerConfig, StepEnd, denoise_step, draw_noise, s_grid
+from selfe.utils.compiling import recompile_limits
 
 CUDA_GRAPH_MODES = ("auto", "on", "off")
 # torch.compile modes a FastPathConfig accepts (the two that capture CUDA graphs themselves are refused).
@@ -62,7 +64,22 @@ class FastPathConfig:
     its own (compiled, captured); None keeps the encoder's length.
     `compile_regions`: compile each block of the network (an MMDiT's `compile_regions`) as a nested compile
     region, traced once per block kind and reused for the rest: a shorter compile of a deep stack (2.1x on
-    a CPU, bench/compile_time.py). If the compiler fails on it, the step is compiled whole, with a warning."""
+    a CPU, bench/compile_time.py). If the compiler fails on it, the step is compiled whole, with a warning.
+
+    The parts around the step (`selfe.sampling.fast_components`), each True, False or "auto":
+    `compile_text_encoder`: T5 and CLIP compiled at static shapes, one trace per (batch, text bucket);
+    `compile_decoder`: the FLUX decoder compiled, one trace per latent shape (tiles of `tiled_decode` share
+    one); `decoder_channels_last`: its weights and activations in channels-last (NHWC) memory format, the
+    convolutions' fast layout on GPUs. "auto": on CUDA when the step is compiled (channels-last: when the
+    decoder is); on a CPU off (inductor's C++ build of T5 takes minutes there). All use `compile_backend` /
+    `compile_mode`, and each serves at most `max_compiled_shapes` shapes.
+    `prompt_cache_size`: recent prompts whose encodings are kept (0: off, or what a TextEncoders was built
+    with; `selfe.components.encoding_cache`); the null prompt and a few negative prompts are kept always.
+    T5 then runs on the prompts it lacks only, so its compiled shapes are (new prompts, text bucket).
+    `compile_cache`: torch.compile's artifacts saved by `SelfEPipeline.warmup` and loaded by a fresh process
+    before its first compile (`selfe.sampling.compile_cache`), in `compile_cache_dir` (None: the folder
+    $SELFE_COMPILE_CACHE, else ~/.cache/selfe/compile), under a sub-folder per torch version. "auto": on
+    CUDA with the inductor backend, when the step is compiled. The folder must be trusted like code."""
 
     compile: bool | str = "auto"
     cuda_graph: str = "auto"
@@ -72,6 +89,12 @@ class FastPathConfig:
     max_compiled_shapes: int = 64
     text_bucket: int | None = 64
     compile_regions: bool = True
+    compile_text_encoder: bool | str = "auto"
+    compile_decoder: bool | str = "auto"
+    decoder_channels_last: bool | str = "auto"
+    prompt_cache_size: int = 0
+    compile_cache: bool | str = "auto"
+    compile_cache_dir: str | os.PathLike | None = None
 
     def __post_init__(self) -> None:
         # `1 in (True, False, "auto")` holds in Python, so the bool check is by type.
@@ -98,6 +121,16 @@ class FastPathConfig:
             raise ValueError(f"FastPathConfig.text_bucket must be an integer >= 1 or None, got {bucket!r}")
         if not isinstance(self.compile_regions, bool):
             raise ValueError(f"FastPathConfig.compile_regions must be a bool, got {self.compile_regions!r}")
+        for name in ("compile_text_encoder", "compile_decoder", "decoder_channels_last", "compile_cache"):
+            value = getattr(self, name)
+            if not (isinstance(value, bool) or value == "auto"):
+                raise ValueError(f"FastPathConfig.{name} must be True, False or 'auto', got {value!r}")
+        size = self.prompt_cache_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ValueError(f"FastPathConfig.prompt_cache_size must be an integer >= 0, got {size!r}")
+        folder = self.compile_cache_dir
+        if folder is not None and (not isinstance(folder, (str, os.PathLike)) or not str(folder)):
+            raise ValueError(f"FastPathConfig.compile_cache_dir must be a folder path or None, got {folder!r}")
 
 
 # What a failed compile raises (a trace dynamo refuses under fullgraph, a region it cannot capture whole, a
@@ -296,11 +329,7 @@ class FastSampler:
 
     def _recompile_limits(self) -> dict[str, int]:
         """Dynamo's limits raised to hold max_compiled_shapes traces (a few spare for any other guard)."""
-        config, wanted = torch._dynamo.config, self.config.max_compiled_shapes + 8
-        return {
-            "recompile_limit": max(config.recompile_limit, wanted),
-            "accumulated_recompile_limit": max(config.accumulated_recompile_limit, wanted),
-        }
+        return recompile_limits(self.config.max_compiled_shapes)
 
     def prepares(self, device: torch.device) -> bool:
         """Whether a new shape has anything to prepare on `device` (a compile or a capture); a plain

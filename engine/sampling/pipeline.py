@@ -44,6 +44,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
+import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -56,10 +57,17 @@ from torch import Tensor
 from selfe.components.autoencoder import AutoEncoder, load_autoencoder
 from selfe.components.fp8 import FP8Config, convert_for_inference, fp8_autocast_context
 from selfe.components.pixel_autoencoder import SpaceToDepthAutoEncoder, SpaceToDepthConfig
-from selfe.components.text_encoders import DTYPE_NAMES, TextEncoders, fit_to_text_bucket, text_bucket_length
+from selfe.components.text_encoders import (
+    DTYPE_NAMES,
+    TextEncoders,
+    fit_condition_length,
+    fit_to_text_bucket,
+    text_bucket_length,
+)
 from selfe.components.weights import check_safetensors_file, load_safetensors_into
 from selfe.network.config import MMDiTConfig
 from selfe.network.model import MMDiT
+from selfe.sampling.fast_components import FastComponents
 from selfe.sampling.fast_path import FastPathConfig, FastSampler
 from selfe.sampling.nonfinite import NonFiniteOutputWarning, first_nonfinite_step, fork_generators, nonfinite_message
 from selfe.sampling.pipeline_files import (
@@ -194,6 +202,8 @@ class SelfEPipeline(ProgressBarMixin):
         self.text_encoders = text_encoders
         self.sampler_defaults = sampler_defaults if sampler_defaults is not None else SamplerConfig()
         self.fast = FastSampler(self.model, fast_path)
+        # Compiled text encoders and decoder, kept encodings, the on-disk compile cache (FastPathConfig).
+        self.components = FastComponents(self.fast.config, text_encoders, self.autoencoder)
         self.max_size = max_size
         self.default_resolution = default_resolution
         self._lock = threading.RLock()  # one call at a time (module docstring)
@@ -378,7 +388,14 @@ class SelfEPipeline(ProgressBarMixin):
         text bucket (FastPathConfig.text_bucket) of the longest prompt, or of `text_tokens` when given."""
         bucket = self.fast.config.text_bucket
         length = self._text_length(bucket, text_tokens)  # T5 runs on the bucket, when that is exact
-        if negative is not None:
+        if negative is not None and length:
+            # Apart, so the negatives' encodings are kept (TextEncoders.encode_negative); both at the longer's
+            # length, exact as T5 here takes its mask.
+            cond = self.text_encoders.encode(prompts, **length)
+            null = self.text_encoders.encode_negative(negative, **length)
+            common = max(cond["txt"].shape[1], null["txt"].shape[1])
+            cond, null = fit_condition_length(cond, common), fit_condition_length(null, common)
+        elif negative is not None:
             both = self.text_encoders.encode(prompts + negative, **length)
             cond = {k: v[: len(prompts)] for k, v in both.items()}
             null = {k: v[len(prompts) :] for k, v in both.items()}
@@ -421,6 +438,13 @@ class SelfEPipeline(ProgressBarMixin):
         text_tokens: warm the text bucket of prompts up to this many T5 tokens (EOS included; default: the
         smallest bucket, FastPathConfig.text_bucket, which short prompts use). The first call of a new
         shape does this by itself.
+
+        Prepared: the step for (batch, latent height x width, that text bucket, guided or not, sampler);
+        where they are compiled (FastPathConfig.compile_text_encoder / compile_decoder), T5 and CLIP at
+        (batch, bucket) and the null prompt's (1, bucket), and the decoder at (batch, latent shape). With
+        FastPathConfig.compile_cache on, the artifacts of every shape warmed so far are saved for the next
+        process (`selfe.sampling.compile_cache`). Call it once per (resolution, batch, text bucket) to serve;
+        another shape mid-serving compiles once, the rest stay compiled.
         """
         batch, height, width = plain_numbers(batch, height, width)
         check_int("batch", batch, 1)
@@ -437,10 +461,21 @@ class SelfEPipeline(ProgressBarMixin):
         if text_tokens is not None:
             (text_tokens,) = plain_numbers(text_tokens)
             check_int("text_tokens", text_tokens, 1)
+        start = time.perf_counter()
+        self.components.prepare(self.device)
         cond, null = self.encode_prompts([""] * batch, guided=guidance, text_tokens=text_tokens)
         x = torch.zeros(batch, *self._latent_shape(height, width), device=self.device)
         with fp8_autocast_context(self.fp8):
-            return self.fast.warmup(x, cond, null, sampler, self.sampler_defaults.kernel_backend)
+            self.fast.warmup(x, cond, null, sampler, self.sampler_defaults.kernel_backend)
+        if self.components.decoder_compiled:
+            with torch.no_grad():  # as in a call: grad mode is part of what the trace guards on
+                self.decode(x)
+        text_length = cond["txt"].shape[1]
+        shape = dict(batch=batch, height=height, width=width, text_length=text_length, guided=guidance, sampler=sampler)
+        self.components.warmed_up(dict(shape, dtype=str(self.dtype)), self.device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - start
 
     def decode(self, latents: Tensor) -> Tensor:
         """(B, C, h, w) latents -> (B, 3, H, W) float32 images in [0, 1].
@@ -549,6 +584,7 @@ class SelfEPipeline(ProgressBarMixin):
         warn_truncated(self.text_encoders, prompts)
         warn_unknown_words(self.text_encoders, prompts)
 
+        self.components.prepare(self.device)  # once per device: compiled parts, the compile cache
         clock = StageTimings(self.device)
         clock.start("end_to_end")
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
