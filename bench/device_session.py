@@ -5,6 +5,7 @@ profile, in priority order, each step capped, the whole run ending inside its bu
 
     python3 bench/device_session.py --profile engine --out "$OUT" --budget 540   # kernels, sampling, training
     python3 bench/device_session.py --profile shapes --out "$OUT" --budget 540   # the ShapesEval pair on the GPU
+    python3 bench/device_session.py --profile training --out "$OUT" --budget 540 # the training step (issue 30)
     python3 bench/device_session.py --profile engine --plan                      # the steps and their caps
     python3 bench/device_session.py --profile shapes --dry-run --out /tmp/dry    # CPU: same steps, tiny sizes
 
@@ -19,6 +20,8 @@ Profiles (the issue each step serves in brackets):
     shapes  env, install, `selfe data shapes --autoencoder trained`, the flow matching / Self-E pair
             (`shapes-fm-ae` / `shapes-selfe-ae`) trained side by side for as many iterations as the budget
             holds (measured first), `selfe eval shapes` of both at their exports' sampler defaults [8]
+    training env, install, the GPU tests of tests/train, the 2b training step at 512^2 compiled (selective
+            checkpointing, none), FP8 (torchao) against bf16, the eager baseline last [30]
 
 `--only a,b` runs those steps (with env and install): the second call of a lease, for what the first did
 not reach. A failed or timed-out step is recorded and the next one runs; the CUDA install falls back to
@@ -209,6 +212,41 @@ def engine_steps() -> list[Step]:
     ]  # fmt: skip
 
 
+# ------------------------------------------------------------------------------------------ training
+
+
+def training_steps() -> list[Step]:
+    """Issue 30's numbers first: after the install and a short GPU test, the 2b training step at 512^2
+    compiled (selective checkpointing, then none: the plan's cheap candidates), then FP8 (torchao, FP8
+    all-gather) against bf16 on the compiled selective variant, and the eager baseline only if time is left.
+    FP8 needs torchao on the device: carry its wheel (.whl, see the device README) and install it into
+    PYTHONPATH before this script; without it that step fails at once and the next one runs."""
+    mfu = py("bench/train_mfu.py", "--preset", "2b", "--resolution", "512", "--batch", "8", "--steps", "6",
+             "--warmup", "2")  # fmt: skip
+    dry = py("bench/train_mfu.py", "--preset", "tiny", "--resolution", "32", "--batch", "2", "--txt-tokens", "8",
+             "--steps", "1", "--warmup", "0")  # fmt: skip
+    pytest = py("-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "--junitxml", "{work}/gpu_train.xml")
+    return [
+        env_step(),
+        install_step(),
+        Step("gpu-tests", "30", 90, argv=[*pytest, "--timeout=60", "-x", "tests/train"],
+             dry_argv=[*pytest, "tests/train/test_memory_plan.py"], junit="gpu_train.xml"),
+        Step("train-compiled", "30", 240,
+             argv=[*mfu, "--variants", "compile+selective,compile", "--json", "{work}/train_compiled.json"],
+             dry_argv=[*dry, "--variants", "compile+selective", "--json", "{work}/train_compiled.json",
+                       "parallel.compile_backend=aot_eager"],
+             json="train_compiled.json"),
+        Step("train-fp8", "30", 180,
+             argv=[*mfu, "--variants", "compile+selective", "--fp8", "torchao", "--json", "{work}/train_fp8.json"],
+             dry_argv=[*dry, "--variants", "selective", "--fp8", "torchao", "--json", "{work}/train_fp8.json"],
+             json="train_fp8.json"),
+        Step("train-eager", "30", 150,
+             argv=[*mfu, "--variants", "eager,ac", "--json", "{work}/train_eager.json"],
+             dry_argv=[*dry, "--variants", "ac", "--json", "{work}/train_eager.json"],
+             json="train_eager.json"),
+    ]  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------ shapes
 
 METHODS = ("fm", "selfe")
@@ -372,7 +410,11 @@ def nvidia_gpu_present() -> bool:
     return any(Path("/dev").glob("nvidia*")) or shutil.which("nvidia-smi") is not None
 
 
-PROFILES = {"engine": (engine_steps, None), "shapes": (shapes_steps, bundle_shapes)}
+PROFILES = {
+    "engine": (engine_steps, None),
+    "shapes": (shapes_steps, bundle_shapes),
+    "training": (training_steps, None),
+}
 
 
 def main(argv: list[str] | None = None) -> int:

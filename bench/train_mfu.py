@@ -5,8 +5,9 @@ random tensors of the cached shapes through the real trainer (FSDP2, sharded EMA
 with its self-evaluation passes on the s < t half), one run per variant:
     eager     no compile, no activation checkpointing
     compile   torch.compile per block
-    ac        activation checkpointing per block (eager)
-    compile+ac
+    ac        full activation checkpointing per block (eager); selective: the selective policy (GEMM and
+              attention outputs kept); auto: the policy the memory plan picks for this GPU and batch
+    compile+ac, compile+selective, compile+auto
 MFU counts every pass (main fwd+bwd, the two no-grad self-eval forwards, and with --aux the fake
 fwd+bwd, whose forward also gives g_f), activation-checkpointing recomputation excluded, over the GPU's dense bf16
 peak (`selfe.network.flops.device_peak_flops`: H100's where the device is not listed) or --peak-flops.
@@ -41,11 +42,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+# variant -> (compile, activation checkpointing policy); "ac" is full checkpointing
+AC_VARIANTS = {"": "none", "ac": "full", "selective": "selective", "auto": "auto"}
 VARIANTS = {
-    "eager": ("parallel.compile=false", "parallel.activation_checkpointing=false"),
-    "compile": ("parallel.compile=true", "parallel.activation_checkpointing=false"),
-    "ac": ("parallel.compile=false", "parallel.activation_checkpointing=true"),
-    "compile+ac": ("parallel.compile=true", "parallel.activation_checkpointing=true"),
+    name: (f"parallel.compile={compiled}", f"parallel.activation_checkpointing={policy}")
+    for ac, policy in AC_VARIANTS.items()
+    for compiled, name in (("false", ac or "eager"), ("true", f"compile+{ac}" if ac else "compile"))
 }
 MODEL_PRESETS = {"tiny": "smoke", "0.5b": "0.5b", "2b": "2b"}  # --preset -> the trainer's preset
 
@@ -65,7 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--aux", action="store_true", help="auxiliary fake-score term on (one more forward and backward, at B/2)"
     )
     parser.add_argument(
-        "--peak-flops", type=float, default=None,
+        "--peak-flops",
+        type=float,
+        default=None,
         help="per device (default: the GPU's dense bf16 peak, selfe.network.flops)",
     )
     parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"), help="(default %(default)s)")

@@ -151,19 +151,43 @@ class OptimConfig:
 
 @dataclass
 class EMAConfig:
+    """The EMA copy: the self-evaluation's conditional estimate g_c comes from it (selfe.method.objective).
+
+    The paper keeps a constant decay (its presets here: warmup=False). The warm-up is ours (on by default, for
+    short runs): decay_k = min(decay, (1 + k) / (10 + k)) (selfe.train.ema) makes the EMA follow the live
+    network closely for the first ~10^4 steps, so early on g_c is nearly the live network's conditional
+    estimate rather than an average over a long stretch of training: it changes the self-evaluated target of
+    the objective, not only the exported weights."""
+
     decay: float = 0.9999
-    warmup: bool = True  # decay_k = min(decay, (1 + k) / (10 + k)), see selfe.train.ema
+    warmup: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.decay < 1.0:
             raise ValueError(f"ema.decay must lie in [0, 1), got {self.decay}")
 
 
+# Activation checkpointing per block, cheapest compute first: none (keep every activation), selective (keep the
+# outputs of the GEMMs and attention, recompute the elementwise ops between them), full (keep a block's inputs
+# only: its whole forward again in backward, about a third more compute); auto: the first of these whose
+# estimated peak fits the GPU (selfe.train.memory_plan)
+AC_POLICIES = ("none", "selective", "full")
+AC_CHOICES = (*AC_POLICIES, "auto")
+# Configs saved before the policies stored a bool: true meant full, false none
+AC_LEGACY = {True: "full", False: "none", "true": "full", "false": "none"}
+
+
 @dataclass
 class ParallelConfig:
     """The parallelize passes, in torchtitan's order: activation checkpointing -> compile -> FSDP2."""
 
-    activation_checkpointing: bool = False  # per block
+    activation_checkpointing: str = "none"  # AC_CHOICES; a bool (older configs) maps to full / none
+    # auto: the share of the GPU's memory the estimated peak may fill (the rest: the CUDA context, NCCL's
+    # buffers, the caching allocator's fragmentation, which the estimate does not see)
+    memory_fraction: float = 0.85
+    # FSDP2's explicit prefetch: all-gather this many blocks ahead in forward (behind in backward) while the
+    # current block computes; 0 leaves FSDP2's implicit order (gathers issued when a block starts)
+    prefetch_blocks: int = 1
     compile: bool = False  # torch.compile per block
     compile_fullgraph: bool = True  # a graph break in a block is an error (False: allowed, slower)
     compile_backend: str = "inductor"  # torch.compile backend ("aot_eager" traces without code generation)
@@ -176,6 +200,15 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"parallel.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        self.activation_checkpointing = AC_LEGACY.get(self.activation_checkpointing, self.activation_checkpointing)
+        if self.activation_checkpointing not in AC_CHOICES:
+            raise ValueError(
+                f"parallel.activation_checkpointing must be one of {AC_CHOICES}, got {self.activation_checkpointing!r}"
+            )
+        if not 0.0 < self.memory_fraction <= 1.0:
+            raise ValueError(f"parallel.memory_fraction must lie in (0, 1], got {self.memory_fraction}")
+        if self.prefetch_blocks < 0:
+            raise ValueError(f"parallel.prefetch_blocks must be >= 0, got {self.prefetch_blocks}")
 
 
 @dataclass
@@ -325,7 +358,7 @@ def paper_0_5b() -> TrainConfig:
         objective=ObjectiveConfig(tau_warmup=300_000, aux_start=None),
         data=DataSection(source="cache", cache_dir="cache/train", batch_size=32, resolution=256),
         optim=OptimConfig(lr=3e-4, final_lr=1e-5, warmup_steps=1000),
-        ema=EMAConfig(decay=0.9999),
+        ema=EMAConfig(decay=0.9999, warmup=False),  # the paper's constant decay
         parallel=ParallelConfig(compile=True),
         checkpoint=CheckpointConfig(every=5000, keep=3),
     )
@@ -354,8 +387,9 @@ def paper_2b() -> TrainConfig:
             high_from=500_000,
         ),
         optim=OptimConfig(lr=3e-4, final_lr=1e-5, warmup_steps=1000, decay_steps=710_000),
-        ema=EMAConfig(decay=0.9999),
-        parallel=ParallelConfig(compile=True, activation_checkpointing=True),
+        ema=EMAConfig(decay=0.9999, warmup=False),  # the paper's constant decay
+        # the cheapest policy that fits the GPU at hand (full AC costs about a third more compute)
+        parallel=ParallelConfig(compile=True, activation_checkpointing="auto"),
         checkpoint=CheckpointConfig(every=2000, keep=3),
     )
 
@@ -488,7 +522,16 @@ def apply_overrides(config: TrainConfig, overrides: Sequence[str]) -> TrainConfi
 
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:
     """Inverse of `TrainConfig.to_dict()`; unknown keys are errors at every level."""
-    return _build(TrainConfig, data, "")
+    return _build(TrainConfig, _upgraded(data), "")
+
+
+def _upgraded(data: Any) -> Any:
+    """A config dict of an older format in today's: activation_checkpointing was a bool (true: full)."""
+    parallel = data.get("parallel") if isinstance(data, dict) else None
+    if isinstance(parallel, dict) and isinstance(parallel.get("activation_checkpointing"), bool):
+        legacy = AC_LEGACY[parallel["activation_checkpointing"]]
+        return {**data, "parallel": {**parallel, "activation_checkpointing": legacy}}
+    return data
 
 
 def save_config(config: TrainConfig, path: str | os.PathLike) -> None:

@@ -25,7 +25,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +50,9 @@ from selfe.train.config import TrainConfig, check_fake_prompt_encoder, save_conf
 from selfe.train.ema import EMA
 from selfe.train.initial_weights import load_initial_weights
 from selfe.train.lr import build_optimizer, build_scheduler, load_schedule
+from selfe.train.memory_plan import device_memory_bytes, plan_activation_checkpointing
 from selfe.train.metrics import MetricsLogger, memory_stats, nvtx_range, self_eval_samples, step_flops
-from selfe.train.parallelize import parallelize, reshard_all
+from selfe.train.parallelize import comm_volume, parallelize, reshard_all
 from selfe.train.sources import build_source, cut_batch_text
 from selfe.utils.atomic import folder_problem
 
@@ -187,11 +188,21 @@ class Trainer:
             load_initial_weights(model, config.checkpoint.init_from, config.model, config.checkpoint.init_grow)
         self.ema = EMA(model, config.ema.decay, config.ema.warmup)  # copied before sharding: sharded alike
         mesh = init_device_mesh(device.type, (world,))
+        # The activation checkpointing policy (auto: the cheapest whose estimated peak fits this GPU) and the
+        # per-step communication, for the start-up banner
+        self.plan = plan_activation_checkpointing(
+            config, device_memory_bytes(device), world, device.type, estimate_fixed=device.type == "cuda"
+        )
+        self.comm = comm_volume(model, config, world)
+        if rank == 0:
+            for line in [*self.plan.describe(), self.comm.describe()]:
+                log.info("%s", line)
+        parallel = replace(config.parallel, activation_checkpointing=self.plan.policy)
         # FP8 (if any) converts the live network only, inside parallelize before AC/compile/FSDP2; the EMA
         # copy was taken above, so it stays high precision (Float8Linear keeps an ordinary weight: the lerp
         # below sees the same parameters, in the same order).
-        self.model = parallelize(model, config.parallel, mesh, fp8=config.fp8)
-        parallelize(self.ema.model, config.parallel, mesh, trainable=False)
+        self.model = parallelize(model, parallel, mesh, fp8=config.fp8)
+        parallelize(self.ema.model, parallel, mesh, trainable=False)
         self.optimizer = build_optimizer(self.model.parameters(), config.optim, device)
         self.scheduler = build_scheduler(self.optimizer, config.optim, config.steps)
         self.loss_fn = SelfELoss(config.objective)

@@ -211,7 +211,7 @@ def test_cli_checks_its_arguments(tmp_path: Path, capsys) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("profile", ["engine", "shapes"])
+@pytest.mark.parametrize("profile", ["engine", "shapes", "training"])
 def test_dry_run_of_each_profile_passes_every_step(profile: str, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("SELFE_DEVICE_WORK", str(tmp_path / "work"))
     out = tmp_path / "out"
@@ -227,6 +227,10 @@ def test_dry_run_of_each_profile_passes_every_step(profile: str, tmp_path: Path,
         assert steps["gpu-tests"]["tests"]["tests"] > 0
         for name in ("kernels", "sample-b1", "train-mfu", "sample-b16", "model-fwd-bwd", "autoencoder", "compile-time"):
             assert steps[name]["data"], name
+    elif profile == "training":
+        assert list(steps) == ["env", "install", "gpu-tests", "train-compiled", "train-fp8", "train-eager"]
+        assert steps["train-compiled"]["data"]["results"][0]["variant"] == "compile+selective"
+        assert all(r["loss_finite"] for name in ("train-fp8", "train-eager") for r in steps[name]["data"]["results"])
     else:
         assert steps["shapes-pair"]["iterations"] == session_cli.DRY_SHAPES.max_steps
         assert set(steps["shapes-eval"]["data"]) == {"shapes-fm", "shapes-selfe"}  # both models scored
