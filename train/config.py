@@ -80,6 +80,11 @@ class DataSection:
     high_resolution: int | None = None
     high_from: int = 500_000
     high_fraction: float = 0.5
+    # (iteration, per-rank batch size) pairs, in order: from each iteration on, batch_size becomes that size
+    # (the paper: global 1024 -> 768 at 500k). The data order starts a new stage there, as a resume with another
+    # batch size does (selfe.train.data.sampler), and a resume either side of the change lands on the right
+    # batch. For the sources whose order is resumable across batch sizes (cache, images) and synthetic.
+    batch_stages: tuple[tuple[int, int], ...] = ()
 
     def resolution_schedule(self):
         """The cache reader's ResolutionSchedule: fixed at `resolution`, or progressive."""
@@ -89,7 +94,23 @@ class DataSection:
             return ResolutionSchedule.fixed(self.resolution)
         return ResolutionSchedule.progressive(self.high_from, self.resolution, self.high_resolution, self.high_fraction)
 
+    def batch_size_at(self, iteration: int) -> int:
+        """The per-rank batch size of `iteration` under batch_stages."""
+        size = self.batch_size
+        for start, stage_size in self.batch_stages:
+            if iteration >= start:
+                size = stage_size
+        return size
+
     def __post_init__(self) -> None:
+        self.batch_stages = tuple(tuple(stage) for stage in self.batch_stages)
+        starts = [start for start, _ in self.batch_stages]
+        if any(start < 1 for start in starts) or starts != sorted(set(starts)):
+            raise ValueError(f"data.batch_stages must start at increasing iterations >= 1, got {self.batch_stages}")
+        if any(size < 1 for _, size in self.batch_stages):
+            raise ValueError(f"data.batch_stages sizes must be >= 1, got {self.batch_stages}")
+        if self.batch_stages and self.source == "procedural":
+            raise ValueError("data.batch_stages needs a source whose data order takes a new batch size (cache, images)")
         if self.encoders not in ENCODERS:
             raise ValueError(f"data.encoders must be one of {ENCODERS}, got {self.encoders!r}")
         if self.source == "images" and not self.manifest:
@@ -367,11 +388,11 @@ def paper_0_5b() -> TrainConfig:
 def paper_2b() -> TrainConfig:
     """The paper's 2B recipe: 710k iterations, tau warm-up 300k, the auxiliary term from 550k, 256^2 until
     500k, then a 1:1 mix of 256^2 and 512^2 batches (the cache must hold both resolutions). The paper also
-    lowers the global batch from 1024 to 768 at 500k: run with steps=500000, then resume the same run_dir
-    with steps=710000 and data.batch_size scaled by 3/4 (the data order starts a new stage at the next
-    epoch and keeps counting iterations, see selfe.train.data.sampler). The learning rate decays to 710k
-    (optim.decay_steps), not to `steps`, so both legs follow one schedule. The auxiliary term encodes its
-    fake prompt with T5 and CLIP: a run past 550k needs data.t5_path and data.clip_path."""
+    lowers the global batch from 1024 to 768 at 500k: data.batch_stages takes the per-rank batch from 16 to
+    12 there (1024 -> 768 on 64 GPUs; scale both for yours); the data order starts a new stage at the next
+    epoch and keeps counting iterations (selfe.train.data.sampler). The learning rate decays to 710k
+    (optim.decay_steps), not to `steps`, so a run split into legs follows one schedule. The auxiliary term
+    encodes its fake prompt with T5 and CLIP: a run past 550k needs data.t5_path and data.clip_path."""
     return TrainConfig(
         name="2b",
         run_dir="runs/selfe-2b",
@@ -385,6 +406,7 @@ def paper_2b() -> TrainConfig:
             resolution=256,
             high_resolution=512,
             high_from=500_000,
+            batch_stages=((500_000, 12),),
         ),
         optim=OptimConfig(lr=3e-4, final_lr=1e-5, warmup_steps=1000, decay_steps=710_000),
         ema=EMAConfig(decay=0.9999, warmup=False),  # the paper's constant decay

@@ -156,8 +156,8 @@ class Plan:
 
 
 def planned_shapes(config: TrainConfig) -> tuple[int, int, int]:
-    """(per-rank batch, resolution, text tokens) of the run's largest micro-batch: the schedule's higher
-    resolution, the source's text length fitted up to its text bucket."""
+    """(per-rank batch, resolution, text tokens) of the run's largest micro-batch: the largest batch of its
+    stages, the schedule's higher resolution, the source's text length fitted up to its text bucket."""
     data = config.data
     resolution = max(data.resolution, data.high_resolution or 0)
     tokens = data.text_length if data.source in ("procedural", "synthetic") else data.t5_max_length
@@ -166,7 +166,7 @@ def planned_shapes(config: TrainConfig) -> tuple[int, int, int]:
         while bucket < tokens:
             bucket *= 2
         tokens = bucket
-    return data.batch_size, resolution, tokens
+    return max(data.batch_size, *(size for _, size in data.batch_stages)), resolution, tokens
 
 
 def static_state_bytes(config: TrainConfig, world_size: int, device_type: str = "cuda") -> int:

@@ -206,9 +206,8 @@ class Trainer:
         self.optimizer = build_optimizer(self.model.parameters(), config.optim, device)
         self.scheduler = build_scheduler(self.optimizer, config.optim, config.steps)
         self.loss_fn = SelfELoss(config.objective)
-        self.source = build_source(
-            config.data, config.model, rank, world, config.optim.grad_accum, device, config.objective.fake_prompt_prefix
-        )
+        self.source_batch = config.data.batch_size
+        self.source = self._build_source(self.source_batch)
         self.metrics = MetricsLogger(
             self.run_dir,
             config.steps,
@@ -232,6 +231,24 @@ class Trainer:
             self.metrics.drop_after(self.step)  # the steps after the checkpoint run again
         if rank == 0:  # only now: a refused resume leaves the run's config.json as its checkpoints have it
             save_config(config, self.run_dir / "config.json")
+
+    def _build_source(self, batch_size: int):
+        cfg, dist_info = self.config, self.dist
+        data = replace(cfg.data, batch_size=batch_size)
+        return build_source(
+            data, cfg.model, dist_info.rank, dist_info.world_size, cfg.optim.grad_accum, dist_info.device,
+            cfg.objective.fake_prompt_prefix,
+        )  # fmt: skip
+
+    def _fit_source_to(self, iteration: int, state: dict[str, Any] | None = None) -> None:
+        """data.batch_stages: the source at `iteration`'s batch size, continuing from `state` (a checkpoint's)
+        or from where the current source stands (the data order then starts a new stage)."""
+        size = self.config.data.batch_size_at(iteration)
+        if size != self.source_batch:
+            state = self.source.state_dict() if state is None else state
+            self.source, self.source_batch = self._build_source(size), size
+        if state is not None:
+            self.source.load_state_dict(state)
 
     # ------------------------------------------------------------------------------------------
     # Checkpoint state
@@ -276,7 +293,7 @@ class Trainer:
         self.ema.num_updates = int(train["ema_updates"])
         load_schedule(self.scheduler, train["scheduler"])
         set_rng_state(rank_state["rng"])
-        self.source.load_state_dict(rank_state["data"])
+        self._fit_source_to(self.step, rank_state["data"])
         if self.dist.rank == 0:
             log.info("resumed from %s at step %d", path, self.step)
 
@@ -294,6 +311,7 @@ class Trainer:
         nvtx = cfg.metrics.nvtx
         aux_on = cfg.objective.aux_on(iteration)
         start = time.perf_counter()
+        self._fit_source_to(iteration)
         micro_batches = self.source.next_step(want_fake=aux_on)
         if iteration in cfg.fault.inject_nan_steps:
             micro_batches[0] = {**micro_batches[0], "x0": micro_batches[0]["x0"] * float("nan")}
@@ -349,7 +367,7 @@ class Trainer:
         self.step += 1
         self._stop = self._stop or stop_requested
 
-        global_batch = cfg.data.batch_size * world * accum
+        global_batch = self.source_batch * world * accum
         record: dict[str, Any] = dict(zip(SCALARS, values))
         record.update(
             grad_norm=grad_norm_value,
