@@ -217,14 +217,16 @@ def engine_steps() -> list[Step]:
 
 def training_steps() -> list[Step]:
     """Issue 30's numbers first: after the install and a short GPU test, the 2b training step at 512^2
-    compiled (selective checkpointing, then none: the plan's cheap candidates), then FP8 (torchao, FP8
+    compiled (selective checkpointing, then none: the plan's cheap candidates), each at the largest batch
+    its memory plan fits on the GPU at hand, then FP8 (torchao, FP8
     all-gather) against bf16 on the compiled selective variant, and the eager baseline only if time is left.
     FP8 needs torchao on the device: carry its wheel (.whl, see the device README) and install it into
     PYTHONPATH before this script; without it that step fails at once and the next one runs."""
-    mfu = py("bench/train_mfu.py", "--preset", "2b", "--resolution", "512", "--batch", "8", "--steps", "6",
-             "--warmup", "2")  # fmt: skip
-    dry = py("bench/train_mfu.py", "--preset", "tiny", "--resolution", "32", "--batch", "2", "--txt-tokens", "8",
-             "--steps", "1", "--warmup", "0")  # fmt: skip
+    # the batch per variant: the largest the memory plan fits on this GPU (at most 16, the 2b preset's)
+    mfu = py("bench/train_mfu.py", "--preset", "2b", "--resolution", "512", "--batch", "16", "--plan-batch",
+             "--steps", "6", "--warmup", "2")  # fmt: skip
+    dry = py("bench/train_mfu.py", "--preset", "tiny", "--resolution", "32", "--batch", "4", "--plan-batch",
+             "--plan-memory-gib", "0.01", "--txt-tokens", "8", "--steps", "1", "--warmup", "0")  # fmt: skip
     pytest = py("-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "--junitxml", "{work}/gpu_train.xml")
     return [
         env_step(),

@@ -143,7 +143,7 @@ class Plan:
 
     def describe(self) -> list[str]:
         """Lines for the start-up banner."""
-        budget = f"{self.budget_bytes / GIB:.1f} GiB budget" if self.budget_bytes else "no memory budget (CPU)"
+        budget = f"{self.budget_bytes / GIB:.2f} GiB budget" if self.budget_bytes else "no memory budget (CPU)"
         peak = "not estimated" if self.est_peak_bytes is None else f"est. peak {self.est_peak_bytes / GIB:.2f} GiB"
         lines = [f"activation checkpointing: {self.policy} ({peak} per rank of {self.world_size}; {budget})"]
         for c in self.table:
@@ -166,7 +166,7 @@ def planned_shapes(config: TrainConfig) -> tuple[int, int, int]:
         while bucket < tokens:
             bucket *= 2
         tokens = bucket
-    return max(data.batch_size, *(size for _, size in data.batch_stages)), resolution, tokens
+    return max([data.batch_size, *(size for _, size in data.batch_stages)]), resolution, tokens
 
 
 def static_state_bytes(config: TrainConfig, world_size: int, device_type: str = "cuda") -> int:

@@ -229,7 +229,8 @@ def test_dry_run_of_each_profile_passes_every_step(profile: str, tmp_path: Path,
             assert steps[name]["data"], name
     elif profile == "training":
         assert list(steps) == ["env", "install", "gpu-tests", "train-compiled", "train-fp8", "train-eager"]
-        assert steps["train-compiled"]["data"]["results"][0]["variant"] == "compile+selective"
+        compiled = steps["train-compiled"]["data"]["results"][0]
+        assert compiled["variant"] == "compile+selective" and compiled["plan"].startswith("activation checkpointing")
         assert all(r["loss_finite"] for name in ("train-fp8", "train-eager") for r in steps[name]["data"]["results"])
     else:
         assert steps["shapes-pair"]["iterations"] == session_cli.DRY_SHAPES.max_steps

@@ -162,6 +162,10 @@ def test_2b_plan_on_one_and_eight_h100s() -> None:
     assert one.table[0].static_bytes > 4 * eight.table[0].static_bytes  # the fp32 state is sharded 8 ways
     costs = {"none": 0, "selective": 1, "full": 2}
     assert costs[eight.policy] <= costs[one.policy]  # more ranks free memory for cheaper recomputation
+    with torch.device("meta"):
+        volume = comm_volume(MMDiT(config.model), config, 8)
+    print(volume.describe())
+    assert volume.all_gather_bytes > volume.reduce_scatter_bytes > 0
 
 
 def test_comm_volume_from_parameter_sizes() -> None:
