@@ -3,16 +3,19 @@
     plan = plan_activation_checkpointing(config, device_memory_bytes=80e9, world_size=8)
     plan.policy, plan.est_peak_bytes, plan.table   # auto: the cheapest policy whose peak fits
 
-A rank's peak, during the backward of the graded pass, is estimated in two parts:
+A rank's peak over one step is estimated in two parts:
 - the state that lives through the step (static_state_bytes), from the parameter count: the fp32 shards of
-  the live weights, AdamW's two moments and the EMA copy (each / world size), and the live
-  network's gathered compute weights (bf16, or FP8 for converted linears under FP8 all-gather): all of them
-  when blocks stay gathered after forward (one rank), else the root's and the blocks in flight;
+  the live weights, AdamW's two moments and the EMA copy (each / world size), the live network's gathered
+  compute weights (bf16, or FP8 for converted linears under FP8 all-gather): all of them when blocks stay
+  gathered after forward (one rank), else the root's and the blocks in flight; and one block's unsharded
+  gradients waiting for their reduce-scatter;
 - everything the step allocates on top (activation_peak_bytes): the objective's own passes (SelfELoss with
   the graded forward, the EMA and live self-evaluation forwards, the auxiliary pass when on) and the backward,
   traced with torch's FakeTensorMode on the network built in its compute dtype under the policy's
   checkpoint wrapper (no memory, no GPU), counting live tensor storage with LiveBytes. Each gradient, as it
   arrives, becomes its fp32 shard (numel / world size), as FSDP2 reduce-scatters them block by block.
+The trace runs the torch kernels on fake CPU tensors (SDPA's CPU flash attention keeps what GPU flash
+attention keeps: the output and its log-sum-exp), eagerly: under torch.compile the partitioner may keep less.
 The CUDA context, NCCL's buffers and the caching allocator's fragmentation are not in the estimate:
 `parallel.memory_fraction` keeps room for them. FP8's activations are taken as bf16's (an upper bound: the
 FP8 casts it saves are half the size of the bf16 inputs they stand for).

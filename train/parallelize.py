@@ -213,7 +213,7 @@ def comm_volume(model: nn.Module, config, world_size: int) -> CommVolume:
     """The per-step communication of training `model` (unconverted, unsharded: the MMDiT as built) under the
     TrainConfig `config` on `world_size` ranks. Per micro-batch the live network all-gathers its blocks for
     each forward it runs (the graded pass, the self-evaluation's unconditional pass, the auxiliary pass when
-    on) and once more in backward when blocks are resharded after forward; the EMA copy gathers once (its
+    on) and again in backward when blocks are resharded after forward (else once in all); the EMA copy gathers once (its
     conditional pass); gradients are reduce-scattered once, in fp32. The root's parameters (embedders, final
     layer) are counted like a block's: small beside the blocks."""
     if world_size < 1:
@@ -231,7 +231,9 @@ def comm_volume(model: nn.Module, config, world_size: int) -> CommVolume:
     aux = objective.aux_start is not None and objective.aux_start < config.steps
     forwards = 1 + int(objective.self_eval) + int(aux)
     reshard = parallel.reshard_after_forward if parallel.reshard_after_forward is not None else world_size > 1
-    live_gathers = forwards + int(reshard) * (1 + int(aux))  # backward re-gathers what each graded pass freed
+    # blocks freed after forward: each forward gathers, and backward again for each graded pass (main, aux);
+    # kept gathered: the first forward's gather serves the step
+    live_gathers = forwards + 1 + int(aux) if reshard else 1
     accum = config.optim.grad_accum
     return CommVolume(
         all_gather_bytes=round(share * accum * (live_gathers * live + int(objective.self_eval) * ema)),

@@ -178,5 +178,7 @@ def test_comm_volume_from_parameter_sizes() -> None:
     assert eight.gathers_per_step == 4
     assert eight.all_gather_bytes == round(7 / 8 * 4 * 2 * n)
     assert eight.reduce_scatter_bytes == round(7 / 8 * 4 * n)
+    kept = comm_volume(model, apply_overrides(config, ["parallel.reshard_after_forward=false"]), 8)
+    assert kept.gathers_per_step == 2  # the live blocks gathered once for the step, the EMA's once
     accum = apply_overrides(config, ["optim.grad_accum=2"])
     assert comm_volume(model, accum, 8).reduce_scatter_bytes == 2 * eight.reduce_scatter_bytes
