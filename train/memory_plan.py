@@ -146,16 +146,21 @@ class Plan:
 
     def describe(self) -> list[str]:
         """Lines for the start-up banner."""
-        budget = f"{self.budget_bytes / GIB:.2f} GiB budget" if self.budget_bytes else "no memory budget (CPU)"
-        peak = "not estimated" if self.est_peak_bytes is None else f"est. peak {self.est_peak_bytes / GIB:.2f} GiB"
+        budget = f"{size_text(self.budget_bytes)} budget" if self.budget_bytes else "no memory budget (CPU)"
+        peak = "not estimated" if self.est_peak_bytes is None else f"est. peak {size_text(self.est_peak_bytes)}"
         lines = [f"activation checkpointing: {self.policy} ({peak} per rank of {self.world_size}; {budget})"]
         for c in self.table:
-            fits = {True: "fits", False: "too big", None: ""}[c.fits]
+            fits = {True: "  fits", False: "  too big", None: ""}[c.fits]
             lines.append(
-                f"  {c.policy:9} {c.est_peak_bytes / GIB:8.2f} GiB = state {c.static_bytes / GIB:.2f} + "
-                f"step {c.activation_bytes / GIB:.2f}  {fits}"
+                f"  {c.policy:9} {size_text(c.est_peak_bytes):>10} = state {size_text(c.static_bytes)} + "
+                f"step {size_text(c.activation_bytes)}{fits}"
             )
         return lines
+
+
+def size_text(n: int) -> str:
+    """Bytes in GiB, or in MiB below one GiB (a small model's plan)."""
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.2f} MiB"
 
 
 def planned_shapes(config: TrainConfig) -> tuple[int, int, int]:

@@ -100,6 +100,30 @@ def test_estimate_is_within_15_percent_of_the_measured_cpu_step(tmp_path, policy
     assert 0.85 <= ratio <= 1.15, ratio
 
 
+@pytest.mark.slow
+@pytest.mark.dist
+def test_estimate_is_within_15_percent_of_each_rank_s_peak_on_two_ranks(tmp_path) -> None:
+    """Sharded: two gloo ranks, blocks freed after forward and prefetched, the fp32 state halved."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.train.helpers_trainer import REPO, child_env, free_port
+
+    out = tmp_path / "memory.json"
+    argv = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+        f"--master-port={free_port()}", "-m", "tests.train.memory_probe", str(out),
+        f"run_dir={tmp_path / 'run'}", "steps=3", "data.batch_size=8", "metrics.tensorboard=false", *SYNTHETIC,
+    ]  # fmt: skip
+    done = subprocess.run(argv, env=child_env(), cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    for peak in result["peaks"]:
+        print(f"2 ranks: estimated {result['estimate'] / 2**20:.2f} MiB, measured {peak / 2**20:.2f} MiB")
+        assert 0.85 <= result["estimate"] / peak <= 1.15, result
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("policy", ["none", "full"])
 def test_estimate_is_within_15_percent_of_the_cuda_peak(tmp_path, policy) -> None:
