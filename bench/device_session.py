@@ -220,8 +220,10 @@ def training_steps() -> list[Step]:
     compiled (selective checkpointing, then none: the plan's cheap candidates), each at the largest batch
     its memory plan fits on the GPU at hand, then FP8 (torchao, FP8
     all-gather) against bf16 on the compiled selective variant, and the eager baseline only if time is left.
-    FP8 needs torchao on the device: carry its wheel (.whl, see the device README) and install it into
-    PYTHONPATH before this script; without it that step fails at once and the next one runs."""
+    FP8 needs torchao on the device: carry its wheel (the device README: `pip download --no-deps
+    --only-binary=:all: --python-version 3.12 ... -d .whl torchao==0.18.0` here, `.whl` in carry) and start
+    the command with `python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl &&
+    export PYTHONPATH=/tmp/site`; without it that step fails at once and the next one runs."""
     # the batch per variant: the largest the memory plan fits on this GPU (at most 16, the 2b preset's)
     mfu = py("bench/train_mfu.py", "--preset", "2b", "--resolution", "512", "--batch", "16", "--plan-batch",
              "--steps", "6", "--warmup", "2")  # fmt: skip
