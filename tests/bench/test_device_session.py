@@ -228,8 +228,9 @@ def test_dry_run_of_each_profile_passes_every_step(profile: str, tmp_path: Path,
         for name in ("kernels", "sample-b1", "train-mfu", "sample-b16", "model-fwd-bwd", "autoencoder", "compile-time"):
             assert steps[name]["data"], name
     elif profile == "training":
-        assert list(steps) == ["env", "install", "gpu-tests", "train-compiled", "train-fp8", "train-eager"]
-        compiled = steps["train-compiled"]["data"]["results"][0]
+        assert list(steps) == ["env", "install", "gpu-tests", "train-selective", "train-no-ac", "train-fp8",
+                               "train-eager"]  # fmt: skip
+        compiled = steps["train-selective"]["data"]["results"][0]
         assert compiled["variant"] == "compile+selective" and compiled["plan"].startswith("activation checkpointing")
         assert all(r["loss_finite"] for name in ("train-fp8", "train-eager") for r in steps[name]["data"]["results"])
     else:
