@@ -80,7 +80,7 @@ class LiveBytes(TorchDispatchMode):
         self.live += delta
         self.peak = max(self.peak, self.live)
 
-    def _resized(self, storage: torch.UntypedStorage, size: int) -> None:
+    def _resized(self, storage: torch.UntypedStorage) -> None:
         cell = self._sizes.get(storage)
         if cell is None:
             self._add(storage)
@@ -94,7 +94,7 @@ class LiveBytes(TorchDispatchMode):
 
         def resize_(storage: torch.UntypedStorage, size: int):
             result = original(storage, size)
-            tracker._resized(storage, size)
+            tracker._resized(storage)
             return result
 
         self._resize, torch.UntypedStorage.resize_ = original, resize_
