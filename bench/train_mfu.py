@@ -81,9 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--aux", action="store_true", help="auxiliary fake-score term on (one more forward and backward, at B/2)"
     )
     parser.add_argument(
-        "--peak-flops",
-        type=float,
-        default=None,
+        "--peak-flops", type=float, default=None,
         help="per device (default: the GPU's dense bf16 peak, selfe.network.flops)",
     )
     parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"), help="(default %(default)s)")
