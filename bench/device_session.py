@@ -6,6 +6,8 @@ profile, in priority order, each step capped, the whole run ending inside its bu
     python3 bench/device_session.py --profile engine --out "$OUT" --budget 540   # kernels, sampling, training
     python3 bench/device_session.py --profile shapes --out "$OUT" --budget 540   # the ShapesEval pair on the GPU
     python3 bench/device_session.py --profile sampling --out "$OUT" --budget 540 # end to end, baseline, FP8
+    python3 bench/device_session.py --profile training --out "$OUT" --budget 540 # the training step (issue 30)
+    python3 bench/device_session.py --profile training --out "$OUT" --budget 540 # the training step (issue 30)
     python3 bench/device_session.py --profile engine --plan                      # the steps and their caps
     python3 bench/device_session.py --profile shapes --dry-run --out /tmp/dry    # CPU: same steps, tiny sizes
 
@@ -22,12 +24,14 @@ Profiles (the issue each step serves in brackets):
             2 steps with the old defaults (the baseline), FP8 against bf16 (bench/fp8_sampling.py: quality over
             fixed seeds with bounds that fail the step, then speed at batch 1 and 16), end to end at batch 16,
             eager and compiled at batch 1. The device has no torchao: in the repo root, once,
-            `echo /.whl/ >> .git/info/exclude` and `python3 -m pip download --no-deps --only-binary=:all:
+            `python3 -m pip download --no-deps --only-binary=:all:
             --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 -d .whl torchao==0.17.0`,
             then name `.whl` in the device call's carry (3 MB)
     shapes  env, install, `selfe data shapes --autoencoder trained`, the flow matching / Self-E pair
             (`shapes-fm-ae` / `shapes-selfe-ae`) trained side by side for as many iterations as the budget
             holds (measured first), `selfe eval shapes` of both at their exports' sampler defaults [8]
+    training env, install, the GPU tests of tests/train, the 2b training step at 512^2 compiled (selective
+            checkpointing, none), FP8 (torchao) against bf16, the eager baseline last [30]
 
 `--only a,b` runs those steps (with env and install): the second call of a lease, for what the first did
 not reach. A failed or timed-out step is recorded and the next one runs; the CUDA install falls back to
@@ -245,8 +249,18 @@ def engine_steps() -> list[Step]:
 # ------------------------------------------------------------------------------------------ sampling
 
 # torchao for the FP8 step: the device has none and no network, so the wheel travels with the tree (a folder
-# that .git/info/exclude ignores, named in the device call's `carry`). 0.17.0 is built against torch 2.11.
+# that .gitignore ignores, named in the device call's `carry`). 0.17.0 is built against torch 2.11.
 TORCHAO_WHEEL = "torchao==0.17.0"
+
+
+def torchao_step(issue: str) -> Step:
+    """torchao from the wheel carried in `.whl` (the device has none and no network)."""
+    return Step(
+        "torchao", issue, 60,
+        argv=py("-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-cache-dir", "--find-links", ".whl",
+                TORCHAO_WHEEL),
+        dry_skip=True,  # the CPU has its own
+    )  # fmt: skip
 
 
 def sampling_steps() -> list[Step]:
@@ -262,12 +276,7 @@ def sampling_steps() -> list[Step]:
     return [
         env_step(),
         install_step(cuda=False),  # sampling runs the Triton forwards (kernel_backend auto): no CUDA C++ needed
-        Step(
-            "torchao", "29", 60,
-            argv=py("-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-cache-dir", "--find-links", ".whl",
-                    TORCHAO_WHEEL),
-            dry_skip=True,  # the CPU has its own
-        ),
+        torchao_step("29"),
         Step(  # the fast path with the new defaults: the targets (2 steps <= 35 ms, 4 <= 55, 8 <= 95, end to end)
             "sample-b1-e2e", "29", 150,
             argv=[*sample, "--batch", "1", "--steps", "1", "2", "4", "8", "--variants", "compiled+graph",
@@ -312,6 +321,49 @@ def sampling_steps() -> list[Step]:
                         "tests/engine/test_stage_timings.py"),
             junit="gpu_tests.xml",
         ),
+    ]  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+def training_steps() -> list[Step]:
+    """Issue 30's numbers first: after the install and a short GPU test, the 2b training step at 512^2
+    compiled (selective checkpointing, then none: the plan's cheap candidates), each at the largest batch
+    its memory plan fits on the GPU at hand, then FP8 (torchao, FP8
+    all-gather) against bf16 on the compiled selective variant, and the eager baseline only if time is left.
+    FP8 needs torchao on the device: carry its wheel in `.whl` (see the sampling profile); without it the
+    torchao step fails at once and the FP8 step after it too, and the next one runs."""
+    # the batch per variant: the largest the memory plan fits on this GPU (at most 16, the 2b preset's)
+    mfu = py("bench/train_mfu.py", "--preset", "2b", "--resolution", "512", "--batch", "16", "--plan-batch",
+             "--steps", "6", "--warmup", "2")  # fmt: skip
+    dry = py("bench/train_mfu.py", "--preset", "tiny", "--resolution", "32", "--batch", "4", "--plan-batch",
+             "--plan-memory-gib", "0.01", "--txt-tokens", "8", "--steps", "1", "--warmup", "0")  # fmt: skip
+    pytest = py("-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "--junitxml", "{work}/gpu_train.xml")
+    return [
+        env_step(),
+        install_step(cuda=False),  # Triton's kernels only: the numbers a minute of build sooner
+        torchao_step("30"),
+        Step("gpu-tests", "30", 90, argv=[*pytest, "--timeout=60", "-x", "tests/train"],
+             dry_argv=[*pytest, "tests/train/test_memory_plan.py"], junit="gpu_train.xml"),
+        Step("train-selective", "30", 240,  # a fresh process compiles the 2b blocks (about a minute)
+             argv=[*mfu, "--variants", "compile+selective", "--json", "{work}/train_selective.json"],
+             dry_argv=[*dry, "--variants", "compile+selective", "--json", "{work}/train_selective.json",
+                       "parallel.compile_backend=aot_eager"],
+             json="train_selective.json"),
+        Step("train-no-ac", "30", 180,
+             argv=[*mfu, "--variants", "compile", "--json", "{work}/train_no_ac.json"],
+             dry_argv=[*dry, "--variants", "compile", "--json", "{work}/train_no_ac.json",
+                       "parallel.compile_backend=aot_eager"],
+             json="train_no_ac.json"),
+        Step("train-fp8", "30", 180,
+             argv=[*mfu, "--variants", "compile+selective", "--fp8", "torchao", "--json", "{work}/train_fp8.json"],
+             dry_argv=[*dry, "--variants", "selective", "--fp8", "torchao", "--json", "{work}/train_fp8.json"],
+             json="train_fp8.json"),
+        Step("train-eager", "30", 150,
+             argv=[*mfu, "--variants", "eager,ac", "--json", "{work}/train_eager.json"],
+             dry_argv=[*dry, "--variants", "ac", "--json", "{work}/train_eager.json"],
+             json="train_eager.json"),
     ]  # fmt: skip
 
 
@@ -478,7 +530,12 @@ def nvidia_gpu_present() -> bool:
     return any(Path("/dev").glob("nvidia*")) or shutil.which("nvidia-smi") is not None
 
 
-PROFILES = {"engine": (engine_steps, None), "sampling": (sampling_steps, None), "shapes": (shapes_steps, bundle_shapes)}
+PROFILES = {
+    "engine": (engine_steps, None),
+    "sampling": (sampling_steps, None),
+    "training": (training_steps, None),
+    "shapes": (shapes_steps, bundle_shapes),
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,8 +5,9 @@ random tensors of the cached shapes through the real trainer (FSDP2, sharded EMA
 with its self-evaluation passes on the s < t half), one run per variant:
     eager     no compile, no activation checkpointing
     compile   torch.compile per block
-    ac        activation checkpointing per block (eager)
-    compile+ac
+    ac        full activation checkpointing per block (eager); selective: the selective policy (GEMM and
+              attention outputs kept); auto: the policy the memory plan picks for this GPU and batch
+    compile+ac, compile+selective, compile+auto
 MFU counts every pass (main fwd+bwd, the two no-grad self-eval forwards, and with --aux the fake
 fwd+bwd, whose forward also gives g_f), activation-checkpointing recomputation excluded, over the GPU's dense bf16
 peak (`selfe.network.flops.device_peak_flops`: H100's where the GPU is not listed; n/a on a CPU) or --peak-flops.
@@ -19,6 +20,7 @@ plus the relative error of one FP8 training-converted denoiser forward against t
 one on the same inputs and weights (bench/fp8.py `compare_fp8`).
 
     python bench/train_mfu.py --preset 2b --resolution 512 --batch 8 --steps 20 --json bench/train_mfu.json
+    python bench/train_mfu.py --preset 2b --variants compile+selective,compile --batch 16 --plan-batch
     python bench/train_mfu.py --preset tiny --resolution 64 --steps 3           # CPU smoke
     python bench/train_mfu.py --preset tiny --resolution 64 --steps 3 --fp8 torchao
 Under torchrun every rank trains; rank 0 prints. Images/s and tokens/s are for the whole job.
@@ -43,13 +45,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+# variant -> (compile, activation checkpointing policy); "ac" is full checkpointing
+AC_VARIANTS = {"": "none", "ac": "full", "selective": "selective", "auto": "auto"}
 VARIANTS = {
-    "eager": ("parallel.compile=false", "parallel.activation_checkpointing=false"),
-    "compile": ("parallel.compile=true", "parallel.activation_checkpointing=false"),
-    "ac": ("parallel.compile=false", "parallel.activation_checkpointing=true"),
-    "compile+ac": ("parallel.compile=true", "parallel.activation_checkpointing=true"),
+    name: (f"parallel.compile={compiled}", f"parallel.activation_checkpointing={policy}")
+    for ac, policy in AC_VARIANTS.items()
+    for compiled, name in (("false", ac or "eager"), ("true", f"compile+{ac}" if ac else "compile"))
 }
 MODEL_PRESETS = {"tiny": "smoke", "0.5b": "0.5b", "2b": "2b"}  # --preset -> the trainer's preset
+PLAN_BATCHES = (32, 24, 16, 12, 8, 6, 4, 2, 1)  # --plan-batch tries these, largest first
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,6 +61,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--preset", choices=list(MODEL_PRESETS), default="2b", help="MMDiT preset (default 2b)")
     parser.add_argument("--resolution", type=int, default=512, help="image side in pixels (default %(default)s)")
     parser.add_argument("--batch", type=int, default=None, help="per-rank micro-batch (default 8 on CUDA, 2 on CPU)")
+    parser.add_argument(
+        "--plan-batch",
+        action="store_true",
+        help=f"per variant, the largest batch of {PLAN_BATCHES} whose estimated peak fits the GPU "
+        "(selfe.train.memory_plan; --batch is then the ceiling)",
+    )
+    parser.add_argument(
+        "--plan-memory-gib",
+        type=float,
+        default=None,
+        help="the device memory --plan-batch fits into (default: the GPU's; on a CPU none: --batch)",
+    )
     parser.add_argument("--txt-tokens", type=int, default=None, help="default 512 (T5), 16 for tiny")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant (default %(default)s)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3 on CUDA, 1 on CPU)")
@@ -144,6 +160,34 @@ def trainer_overrides(args: argparse.Namespace, variant: str, run_dir: Path, fp8
         *([f"model.attention_backend={args.attention_backend}"] if args.attention_backend else []),
         *args.overrides,
     ]
+
+
+def planned_batch(args: argparse.Namespace, variant: str, fp8: str) -> tuple[int, str | None]:
+    """(--plan-batch: the largest batch of PLAN_BATCHES, at most --batch, whose estimated peak per rank fits
+    the device memory under the variant's checkpointing policy; else --batch or the default, the policy
+    line of the plan or None)."""
+    from selfe.train.config import apply_overrides, preset
+    from selfe.train.memory_plan import plan_activation_checkpointing
+
+    cuda = torch.cuda.is_available()
+    default = args.batch or (8 if cuda else 2)
+    memory = args.plan_memory_gib * 2**30 if args.plan_memory_gib else None
+    if memory is None and cuda:
+        memory = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    if not args.plan_batch or memory is None:
+        return default, None
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    ceiling = args.batch or max(PLAN_BATCHES)
+    plan = None
+    for batch in (b for b in PLAN_BATCHES if b <= ceiling):
+        config = apply_overrides(
+            preset(MODEL_PRESETS[args.preset]),
+            [*trainer_overrides(args, variant, Path("run"), fp8), f"data.batch_size={batch}"],
+        )
+        plan = plan_activation_checkpointing(config, int(memory), world, "cuda" if cuda else "cpu")
+        if plan.est_peak_bytes <= plan.budget_bytes:
+            return batch, plan.describe()[0]
+    return 1, plan.describe()[0] if plan else None
 
 
 def run_variant(args: argparse.Namespace, variant: str, run_dir: Path, fp8: str = "none") -> dict:
@@ -244,12 +288,18 @@ def main(argv: list[str] | None = None) -> int:
             for fp8 in ("none",) if args.fp8 == "none" else ("none", args.fp8):
                 if not dist.is_initialized() or dist.get_rank() == 0:  # progress: a compiled 2b run takes minutes
                     print(f"# {variant} fp8={fp8}: training {args.steps} timed steps", file=sys.stderr, flush=True)
+                batch, plan_line = planned_batch(args, variant, fp8)
+                run_args = argparse.Namespace(**{**vars(args), "batch": batch})
+                if plan_line and (not dist.is_initialized() or dist.get_rank() == 0):
+                    print(f"# {variant} fp8={fp8}: batch {batch} per rank, {plan_line}", file=sys.stderr, flush=True)
                 try:
-                    result = run_variant(args, variant, Path(tmp) / f"{variant}-{fp8}", fp8)
+                    result = run_variant(run_args, variant, Path(tmp) / f"{variant}-{fp8}", fp8)
                 except torch.OutOfMemoryError as err:  # e.g. no activation checkpointing at this batch: the
                     # other variants still run
                     rank = dist.get_rank() if dist.is_initialized() else 0
-                    result = {"variant": variant, "fp8": fp8, "rank": rank, "error": _oom_message(err, args)}
+                    result = {"variant": variant, "fp8": fp8, "rank": rank, "error": _oom_message(err, run_args)}
+                if plan_line:
+                    result["plan"] = plan_line
                 if "error" in result:  # the traceback held the failed step's tensors until the except ended
                     gc.collect()
                     if torch.cuda.is_available():

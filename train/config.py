@@ -86,6 +86,11 @@ class DataSection:
     high_resolution: int | None = None
     high_from: int = 500_000
     high_fraction: float = 0.5
+    # (iteration, per-rank batch size) pairs, in order: from each iteration on, batch_size becomes that size
+    # (the paper: global 1024 -> 768 at 500k). The data order starts a new stage there, as a resume with another
+    # batch size does (selfe.train.data.sampler), and a resume either side of the change lands on the right
+    # batch. For the sources whose order is resumable across batch sizes (cache, images) and synthetic.
+    batch_stages: tuple[tuple[int, int], ...] = ()
 
     def resolution_schedule(self):
         """The cache reader's ResolutionSchedule: fixed at `resolution`, or progressive."""
@@ -95,7 +100,23 @@ class DataSection:
             return ResolutionSchedule.fixed(self.resolution)
         return ResolutionSchedule.progressive(self.high_from, self.resolution, self.high_resolution, self.high_fraction)
 
+    def batch_size_at(self, iteration: int) -> int:
+        """The per-rank batch size of `iteration` under batch_stages."""
+        size = self.batch_size
+        for start, stage_size in self.batch_stages:
+            if iteration >= start:
+                size = stage_size
+        return size
+
     def __post_init__(self) -> None:
+        self.batch_stages = tuple(tuple(stage) for stage in self.batch_stages)
+        starts = [start for start, _ in self.batch_stages]
+        if any(start < 1 for start in starts) or starts != sorted(set(starts)):
+            raise ValueError(f"data.batch_stages must start at increasing iterations >= 1, got {self.batch_stages}")
+        if any(size < 1 for _, size in self.batch_stages):
+            raise ValueError(f"data.batch_stages sizes must be >= 1, got {self.batch_stages}")
+        if self.batch_stages and self.source == "procedural":
+            raise ValueError("data.batch_stages needs a source whose data order takes a new batch size (cache, images)")
         if self.encoders not in ENCODERS:
             raise ValueError(f"data.encoders must be one of {ENCODERS}, got {self.encoders!r}")
         if self.source == "images" and not self.manifest:
@@ -159,19 +180,43 @@ class OptimConfig:
 
 @dataclass
 class EMAConfig:
+    """The EMA copy: the self-evaluation's conditional estimate g_c comes from it (selfe.method.objective).
+
+    The paper keeps a constant decay (its presets here: warmup=False). The warm-up is ours (on by default, for
+    short runs): decay_k = min(decay, (1 + k) / (10 + k)) (selfe.train.ema) makes the EMA follow the live
+    network closely for the first ~10^4 steps, so early on g_c is nearly the live network's conditional
+    estimate rather than an average over a long stretch of training: it changes the self-evaluated target of
+    the objective, not only the exported weights."""
+
     decay: float = 0.9999
-    warmup: bool = True  # decay_k = min(decay, (1 + k) / (10 + k)), see selfe.train.ema
+    warmup: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.decay < 1.0:
             raise ValueError(f"ema.decay must lie in [0, 1), got {self.decay}")
 
 
+# Activation checkpointing per block, cheapest compute first: none (keep every activation), selective (keep the
+# outputs of the GEMMs and attention, recompute the elementwise ops between them), full (keep a block's inputs
+# only: its whole forward again in backward, about a third more compute); auto: the first of these whose
+# estimated peak fits the GPU (selfe.train.memory_plan)
+AC_POLICIES = ("none", "selective", "full")
+AC_CHOICES = (*AC_POLICIES, "auto")
+# Configs saved before the policies stored a bool: true meant full, false none
+AC_LEGACY = {True: "full", False: "none", "true": "full", "false": "none"}
+
+
 @dataclass
 class ParallelConfig:
     """The parallelize passes, in torchtitan's order: activation checkpointing -> compile -> FSDP2."""
 
-    activation_checkpointing: bool = False  # per block
+    activation_checkpointing: str = "none"  # AC_CHOICES; a bool (older configs) maps to full / none
+    # auto: the share of the GPU's memory the estimated peak may fill (the rest: the CUDA context, NCCL's
+    # buffers, the caching allocator's fragmentation, which the estimate does not see)
+    memory_fraction: float = 0.85
+    # FSDP2's explicit prefetch: all-gather this many blocks ahead in forward (behind in backward) while the
+    # current block computes; 0 leaves FSDP2's implicit order (gathers issued when a block starts)
+    prefetch_blocks: int = 1
     compile: bool = False  # torch.compile per block
     compile_fullgraph: bool = True  # a graph break in a block is an error (False: allowed, slower)
     compile_backend: str = "inductor"  # torch.compile backend ("aot_eager" traces without code generation)
@@ -184,6 +229,15 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"parallel.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        self.activation_checkpointing = AC_LEGACY.get(self.activation_checkpointing, self.activation_checkpointing)
+        if self.activation_checkpointing not in AC_CHOICES:
+            raise ValueError(
+                f"parallel.activation_checkpointing must be one of {AC_CHOICES}, got {self.activation_checkpointing!r}"
+            )
+        if not 0.0 < self.memory_fraction <= 1.0:
+            raise ValueError(f"parallel.memory_fraction must lie in (0, 1], got {self.memory_fraction}")
+        if self.prefetch_blocks < 0:
+            raise ValueError(f"parallel.prefetch_blocks must be >= 0, got {self.prefetch_blocks}")
 
 
 @dataclass
@@ -346,7 +400,7 @@ def paper_0_5b() -> TrainConfig:
         objective=ObjectiveConfig(tau_warmup=300_000, aux_start=None),
         data=DataSection(source="cache", cache_dir="cache/train", batch_size=32, resolution=256),
         optim=OptimConfig(lr=3e-4, final_lr=1e-5, warmup_steps=1000),
-        ema=EMAConfig(decay=0.9999),
+        ema=EMAConfig(decay=0.9999, warmup=False),  # the paper's constant decay
         parallel=ParallelConfig(compile=True),
         checkpoint=CheckpointConfig(every=5000, keep=3),
     )
@@ -355,13 +409,13 @@ def paper_0_5b() -> TrainConfig:
 def paper_2b() -> TrainConfig:
     """The paper's 2B recipe: 710k iterations, tau warm-up 300k, the auxiliary term from 550k, 256^2 until
     500k, then a 1:1 mix of 256^2 and 512^2 batches (the cache must hold both resolutions). The paper also
-    lowers the global batch from 1024 to 768 at 500k: run with steps=500000, then resume the same run_dir
-    with steps=710000 and data.batch_size scaled by 3/4 (the data order starts a new stage at the next
-    epoch and keeps counting iterations, see selfe.train.data.sampler). The learning rate decays to 710k
-    (optim.decay_steps), not to `steps`, so both legs follow one schedule. The auxiliary term encodes its
-    fake prompt with T5 and CLIP: a run past 550k needs data.t5_path and data.clip_path. Text is cut to
-    buckets of 64, 128, 256 and 512 tokens (data.text_bucket [ours]): the 256^2 stage would otherwise run
-    mostly padding; each bucket is a static compiled shape (selfe.train.compile_shapes)."""
+    lowers the global batch from 1024 to 768 at 500k: data.batch_stages takes the per-rank batch from 16 to
+    12 there (1024 -> 768 on 64 GPUs; scale both for yours); the data order starts a new stage at the next
+    epoch and keeps counting iterations (selfe.train.data.sampler). The learning rate decays to 710k
+    (optim.decay_steps), not to `steps`, so a run split into legs follows one schedule. The auxiliary term
+    encodes its fake prompt with T5 and CLIP: a run past 550k needs data.t5_path and data.clip_path.
+    Text is cut to buckets of 64, 128, 256 and 512 tokens (data.text_bucket [ours]): the 256^2 stage would
+    otherwise run mostly padding; each bucket is a static compiled shape (selfe.train.compile_shapes)."""
     return TrainConfig(
         name="2b",
         run_dir="runs/selfe-2b",
@@ -376,10 +430,12 @@ def paper_2b() -> TrainConfig:
             high_resolution=512,
             high_from=500_000,
             text_bucket=64,
+            batch_stages=((500_000, 12),),
         ),
         optim=OptimConfig(lr=3e-4, final_lr=1e-5, warmup_steps=1000, decay_steps=710_000),
-        ema=EMAConfig(decay=0.9999),
-        parallel=ParallelConfig(compile=True, activation_checkpointing=True),
+        ema=EMAConfig(decay=0.9999, warmup=False),  # the paper's constant decay
+        # the cheapest policy that fits the GPU at hand (full AC costs about a third more compute)
+        parallel=ParallelConfig(compile=True, activation_checkpointing="auto"),
         checkpoint=CheckpointConfig(every=2000, keep=3),
     )
 
@@ -526,7 +582,16 @@ def _split_override(item: str) -> tuple[str, str]:
 
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:
     """Inverse of `TrainConfig.to_dict()`; unknown keys are errors at every level."""
-    return _build(TrainConfig, data, "")
+    return _build(TrainConfig, _upgraded(data), "")
+
+
+def _upgraded(data: Any) -> Any:
+    """A config dict of an older format in today's: activation_checkpointing was a bool (true: full)."""
+    parallel = data.get("parallel") if isinstance(data, dict) else None
+    if isinstance(parallel, dict) and isinstance(parallel.get("activation_checkpointing"), bool):
+        legacy = AC_LEGACY[parallel["activation_checkpointing"]]
+        return {**data, "parallel": {**parallel, "activation_checkpointing": legacy}}
+    return data
 
 
 def save_config(config: TrainConfig, path: str | os.PathLike) -> None:

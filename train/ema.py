@@ -12,7 +12,9 @@ class EMA:
     """Keeps `model` (a frozen copy) at `decay * ema + (1 - decay) * live` after every `update`.
 
     `warmup` uses decay_k = min(decay, (1 + k) / (10 + k)) so the average is not dominated by the
-    random initial weights in short runs; set it False for the plain constant decay.
+    random initial weights in short runs; set it False for the plain constant decay (the paper's). The EMA
+    network gives the self-evaluation its conditional estimate, so the warm-up changes the training target
+    early on, not only the exported weights (selfe.train.config.EMAConfig).
     """
 
     def __init__(self, net: nn.Module, decay: float = 0.9999, warmup: bool = True):

@@ -30,7 +30,7 @@ import os
 import signal
 import sys
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,7 @@ from selfe.train.config import TrainConfig, check_fake_prompt_encoder, save_conf
 from selfe.train.ema import EMA
 from selfe.train.initial_weights import load_initial_weights
 from selfe.train.lr import build_optimizer, build_scheduler, load_schedule, step_if
+from selfe.train.memory_plan import device_memory_bytes, plan_activation_checkpointing
 from selfe.train.metrics import (
     MetricsLogger,
     memory_stats,
@@ -64,7 +65,7 @@ from selfe.train.metrics import (
     step_flops,
     text_masks_of,
 )
-from selfe.train.parallelize import parallelize, param_dtype_for, reshard_all
+from selfe.train.parallelize import comm_volume, parallelize, param_dtype_for, reshard_all
 from selfe.train.prefetch import Prefetcher
 from selfe.train.run_dir import claim_on_rank0
 from selfe.train.sources import build_source, cut_batch_text
@@ -198,27 +199,28 @@ class Trainer:
             load_initial_weights(model, config.checkpoint.init_from, config.model, config.checkpoint.init_grow)
         self.ema = EMA(model, config.ema.decay, config.ema.warmup)  # copied before sharding: sharded alike
         mesh = init_device_mesh(device.type, (world,))
+        # The activation checkpointing policy (auto: the cheapest whose estimated peak fits this GPU) and the
+        # per-step communication, for the start-up banner
+        self.plan = plan_activation_checkpointing(
+            config, device_memory_bytes(device), world, device.type, estimate_fixed=device.type == "cuda"
+        )
+        self.comm = comm_volume(model, config, world)
+        if rank == 0:
+            for line in [*self.plan.describe(), self.comm.describe()]:
+                log.info("%s", line)
+        parallel = replace(config.parallel, activation_checkpointing=self.plan.policy)
         # FP8 (if any) converts the live network only, inside parallelize before AC/compile/FSDP2; the EMA
         # copy was taken above, so it stays high precision (Float8Linear keeps an ordinary weight: the lerp
         # below sees the same parameters, in the same order).
-        self.model = parallelize(model, config.parallel, mesh, fp8=config.fp8)
+        self.model = parallelize(model, parallel, mesh, fp8=config.fp8)
         if config.parallel.compile:
             allow_compiles(compile_shapes(config))
-        parallelize(self.ema.model, config.parallel, mesh, trainable=False)
+        parallelize(self.ema.model, parallel, mesh, trainable=False)
         self.optimizer = build_optimizer(self.model.parameters(), config.optim, device)
         self.scheduler = build_scheduler(self.optimizer, config.optim, config.steps)
         self.loss_fn = SelfELoss(config.objective)
-        self.source = Prefetcher(
-            build_source(
-                config.data, config.model, rank, world, config.optim.grad_accum, device,
-                config.objective.fake_prompt_prefix,
-            ),
-            device,
-            config.objective.aux_on,
-            lambda batch: cut_batch_text(batch, config.data.text_bucket),
-            config.data.prefetch_steps,
-            stop_at=config.steps,
-        )  # fmt: skip
+        self.source_batch = config.data.batch_size_at(0)
+        self.source = self._build_source(self.source_batch, 0)
         self.metrics = MetricsLogger(
             self.run_dir,
             config.steps,
@@ -244,6 +246,36 @@ class Trainer:
         self.metrics.drop_after(self.step)
         if rank == 0:  # only now: a refused resume leaves the run's config.json as its checkpoints have it
             save_config(config, self.run_dir / "config.json")
+
+    def _build_source(self, batch_size: int, start: int) -> Prefetcher:
+        """The batch source at `batch_size` from iteration `start`, read ahead up to the end of its batch
+        stage (data.batch_stages) or of the run, so no batch of the next stage is read at this one's size."""
+        cfg, info = self.config, self.dist
+        data = replace(cfg.data, batch_size=batch_size)
+        source = build_source(
+            data, cfg.model, info.rank, info.world_size, cfg.optim.grad_accum, info.device,
+            cfg.objective.fake_prompt_prefix,
+        )  # fmt: skip
+        stage_end = min([it for it, _ in cfg.data.batch_stages if it > start] + [cfg.steps])
+        return Prefetcher(
+            source,
+            info.device,
+            cfg.objective.aux_on,
+            lambda batch: cut_batch_text(batch, cfg.data.text_bucket),
+            cfg.data.prefetch_steps,
+            stop_at=stage_end,
+        )
+
+    def _fit_source_to(self, iteration: int, state: dict[str, Any] | None = None) -> None:
+        """data.batch_stages: the source at `iteration`'s batch size, continuing from `state` (a checkpoint's)
+        or from where the current source stands (the data order then starts a new stage)."""
+        size = self.config.data.batch_size_at(iteration)
+        if size != self.source_batch or state is not None:
+            state = self.source.state_dict() if state is None else state
+            self.source.close()
+            self.source, self.source_batch = self._build_source(size, iteration), size
+        if state is not None:
+            self.source.load_state_dict(state)
 
     # ------------------------------------------------------------------------------------------
     # Checkpoint state
@@ -285,7 +317,7 @@ class Trainer:
         self.ema.num_updates = int(train["ema_updates"])
         load_schedule(self.scheduler, train["scheduler"])
         set_rng_state(rank_state["rng"])
-        self.source.load_state_dict(rank_state["data"])
+        self._fit_source_to(self.step, rank_state["data"])
         if self.dist.rank == 0:
             log.info("resumed from %s at step %d", path, self.step)
 
@@ -304,6 +336,7 @@ class Trainer:
         aux_on = cfg.objective.aux_on(iteration)
         window = self._step_window()
         window.timer.start()
+        self._fit_source_to(iteration)
         micro_batches = self.source.next_step(iteration)
         if iteration in cfg.fault.inject_nan_steps:
             micro_batches[0] = {**micro_batches[0], "x0": micro_batches[0]["x0"] * float("nan")}
@@ -347,7 +380,7 @@ class Trainer:
             self.scheduler.step()
         window.timer.stop()
         self.step += 1
-        global_batch = cfg.data.batch_size * world * accum
+        global_batch = self.source_batch * world * accum
         host = dict(
             lr=lr,
             tau=tau_at(iteration, cfg.objective.tau_warmup),

@@ -211,9 +211,9 @@ def test_cli_checks_its_arguments(tmp_path: Path, capsys) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("profile", ["engine", "sampling", "shapes"])
+@pytest.mark.parametrize("profile", ["engine", "sampling", "training", "shapes"])
 def test_dry_run_of_each_profile_passes_every_step(profile: str, tmp_path: Path, monkeypatch) -> None:
-    if profile == "sampling":
+    if profile in ("sampling", "training"):
         pytest.importorskip("torchao.float8", reason="the FP8 step's CPU run needs torchao (the device gets the wheel)")
     monkeypatch.setenv("SELFE_DEVICE_WORK", str(tmp_path / "work"))
     out = tmp_path / "out"
@@ -240,6 +240,12 @@ def test_dry_run_of_each_profile_passes_every_step(profile: str, tmp_path: Path,
         assert all(row["passed"] for row in steps["fp8"]["data"]["quality"])
         assert {r["batch"] for r in steps["fp8"]["data"]["speed"]} == {1, 2}
         assert steps["gpu-tests"]["tests"]["tests"] > 0
+    elif profile == "training":
+        assert list(steps) == ["env", "install", "torchao", "gpu-tests", "train-selective", "train-no-ac", "train-fp8",
+                               "train-eager"]  # fmt: skip
+        compiled = steps["train-selective"]["data"]["results"][0]
+        assert compiled["variant"] == "compile+selective" and compiled["plan"].startswith("activation checkpointing")
+        assert all(r["loss_finite"] for name in ("train-fp8", "train-eager") for r in steps[name]["data"]["results"])
     else:
         assert steps["shapes-pair"]["iterations"] == session_cli.DRY_SHAPES.max_steps
         assert set(steps["shapes-eval"]["data"]) == {"shapes-fm", "shapes-selfe"}  # both models scored

@@ -15,7 +15,7 @@ def test_a_variant_out_of_memory_is_reported_and_the_next_runs(tmp_path: Path, m
     real_step = Trainer.train_step
 
     def step_without_checkpointing_runs_out(self):  # as a large batch without activation checkpointing can
-        if not self.config.parallel.activation_checkpointing:
+        if self.config.parallel.activation_checkpointing == "none":
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore details")
         return real_step(self)
 
