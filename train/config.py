@@ -389,7 +389,7 @@ def smoke() -> TrainConfig:
 
 
 def paper_0_5b() -> TrainConfig:
-    """The paper's ablation recipe (SELFE.md §4, §6): 0.5B at 256^2, batch 1024, 300k iterations, tau
+    """The paper's ablation recipe (docs/method.md §4, §6): 0.5B at 256^2, batch 1024, 300k iterations, tau
     warm-up over all of them, Adam(0.9, 0.95), 1k warm-up, 3e-4 -> 1e-5, EMA 0.9999, no aux term.
     Per-rank batch 32 assumes 32 GPUs; set data.batch_size / optim.grad_accum for yours."""
     return TrainConfig(

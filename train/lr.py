@@ -1,4 +1,4 @@
-"""AdamW and its schedule: linear warm-up to the peak, then linear decay to a floor (SELFE.md §4)."""
+"""AdamW and its schedule: linear warm-up to the peak, then linear decay to a floor (docs/method.md §4)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Text conditioning for the Self-E objective: captions -> the model's {"txt", "txt_mask", "pooled"}.
 
-Per training batch (SELFE.md section 3) the objective needs three conditions of B rows each:
+Per training batch (docs/method.md §3) the objective needs three conditions of B rows each:
     cond: the captions after caption dropout (a dropped caption is the empty string)
     null: phi, the encoding of "" (not zeros), for the live unconditional self-evaluation pass
     fake: c_fake = fake_prompt_prefix + caption, for the auxiliary fake-score term (late training only)

@@ -1,4 +1,4 @@
-"""The Self-E training objective (SELFE.md §3): learning from data and self-evaluation in one loss.
+"""The Self-E training objective (docs/method.md §3): learning from data and self-evaluation in one loss.
 
 Written against a network's call signature only, `net(x, t, s, cond) -> V`, so the MMDiT and the
 2-D task's MLP run the same code. Flow matching is this objective with `self_eval=False` (s = t always).
@@ -16,7 +16,7 @@ from selfe.method import condition_tree
 from selfe.method.renorm import energy_preserving_target
 from selfe.method.schedule import TimeShift, sample_s, sample_t, self_eval_count, tau_at
 
-DEFAULT_FAKE_PROMPT_PREFIX = "fake image, "  # [ours] c_fake = prefix + caption (SELFE.md leaves the string open)
+DEFAULT_FAKE_PROMPT_PREFIX = "fake image, "  # [ours] c_fake = prefix + caption (the paper leaves the string open, docs/method.md)
 
 
 def check_fake_prompt_prefix(prefix: object) -> None:
@@ -30,7 +30,7 @@ class DualTimeNetwork(Protocol):
 
 @dataclass
 class ObjectiveConfig:
-    """Every knob of the objective, in SELFE.md's terms; [ours] marks choices the paper leaves open."""
+    """Every knob of the objective, in the method's terms (docs/method.md); [ours] marks choices the paper leaves open."""
 
     self_eval: bool = True  # False: plain flow matching (s = t for every sample), everything else equal
     caption_dropout: float = 0.1  # p_drop [ours: 0.1]; the null condition is the encoding of ""

@@ -1,7 +1,7 @@
 """The two energy-preserving renorms of Self-E, both one call of the fused `energy_preserving_mix` op.
 
-- Training target (SELFE.md §3.7): y = x0 + lambda x_self, rescaled per sample to ||x0||.
-- Sampling CFG (SELFE.md §5): V_g = V_c + (omega - 1)(V_c - V_u), rescaled per sample to ||V_c||.
+- Training target (docs/method.md §3.7): y = x0 + lambda x_self, rescaled per sample to ||x0||.
+- Sampling CFG (docs/method.md §5): V_g = V_c + (omega - 1)(V_c - V_u), rescaled per sample to ||V_c||.
 """
 
 from __future__ import annotations

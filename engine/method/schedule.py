@@ -1,4 +1,4 @@
-"""Time schedules of Self-E (SELFE.md §3 steps 2-3, §5): the length shift, t and s sampling, the sampling grid.
+"""Time schedules of Self-E (docs/method.md §3 steps 2-3, §5): the length shift, t and s sampling, the sampling grid.
 
 Convention: t in [0, 1], t = 0 is data, t = 1 is noise; x_t = (1 - t) x0 + t eps.
 """

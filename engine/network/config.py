@@ -20,7 +20,7 @@ MLP_ACTIVATIONS = ("gelu_tanh", "gelu", "silu")
 
 @dataclass
 class MMDiTConfig:
-    """A FLUX-style MMDiT whose global vector carries two times (SELFE.md section 2).
+    """A FLUX-style MMDiT whose global vector carries two times (docs/method.md §2).
 
     Width `hidden_size` = `num_heads * head_dim`; the 2-D RoPE splits each head into `axes_dim`
     (one chunk per id axis: (unused, row, col) for FLUX-style ids), so `sum(axes_dim) == head_dim`.
@@ -45,7 +45,7 @@ class MMDiTConfig:
     attention_backend: str = "auto"  # sdpa_cudnn on CUDA (measured fastest), sdpa elsewhere
     kernel_backend: str = "auto"
     norm_eps: float = 1e-6  # LayerNorm (adaLN) and QK RMSNorm
-    # [ours] MLP_s's last layer starts at zero so that at init the network ignores s (SELFE.md 2).
+    # [ours] MLP_s's last layer starts at zero so that at init the network ignores s (docs/method.md §2).
     zero_init_gap_embedder: bool = True
     name: str = field(default="custom", compare=False)
 

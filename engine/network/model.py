@@ -1,6 +1,6 @@
 """The dual-time MMDiT of Self-E: FLUX's network with a second time s entering the global vector.
 
-`vec = MLP_t(sinus(t)) + MLP_s(sinus(t - s)) + MLP_clip(pooled)` (SELFE.md section 2) replaces
+`vec = MLP_t(sinus(t)) + MLP_s(sinus(t - s)) + MLP_clip(pooled)` (docs/method.md §2) replaces
 FLUX's time embedding in every block's modulation and in the last layer; nothing else changes.
 The model predicts the velocity V; G = x_t - t * V is the objective's business.
 
@@ -111,7 +111,7 @@ class MMDiT(nn.Module):
           block is the identity at init; the deep residual stack trains stably from there. The last
           layer's Linear is zero too, so V = 0 at init.
         - MLP_s's last layer is zero (when `zero_init_gap_embedder`): the gap t - s has no effect at
-          init, so with s = t the network starts as an ordinary flow-matching network (SELFE.md 2).
+          init, so with s = t the network starts as an ordinary flow-matching network (docs/method.md §2).
         - QK-norm weights are ones.
         """
         for module in self.modules():

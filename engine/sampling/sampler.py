@@ -1,4 +1,4 @@
-"""The any-step sampler (SELFE.md §5): one network, any number of steps.
+"""The any-step sampler (docs/method.md §5): one network, any number of steps.
 
 `denoise_step` is one step with every per-step scalar passed as a tensor and no data-dependent
 Python control flow or host-device sync, so a later engine can compile it and capture it in a CUDA

@@ -1,5 +1,5 @@
 """The Self-E objective: every pure function against a float64 hand computation, the loss against the
-literal formulas of SELFE.md §3, and the stop-gradients."""
+literal formulas of docs/method.md §3, and the stop-gradients."""
 
 from __future__ import annotations
 
@@ -166,7 +166,7 @@ def make_batch(b=8, seed=0):
 
 
 def literal_loss(calls, batch, cfg: ObjectiveConfig, live: nn.Module | None = None):
-    """SELFE.md §3 written out term by term from the recorded network calls (float64)."""
+    """docs/method.md §3 written out term by term from the recorded network calls (float64)."""
     main, rest = calls[0], calls[1:]
     x0, t = batch["x0"], main["t"].double()
     bshape = (-1, 1, 1, 1)

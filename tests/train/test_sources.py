@@ -36,7 +36,7 @@ def test_procedural_fake_prompts_use_the_configured_prefix() -> None:
 def test_the_prefix_is_an_objective_field() -> None:
     config = apply_overrides(preset("smoke"), ["objective.fake_prompt_prefix=synthetic, "])
     assert config.objective.fake_prompt_prefix == "synthetic, "
-    assert preset("2b").objective.fake_prompt_prefix == "fake image, "  # SELFE.md's string
+    assert preset("2b").objective.fake_prompt_prefix == "fake image, "  # the method's string (docs/method.md)
 
 
 def _cache_of(root, n: int, seed: int, text_dim: int = 32, pooled_dim: int = 16):

@@ -133,7 +133,7 @@ class ResolutionSchedule:
     def progressive(
         cls, switch_at: int = 500_000, low: int = 256, high: int = 512, high_fraction: float = 0.5
     ) -> ResolutionSchedule:
-        """The paper's schedule (SELFE.md): `low` only until iteration `switch_at`, then each batch at
+        """The paper's schedule (docs/method.md): `low` only until iteration `switch_at`, then each batch at
         `high` with probability high_fraction, else `low` (paper: 256, 512, 1:1 from 500k)."""
         if low >= high:
             raise ValueError(f"progressive schedule: low={low} must be below high={high}")
