@@ -6,7 +6,7 @@ of n samples from selfe.network.flops:
     3 F(B)              main forward + backward
     2 F(B_self)         the EMA-conditional and live-unconditional self-evaluation forwards (no grad)
     3 F(B_self)         with the auxiliary term on: the fake forward + backward (its forward, detached,
-                        is also g_f: the method's separate no-grad fake forward (docs/method.md) is not run, so not counted)
+                        is also g_f: docs/method.md's separate no-grad fake forward is not run, so not counted)
 Activation-checkpointing recomputation is not counted (MFU counts model FLOPs, not hardware FLOPs).
 Each pass is counted twice (selfe.network.flops.forward_flops): useful FLOPs, every row at its real text
 length from the batch's txt_mask (MFU and tflops_per_step), and executed FLOPs, every row at the padded

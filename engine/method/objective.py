@@ -16,7 +16,8 @@ from selfe.method import condition_tree
 from selfe.method.renorm import energy_preserving_target
 from selfe.method.schedule import TimeShift, sample_s, sample_t, self_eval_count, tau_at
 
-DEFAULT_FAKE_PROMPT_PREFIX = "fake image, "  # [ours] c_fake = prefix + caption (the paper leaves the string open, docs/method.md)
+# [ours] c_fake = prefix + caption (the paper leaves the string open; docs/method.md)
+DEFAULT_FAKE_PROMPT_PREFIX = "fake image, "
 
 
 def check_fake_prompt_prefix(prefix: object) -> None:
@@ -30,7 +31,7 @@ class DualTimeNetwork(Protocol):
 
 @dataclass
 class ObjectiveConfig:
-    """Every knob of the objective, in the method's terms (docs/method.md); [ours] marks choices the paper leaves open."""
+    """Every knob of the objective, in docs/method.md's terms; [ours] marks choices the paper leaves open."""
 
     self_eval: bool = True  # False: plain flow matching (s = t for every sample), everything else equal
     caption_dropout: float = 0.1  # p_drop [ours: 0.1]; the null condition is the encoding of ""

@@ -51,7 +51,7 @@ def test_batch_stages_resume_on_either_side_of_the_change(tmp_path, cache_dir) -
 
     _run(config("whole", 6))
     whole = read_metrics(tmp_path / "whole")
-    flops = [r["tflops_per_step"] for r in whole]
+    flops = [r["executed_tflops_per_step"] for r in whole]  # useful FLOPs follow each batch's captions
     assert flops[0] == flops[2] and flops[3] == flops[5] == pytest.approx(flops[0] / 2)  # batch 4, then 2
     assert [r["images_per_s"] * r["step_time"] for r in whole] == pytest.approx([4, 4, 4, 2, 2, 2])
     for name, first_leg in (("before", 2), ("after", 5)):  # checkpoints before and after the change
