@@ -53,6 +53,7 @@ def test_bare_folder_names_do_not_import_outside_the_repo(tmp_path):
     assert out.stdout.strip() == "ok"
 
 
+@pytest.mark.slow
 def test_installed_kernels_wins_over_the_kernels_folder_from_the_repo_root():
     """From the checkout's root, `import selfe` steers `kernels` to the installed package (selfe.utils.checkout)."""
     try:

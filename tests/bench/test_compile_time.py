@@ -10,6 +10,7 @@ import pytest
 from bench import compile_time
 
 
+@pytest.mark.slow
 def test_both_settings_run_and_match_eager(tmp_path: Path, capsys) -> None:
     out = tmp_path / "compile.json"
     argv = ["--preset", "tiny", "--depth", "2", "2", "--resolution", "32", "--txt-tokens", "8"]

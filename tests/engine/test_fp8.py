@@ -417,6 +417,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 @needs_torchao
 @pytest.mark.dist
 def test_fsdp2_two_gloo_ranks_train_with_fp8_all_gather(tmp_path):

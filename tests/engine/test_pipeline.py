@@ -144,6 +144,7 @@ def test_fast_path_compiles_once_per_shape(pipe: SelfEPipeline) -> None:
     torch.testing.assert_close(second.images, eager.images, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_compiled_step_serves_more_shapes_than_dynamos_recompile_limit(pipeline_dir: Path) -> None:
     """Every (batch, size, guided, sampler) is a trace of the one compiled step: past dynamo's default of
     8 under fullgraph that was a hard error. Up to max_compiled_shapes they compile; one more runs the

@@ -72,6 +72,7 @@ def _cuda_include() -> Path:
     pytest.skip("no CUDA headers (cuda_runtime.h) under CUDA_HOME, /usr/local/cuda or beside nvcc")
 
 
+@pytest.mark.slow
 def test_binding_compiles_against_the_installed_torch(tmp_path: Path):
     """binding.cpp, the one file that sees torch, parses and type-checks against this torch's headers in
     C++20 (what torch's BuildExtension passes for torch >= 2.12; setup.py leaves the standard to it), so a
@@ -136,6 +137,7 @@ for name, inputs in (
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backward", ["triton", "reference"])
 def test_cuda_ops_wiring_with_stand_in_extension(backward: str):
     """cuda_ops' custom ops, fakes and both backward paths, with the reference standing in for selfe._C.

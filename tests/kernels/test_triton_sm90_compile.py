@@ -27,6 +27,8 @@ HARNESS = Path(__file__).with_name("triton_sm90_compile.py")
 ARGS = ["--cases", "2b:bf16,ragged:bf16,wide:bf16,2b:fp32", "--masks", "masked"]
 TILE_CONSTEXPRS = ("BLOCK_M", "BLOCK_N")  # what an autotune config sets
 
+pytestmark = pytest.mark.slow  # every kernel compiled to sm_90a cubins by ptxas: minutes on 2 cores
+
 
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory) -> list[dict]:

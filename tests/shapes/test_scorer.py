@@ -82,6 +82,7 @@ def test_float_input_reads_like_uint8_and_larger_images_work():
         pytest.param(lambda im, rng: _noisy(_box_blur3(im), 6.0, rng), id="blur-3x3-then-noise-sigma6"),
     ],
 )
+@pytest.mark.slow
 def test_noisy_and_blurred_images_still_score_high(corrupt):
     prompts, placed = _random_set(seed=2_718)
     rng = np.random.default_rng(3)

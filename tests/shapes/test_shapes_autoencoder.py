@@ -35,6 +35,7 @@ def ae_data(tmp_path_factory):
     return prepare(out, NUM, seed=5, progress=False, autoencoder="trained", ae_training=QUICK)
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss_and_fits_unit_latents(ae_data):
     images, rows = load_manifest_images(ae_data / MANIFEST)
     assert images.shape == (NUM, 3, 32, 32) and images.dtype == torch.uint8
@@ -122,6 +123,7 @@ def test_latent_presets_are_the_pixel_presets_in_the_autoencoder_latents():
     assert preset("shapes-fm-ae").checkpoint.export_guidance == preset("shapes-selfe").checkpoint.export_guidance == 5.0
 
 
+@pytest.mark.slow
 def test_a_run_in_the_latents_exports_a_pipeline_that_carries_its_autoencoder(ae_data, tmp_path):
     overrides = [f"data.cache_dir={ae_data / AE_CACHE}", f"data.ae_path={ae_data / AE_FILE}"]
     export = train_shapes("shapes-selfe-ae", ae_data, tmp_path / "run", 3, *overrides)

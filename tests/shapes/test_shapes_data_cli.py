@@ -59,6 +59,7 @@ def test_a_cache_mismatch_is_a_one_line_error(tmp_path, capsys):
     assert "holds a cache built from another manifest or config" in err
 
 
+@pytest.mark.slow
 def test_a_trained_autoencoder_is_reused_and_other_steps_are_refused(tmp_path, capsys):
     out = tmp_path / "d"
     args = [*BASE, "--out", str(out), "--autoencoder", "trained", "--ae-steps", "1", "--device", "cpu"]

@@ -56,6 +56,7 @@ def test_presets_train_the_same_budget_with_and_without_self_evaluation():
     assert self_e.model.in_channels == 48 and self_e.model.patch_size == 1 and self_e.data.encoders == "pixels"
 
 
+@pytest.mark.slow
 def test_train_export_pipeline_eval_and_generate(shapes_data, tmp_path, capsys):
     export = train_shapes("shapes-selfe", shapes_data, tmp_path / "run", 4, f"data.cache_dir={shapes_data / 'cache'}")
     config = json.loads((export / "config.json").read_text())

@@ -49,6 +49,7 @@ def test_generate_works_out_of_the_box(tmp_path):
     assert len(list(tmp_path.glob("selfe_grid_p00_*steps.png"))) == 4
 
 
+@pytest.mark.slow
 def test_two_step_score_beats_flow_matching_at_equal_budget(offline):
     """At 2 steps the shipped Self-E model scores above flow matching trained with the same model, data, seed
     and iterations (its export is not shipped: its measured score is, with the README's table)."""

@@ -444,6 +444,7 @@ build_cache(manifest, out, image_encoder, SmokeTextEncoder(), config, base_dir=r
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
 def test_resume_after_sigkill(tmp_path):
     data = _dataset(tmp_path)

@@ -45,6 +45,7 @@ def _refused(argv: list[str], capsys) -> str:
     return err
 
 
+@pytest.mark.slow
 def test_an_out_that_is_holds_or_lies_in_the_checkpoint_is_refused_untouched(run, tmp_path, capsys):
     src = tmp_path / "run"
     shutil.copytree(run, src)

@@ -33,6 +33,7 @@ def test_ring_interleaves_conditions_and_puts_each_mean_off_its_data():
     assert mode_coverage(x, y, data) == 1.0
 
 
+@pytest.mark.slow
 def test_metrics_separate_good_from_bad_samples():
     data = RingMixture()
     g = torch.Generator().manual_seed(1)
@@ -86,6 +87,7 @@ def _tiny_cli(out, *extra):
     )
 
 
+@pytest.mark.slow
 def test_cli_writes_table_json_png_and_samples(tmp_path, capsys):
     assert _tiny_cli(tmp_path) == 0
     printed = capsys.readouterr().out
@@ -100,6 +102,7 @@ def test_cli_writes_table_json_png_and_samples(tmp_path, capsys):
                 assert f["x"].shape == (120, 2) and f["y"].shape == (120,) and f["y"].dtype == np.int64
 
 
+@pytest.mark.slow
 def test_cli_takes_user_data_and_falls_back_to_knn_metrics(tmp_path, capsys):
     x, y = RingMixture(num_conditions=2, modes_per_condition=2).sample(600, torch.Generator().manual_seed(0))
     data = tmp_path / "mine.npz"

@@ -112,6 +112,7 @@ def test_step_flops_count_useful_work_from_the_masks():
     assert no_masks["useful"] == no_masks["total"]  # no mask: every token real
 
 
+@pytest.mark.slow
 def test_fused_adamw_follows_foreach(tmp_path):
     """optim.implementation=fused (the default on CUDA) on FSDP2's DTensor parameters: the same training."""
     foreach = _run(tiny_config(tmp_path / "foreach", 4, "optim.implementation=foreach"))
@@ -475,6 +476,7 @@ def test_cli_says_in_one_line_that_there_is_no_cuda(tmp_path, capsys):
     assert "no CUDA device" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_compiled_blocks_train_like_eager_ones(tmp_path):
     # aot_eager: the same dynamo trace, guards and autograd graph as inductor, without its C++ build on CPU.
     plain = _run(tiny_config(tmp_path / "plain", 3))

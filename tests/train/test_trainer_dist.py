@@ -15,7 +15,7 @@ from selfe.train.checkpoint import Checkpointer
 from selfe.train.export import export_checkpoint
 from tests.train.helpers_trainer import REPO, child_env, read_metrics, run_train, tiny_overrides, train_command
 
-pytestmark = pytest.mark.dist
+pytestmark = [pytest.mark.dist, pytest.mark.slow]  # several gloo processes, tens of seconds each
 
 
 def test_two_ranks_equal_one_rank_with_accumulation(tmp_path):

@@ -31,6 +31,7 @@ def _run(config):
         trainer.close()
 
 
+@pytest.mark.slow
 def test_fp8_training_converts_live_only_resumes_and_exports_high_precision(tmp_path):
     run_dir = tmp_path / "run"
     config = tiny_config(run_dir, 3, *FP8, "checkpoint.every=3")
@@ -69,6 +70,7 @@ def test_fp8_overrides_are_parsed_and_checked(tmp_path):
             tiny_config(tmp_path, 1, bad)
 
 
+@pytest.mark.slow
 def test_train_mfu_bench_reports_fp8_against_high_precision(tmp_path):
     import importlib.util
 
@@ -87,6 +89,7 @@ def test_train_mfu_bench_reports_fp8_against_high_precision(tmp_path):
     assert error["mode"] == "training" and error["converted"] > 0 and 0 < error["relative_error"] < 0.05
 
 
+@pytest.mark.slow
 def test_fp8_training_on_two_gloo_ranks_with_fp8_all_gather_resumes(tmp_path):
     """FSDP2 over 2 processes: Float8Linear weights all-gathered in FP8 (scales precomputed after each
     optimizer step), the EMA lerp against those wrapped shards, and a DCP checkpoint that resumes."""
