@@ -252,14 +252,14 @@ def prepare(
     if not reuse_text:  # random-init ones are deterministic: the same bias rewrites the same bytes
         write_text_encoders(out, t5_order_bias=t5_order_bias)
     if text_training is not None and not reuse_text:  # retraining need not give the same weights (threads)
-        from selfe.shapes.text_pretraining import pretrain_snapshots
+        from selfe.shapes.text_pretraining import pretrain_snapshots, separation_table
         from selfe.utils.atomic import atomic_write_json
 
         report = pretrain_snapshots(out / T5_DIR, out / CLIP_DIR, text_training, progress=progress)
         report["training"]["t5_order_bias"] = t5_order_bias
         atomic_write_json(out / TEXT_REPORT, report)  # last: its presence means the snapshots are pretrained
         if progress:
-            print(f"text encoders pretrained: separation of swapped captions {report['separation']}")
+            print(separation_table(report))
     if autoencoder == "trained":
         from selfe.shapes.autoencoder import train_and_save
         from selfe.utils.atomic import atomic_write_json

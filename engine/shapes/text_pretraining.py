@@ -259,6 +259,16 @@ def separation(pair: ShapesTextPair, batch: int = 256) -> dict[str, dict[str, fl
     return out
 
 
+def separation_table(report: dict) -> str:
+    """The report's separation, random init against pretrained, as lines of text."""
+    before, after = report["separation"]["random"], report["separation"]["pretrained"]
+    lines = ["separation of swapped captions (relative distance): random init -> pretrained"]
+    for kind in before:
+        for encoder in before[kind]:
+            lines.append(f"  {kind:8s} {encoder:12s} {before[kind][encoder]:.3f} -> {after[kind][encoder]:.3f}")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------------------
 # Training
 

@@ -20,8 +20,10 @@ from selfe.shapes.text_pretraining import (
     NO_OBJECT,
     ShapesTextPair,
     TextPretraining,
+    pretrain,
     pretrain_snapshots,
     separation,
+    separation_table,
     swapped_pairs,
     t5_targets,
     word_slots,
@@ -91,6 +93,20 @@ def test_pretrained_states_separate_swapped_captions(pretrained):
         for encoder in ("t5_tokens", "clip_pooled"):
             assert after[kind][encoder] > 2 * before[kind][encoder], (kind, encoder, before, after)
     assert report["probe_accuracy"]["t5_tokens"] > 0.85 and report["probe_accuracy"]["clip_pooled"] > 0.85
+    assert len(separation_table(report).splitlines()) == 5
+
+
+@pytest.mark.slow
+def test_the_same_seed_trains_the_same_weights(random_snapshots):
+    tiny = TextPretraining(steps=3, batch_size=8)
+    trained = []
+    for _ in range(2):
+        pair = ShapesTextPair(random_snapshots / T5_DIR, random_snapshots / CLIP_DIR)
+        pretrain(pair, tiny, progress=False)
+        trained.append([*pair.t5.state_dict().values(), *pair.clip.state_dict().values()])
+    fresh = ShapesTextPair(random_snapshots / T5_DIR, random_snapshots / CLIP_DIR)
+    assert not torch.equal(trained[0][-1], [*fresh.clip.state_dict().values()][-1])  # it did train
+    assert all(torch.equal(a, b) for a, b in zip(*trained))
 
 
 @pytest.mark.slow
