@@ -202,10 +202,12 @@ class ShapesTextPair:
 # Separation of swapped captions
 
 
-def swapped_pairs() -> dict[str, list[tuple[str, str]]]:
+def caption_pairs() -> dict[str, list[tuple[str, str]]]:
     """Caption pairs with the same words: "colours" swaps the two objects' colours (position and colour
-    binding prompts); "order" swaps the two objects of a position prompt (the relation then reverses)."""
-    pairs: dict[str, list[tuple[str, str]]] = {"colours": [], "order": []}
+    binding prompts); "order" swaps the two objects of a position prompt (the relation then reverses).
+    And a reference, "recolour": the first object's colour replaced by a third one, a one-word change of
+    the scene, which moves the other words' states even in a bag of words only through attention."""
+    pairs: dict[str, list[tuple[str, str]]] = {"colours": [], "order": [], "recolour": []}
     for category in ("position", "color_attr"):
         for p in all_prompts(category):
             a, b = p.wants
@@ -213,6 +215,8 @@ def swapped_pairs() -> dict[str, list[tuple[str, str]]]:
                 continue
             swapped = make_prompt(category, (Want(a.shape, b.colour), Want(b.shape, a.colour)), p.relation)
             pairs["colours"].append((p.caption, swapped.caption))
+            third = next(c for c in COLOURS if c not in (a.colour, b.colour))
+            pairs["recolour"].append((p.caption, make_prompt(category, (Want(a.shape, third), b), p.relation).caption))
             if category == "position":
                 pairs["order"].append((p.caption, make_prompt(category, (b, a), p.relation).caption))
     return pairs
@@ -236,10 +240,11 @@ def _matched_tokens(ids_a: list[int], ids_b: list[int]) -> list[tuple[int, int]]
 
 @torch.no_grad()
 def separation(pair: ShapesTextPair, batch: int = 256) -> dict[str, dict[str, float]]:
-    """Per swap kind: the mean relative distance of the T5 states of the same words (t5_tokens) and of the
-    pooled CLIP vectors (clip_pooled) between a caption and its swap. Near 0: a bag of words."""
+    """Per kind of `caption_pairs`: the mean relative distance of the T5 states of the same words
+    (t5_tokens) and of the pooled CLIP vectors (clip_pooled) between a caption and its pair's. Near 0 for
+    the swaps: a bag of words."""
     out = {}
-    for kind, pairs in swapped_pairs().items():
+    for kind, pairs in caption_pairs().items():
         token_dist, pooled_dist = [], []
         for start in range(0, len(pairs), batch):
             chunk = pairs[start : start + batch]
@@ -262,7 +267,9 @@ def separation(pair: ShapesTextPair, batch: int = 256) -> dict[str, dict[str, fl
 def separation_table(report: dict) -> str:
     """The report's separation, random init against pretrained, as lines of text."""
     before, after = report["separation"]["random"], report["separation"]["pretrained"]
-    lines = ["separation of swapped captions (relative distance): random init -> pretrained"]
+    lines = [
+        "separation of swapped captions (relative distance; recolour: a one-word change): random init -> pretrained"
+    ]
     for kind in before:
         for encoder in before[kind]:
             lines.append(f"  {kind:8s} {encoder:12s} {before[kind][encoder]:.3f} -> {after[kind][encoder]:.3f}")

@@ -20,11 +20,11 @@ from selfe.shapes.text_pretraining import (
     NO_OBJECT,
     ShapesTextPair,
     TextPretraining,
+    caption_pairs,
     pretrain,
     pretrain_snapshots,
     separation,
     separation_table,
-    swapped_pairs,
     t5_targets,
     word_slots,
 )
@@ -63,10 +63,12 @@ def test_t5_targets_follow_the_words_past_the_fake_prefix(random_snapshots):
 
 
 def test_swapped_pairs_hold_the_same_words_in_another_order():
-    pairs = swapped_pairs()
+    pairs = caption_pairs()
     assert len(pairs["colours"]) > 400 and len(pairs["order"]) > 400
     for a, b in pairs["colours"][:50] + pairs["order"][:50]:
         assert a != b and sorted(a.split()) == sorted(b.split())
+    for a, b in pairs["recolour"][:50]:  # the reference: one word changed
+        assert sum(x != y for x, y in zip(a.split(), b.split())) == 1
 
 
 def test_bad_settings_are_refused():
@@ -93,7 +95,7 @@ def test_pretrained_states_separate_swapped_captions(pretrained):
         for encoder in ("t5_tokens", "clip_pooled"):
             assert after[kind][encoder] > 2 * before[kind][encoder], (kind, encoder, before, after)
     assert report["probe_accuracy"]["t5_tokens"] > 0.85 and report["probe_accuracy"]["clip_pooled"] > 0.85
-    assert len(separation_table(report).splitlines()) == 5
+    assert len(separation_table(report).splitlines()) == 7
 
 
 @pytest.mark.slow
