@@ -16,10 +16,10 @@ A run (`selfe train shapes-selfe` / `shapes-fm`, or `shapes-selfe-ae` / `shapes-
 autoencoder's latents) reads its cache, or the images when the cache is absent.
 Sample i is a pure function of (seed, i). The manifest is written last, atomically, after every image;
 the cache resumes by itself. A rerun with the same arguments completes or repeats the folder (a trained
-autoencoder whose recorded training matches is reused, not retrained); a folder made with another --num,
---seed, --t5-order-bias (`8` writes a T5 whose states carry word order), --text-encoders, --text-steps or
---ae-steps is refused before
-anything is written, as mixing the two would leave e.g. the old cache next to the new T5.
+autoencoder or pretrained text encoders whose recorded training matches are reused, not retrained); a
+folder made with another --num, --seed, --t5-order-bias (`8` writes a T5 whose states carry word order),
+--text-encoders, --text-steps or --ae-steps is refused before anything is written, as mixing the two would
+leave e.g. the old cache next to the new T5.
 """
 
 from __future__ import annotations
@@ -251,7 +251,7 @@ def prepare(
     write_images(out, num, seed, progress=progress)
     if not reuse_text:  # random-init ones are deterministic: the same bias rewrites the same bytes
         write_text_encoders(out, t5_order_bias=t5_order_bias)
-    if text_training is not None and not reuse_text:  # retraining need not give the same weights (threads)
+    if text_training is not None and not reuse_text:
         from selfe.shapes.text_pretraining import pretrain_snapshots, separation_table
         from selfe.utils.atomic import atomic_write_json
 
@@ -305,7 +305,7 @@ def data_main(argv: Sequence[str] | None = None) -> int:
         choices=TEXT_ENCODERS,
         default="random",
         help=f"random (default, the shipped model's): random-init T5 and CLIP; pretrained: them pretrained on the "
-        f"captions first (a few minutes on the CPU; report in {TEXT_REPORT})",
+        f"captions first (about a minute on the CPU; report in {TEXT_REPORT})",
     )
     p.add_argument("--text-steps", type=int, default=TextPretraining.steps, help="text encoder pretraining steps")
     p.add_argument("--device", default=None, help="where the autoencoder trains (default: cuda if available, else cpu)")

@@ -51,7 +51,7 @@ def test_each_word_is_assigned_to_the_object_it_describes():
 def test_t5_targets_follow_the_words_past_the_fake_prefix(random_snapshots):
     pair = ShapesTextPair(random_snapshots / T5_DIR, random_snapshots / CLIP_DIR)
     captions = [POSITION.caption, "fake image, " + POSITION.caption]
-    _, mask, word_ids = pair.t5_states(captions)
+    _, _, mask, word_ids = pair.t5_states(captions)
     targets = t5_targets([POSITION, POSITION], [False, True], word_ids)
     plain, prefixed = targets[0][mask[0]], targets[1][mask[1]]
     # The prefix ("fake", "image", ",") is no object's; after it the caption's targets are the plain ones.
