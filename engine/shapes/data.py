@@ -6,6 +6,8 @@ writes into OUT:
     images/000000.png ...   32x32 RGB scenes (selfe.shapes.scene), one per manifest row
     train.tsv               image path <TAB> caption (the Self-E release's manifest format)
     text_encoder/, text_encoder_2/   the tiny T5 / CLIP snapshots (selfe.shapes.text) the captions are encoded by
+  with --text-encoders pretrained, those snapshots pretrained on the captions (selfe.shapes.text_pretraining), and
+    text_pretraining.json   its report: settings, losses, separation of swapped captions before and after
     cache/                  a `selfe cache` of it: space-to-depth latents (B, 48, 8, 8) and text states
   with --autoencoder trained, instead of cache/:
     ae.safetensors, ae.json a tiny FLUX-architecture autoencoder trained on the images, and its report
@@ -14,9 +16,10 @@ A run (`selfe train shapes-selfe` / `shapes-fm`, or `shapes-selfe-ae` / `shapes-
 autoencoder's latents) reads its cache, or the images when the cache is absent.
 Sample i is a pure function of (seed, i). The manifest is written last, atomically, after every image;
 the cache resumes by itself. A rerun with the same arguments completes or repeats the folder (a trained
-autoencoder whose recorded training matches is reused, not retrained); a folder made with another --num,
---seed, --t5-order-bias (`8` writes a T5 whose states carry word order) or --ae-steps is refused before
-anything is written, as mixing the two would leave e.g. the old cache next to the new T5.
+autoencoder or pretrained text encoders whose recorded training matches are reused, not retrained); a
+folder made with another --num, --seed, --t5-order-bias (`8` writes a T5 whose states carry word order),
+--text-encoders, --text-steps or --ae-steps is refused before anything is written, as mixing the two would
+leave e.g. the old cache next to the new T5.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import numpy as np
 from selfe.shapes.autoencoder import AutoEncoderTraining
 from selfe.shapes.scene import IMAGE_SIZE, random_prompt, render
 from selfe.shapes.text import CLIP_DIR, T5_DIR, T5_MAX_LENGTH, T5_ORDER_BIAS, WORD_ORDER_BIAS, write_text_encoders
+from selfe.shapes.text_pretraining import TextPretraining
 from selfe.train.config import SHAPES_PIXEL_FACTOR
 from selfe.utils.atomic import atomic_write_bytes, folder_problem
 
@@ -47,6 +51,9 @@ AE_FILE = "ae.safetensors"
 AE_REPORT = "ae.json"
 AE_CACHE = "cache-ae"
 AUTOENCODERS = ("pixels", "trained")  # --autoencoder: space-to-depth pixels, or the tiny trained autoencoder
+TEXT_REPORT = "text_pretraining.json"
+# --text-encoders: the random-init snapshots (the shipped model's), or them pretrained on the captions
+TEXT_ENCODERS = ("random", "pretrained")
 
 
 class ShapesMismatchError(ValueError):
@@ -88,13 +95,18 @@ def manifest_bytes(num: int, seed: int) -> bytes:
 
 
 def check_existing(
-    out: Path, num: int, seed: int, t5_order_bias: float, autoencoder: str, ae_training: AutoEncoderTraining
-) -> bool:
+    out: Path,
+    num: int,
+    seed: int,
+    t5_order_bias: float,
+    autoencoder: str,
+    ae_training: AutoEncoderTraining,
+    text_training: TextPretraining | None = None,
+) -> tuple[bool, bool]:
     """Refuse (ShapesMismatchError) a folder whose manifest, text encoders or trained autoencoder came from
     other settings, before anything is written: rewriting part of it would leave the rest, e.g. its cache,
-    inconsistent. Returns whether out holds an autoencoder trained with `ae_training` (to reuse)."""
-    from selfe.train.data.cached import content_digest
-
+    inconsistent. text_training None: random-init text encoders. Returns whether out holds an autoencoder
+    trained with `ae_training` and text encoders pretrained with `text_training` (to reuse)."""
     fix = f"use a new --out folder or delete {out}"
     manifest = out / MANIFEST
     if manifest.is_file():
@@ -103,7 +115,35 @@ def check_existing(
             rows = have.count(b"\n")
             setting = f"--num {rows}, not {num}" if rows != num else f"another --seed than {seed}"
             raise ShapesMismatchError(f"{out} holds a shapes data set made with {setting}; {fix}")
+    reuse_text = check_text_encoders(out, t5_order_bias, text_training)
+    return check_autoencoder(out, autoencoder, ae_training), reuse_text
+
+
+def check_text_encoders(out: Path, t5_order_bias: float, text_training: TextPretraining | None) -> bool:
+    """check_existing's part for the text encoders; returns whether out holds them pretrained as asked."""
+    from selfe.train.data.cached import content_digest
+
+    fix = f"use a new --out folder or delete {out}"
     weights = [out / folder / "model.safetensors" for folder in (T5_DIR, CLIP_DIR)]
+    recorded = None
+    if (out / TEXT_REPORT).is_file():
+        recorded = json.loads((out / TEXT_REPORT).read_text(encoding="utf-8"))["training"]
+    if text_training is not None:
+        wanted = {**asdict(text_training), "t5_order_bias": t5_order_bias}
+        if recorded is None:  # none made, or their pretraining did not finish: (re)made unless a cache read them
+            caches = [out / folder / "index.json" for folder in (CACHE, AE_CACHE)]
+            if any(path.is_file() for path in weights) and any(path.is_file() for path in caches):
+                raise ShapesMismatchError(f"{out} holds random-init text encoders, not pretrained ones; {fix}")
+            return False
+        if recorded != wanted:
+            changed = sorted(k for k in wanted.keys() | recorded.keys() if recorded.get(k) != wanted.get(k))
+            setting = f"other settings ({', '.join(changed)})"
+            if changed == ["steps"]:  # the one the command line sets
+                setting = f"--text-steps {recorded['steps']}, not {text_training.steps}"
+            raise ShapesMismatchError(f"{out} holds text encoders pretrained with {setting}; {fix}")
+        return True
+    if recorded is not None:
+        raise ShapesMismatchError(f"{out} holds text encoders made with --text-encoders pretrained; {fix}")
     if any(path.is_file() for path in weights):
         with tempfile.TemporaryDirectory() as tmp:  # deterministic and fast (tiny models): compare to a fresh copy
             write_text_encoders(tmp, t5_order_bias=t5_order_bias)
@@ -113,6 +153,12 @@ def check_existing(
             raise ShapesMismatchError(
                 f"{out} holds text encoders made with another --t5-order-bias than {t5_order_bias}; {fix}"
             )
+    return False
+
+
+def check_autoencoder(out: Path, autoencoder: str, ae_training: AutoEncoderTraining) -> bool:
+    """check_existing's part for the autoencoder; returns whether out holds one trained with `ae_training`."""
+    fix = f"use a new --out folder or delete {out}"
     if autoencoder != "trained" or not (out / AE_FILE).is_file() or not (out / AE_REPORT).is_file():
         return False
     recorded = json.loads((out / AE_REPORT).read_text(encoding="utf-8")).get("training")
@@ -190,18 +236,30 @@ def prepare(
     autoencoder: str = "pixels",
     ae_training: AutoEncoderTraining | None = None,
     device: str = "cpu",
+    text_training: TextPretraining | None = None,
 ) -> Path:
-    """Images + manifest, text encoders, (autoencoder="trained") the autoencoder, and (cache=True) the
-    cache under out_dir; returns out_dir. device: where the autoencoder trains."""
+    """Images + manifest, text encoders (pretrained with `text_training` unless it is None), (autoencoder=
+    "trained") the autoencoder, and (cache=True) the cache under out_dir; returns out_dir. device: where the
+    autoencoder trains (the text encoders pretrain on the CPU)."""
     if num < 1:
         raise ValueError(f"the number of samples must be >= 1, got {num}")
     if autoencoder not in AUTOENCODERS:
         raise ValueError(f"autoencoder must be one of {AUTOENCODERS}, got {autoencoder!r}")
     out = Path(out_dir)
     ae_training = ae_training or AutoEncoderTraining()
-    reuse_ae = check_existing(out, num, seed, t5_order_bias, autoencoder, ae_training)
+    reuse_ae, reuse_text = check_existing(out, num, seed, t5_order_bias, autoencoder, ae_training, text_training)
     write_images(out, num, seed, progress=progress)
-    write_text_encoders(out, t5_order_bias=t5_order_bias)  # deterministic: the same bias rewrites the same bytes
+    if not reuse_text:  # random-init ones are deterministic: the same bias rewrites the same bytes
+        write_text_encoders(out, t5_order_bias=t5_order_bias)
+    if text_training is not None and not reuse_text:
+        from selfe.shapes.text_pretraining import pretrain_snapshots, separation_table
+        from selfe.utils.atomic import atomic_write_json
+
+        report = pretrain_snapshots(out / T5_DIR, out / CLIP_DIR, text_training, progress=progress)
+        report["training"]["t5_order_bias"] = t5_order_bias
+        atomic_write_json(out / TEXT_REPORT, report)  # last: its presence means the snapshots are pretrained
+        if progress:
+            print(separation_table(report))
     if autoencoder == "trained":
         from selfe.shapes.autoencoder import train_and_save
         from selfe.utils.atomic import atomic_write_json
@@ -242,6 +300,14 @@ def data_main(argv: Sequence[str] | None = None) -> int:
         f"the images ({AE_FILE}) and cache its latents ({AE_CACHE}/)",
     )
     p.add_argument("--ae-steps", type=int, default=AutoEncoderTraining.steps, help="autoencoder training steps")
+    p.add_argument(
+        "--text-encoders",
+        choices=TEXT_ENCODERS,
+        default="random",
+        help=f"random (default, the shipped model's): random-init T5 and CLIP; pretrained: them pretrained on the "
+        f"captions first (about a minute on the CPU; report in {TEXT_REPORT})",
+    )
+    p.add_argument("--text-steps", type=int, default=TextPretraining.steps, help="text encoder pretraining steps")
     p.add_argument("--device", default=None, help="where the autoencoder trains (default: cuda if available, else cpu)")
     p.add_argument("--no-cache", action="store_true", help="skip the cache (training then encodes on the fly)")
     p.add_argument("--no-progress", action="store_true")
@@ -254,6 +320,8 @@ def data_main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--t5-order-bias must be finite and >= 0, got {args.t5_order_bias}")
     if args.ae_steps < 1:
         parser.error(f"--ae-steps must be >= 1, got {args.ae_steps}")
+    if args.text_steps < 1:
+        parser.error(f"--text-steps must be >= 1, got {args.text_steps}")
     if (problem := folder_problem(args.out)) is not None:
         parser.error(f"--out {args.out}: {problem}")
     import torch
@@ -275,6 +343,7 @@ def data_main(argv: Sequence[str] | None = None) -> int:
             autoencoder=args.autoencoder,
             ae_training=AutoEncoderTraining(steps=args.ae_steps),
             device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+            text_training=TextPretraining(steps=args.text_steps) if args.text_encoders == "pretrained" else None,
         )
     except (ShapesMismatchError, CacheMismatchError) as err:  # the latter: its cache moved off its images
         p.exit(2, f"selfe data shapes: {err}\n")

@@ -4,6 +4,8 @@ A documented stand-in for T5-XXL / CLIP-L at this scale: the real `TextEncoders`
 T5 tokenizer knows every template word whole, and the fixed random weights map each caption to token
 states that the MMDiT learns to read (no pretrained semantics are needed for a closed vocabulary); an
 optional relative-position bias makes those states carry word order, as a trained T5's do.
+`selfe data shapes --text-encoders pretrained` trains them on the captions first, as the paper's encoders
+are pretrained (selfe.shapes.text_pretraining); the default keeps them random, as the shipped model's are.
 They are part of a model: a ShapesEval model ships with the two snapshots it was trained with.
 """
 
