@@ -35,14 +35,17 @@ def startup_banner(
     flops_per_step: int,
     data_size: int | None,
     compile_graphs: int | None,
-    estimated_peak_memory_gib: float | None = None,
+    activation_checkpointing: str,
+    estimated_peak_bytes: int | None = None,
+    communication: str | None = None,
 ) -> str:
     """The banner's lines. compile_graphs: the static-shape bound per compiled block (None: not compiled);
-    estimated_peak_memory_gib: the memory estimate of the activation-checkpointing plan, where one is known."""
+    activation_checkpointing: the policy the run uses and estimated_peak_bytes its memory estimate per rank,
+    where one is known (selfe.train.memory_plan); communication: the per-step volume (world size > 1)."""
     data, parallel = config.data, config.parallel
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     peak = f"{peak_flops / 1e12:.0f} TFLOP/s per device" if peak_flops else f"n/a (no known peak for {name})"
-    memory = f"{estimated_peak_memory_gib:.1f} GiB" if estimated_peak_memory_gib is not None else "n/a"
+    memory = f"{estimated_peak_bytes / 2**30:.1f} GiB per rank" if estimated_peak_bytes is not None else "n/a"
     compiled = (
         f"{parallel.compile_backend}, static shapes, at most {compile_graphs} graphs per block"
         if compile_graphs is not None
@@ -56,12 +59,13 @@ def startup_banner(
         f"  model      {config.model.name}, {parameters / 1e6:.2f}M parameters",
         f"  devices    {world_size} x {name} (world size {world_size})",
         f"  precision  {str(param_dtype).removeprefix('torch.')} parameters, fp32 gradient reduce; FP8 {fp8}",
-        f"  memory     activation checkpointing {'on' if parallel.activation_checkpointing else 'off'}; "
-        f"estimated peak {memory}",
+        f"  memory     activation checkpointing {activation_checkpointing}; estimated peak {memory}",
         f"  compile    {compiled}",
         f"  compute    {flops_per_step / 1e12:.4g} TFLOP per step at {data.resolution}^2; MFU against {peak}",
         f"  data       {data.source}: {size}; global batch {global_batch} = {data.batch_size} per rank x "
         f"{world_size} ranks x {config.optim.grad_accum} micro-batches; text bucket {data.text_bucket or 'off'}; "
         f"{data.prefetch_steps} steps prefetched",
     ]
+    if communication is not None:
+        lines.append(f"  network    {communication}")
     return "\n".join(lines)

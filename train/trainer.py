@@ -437,9 +437,9 @@ class Trainer:
                 )
         return records
 
-    def banner(self, estimated_peak_memory_gib: float | None = None) -> str:
-        """The start-up summary (rank 0 prints it). `estimated_peak_memory_gib`: the activation-checkpointing
-        plan's memory estimate, where one is computed (selfe.train.memory_plan); None shows n/a."""
+    def banner(self) -> str:
+        """The start-up summary (rank 0 prints it), with the activation-checkpointing plan and its memory
+        estimate where one was computed (selfe.train.memory_plan)."""
         cfg, device = self.config, self.dist.device
         inner = self.source.source
         return startup_banner(
@@ -452,7 +452,9 @@ class Trainer:
             flops_per_step=nominal_step_flops(cfg, self.dist.world_size, self.step),
             data_size=getattr(inner, "num_samples", None),
             compile_graphs=compile_shapes(cfg).graphs_per_code if cfg.parallel.compile else None,
-            estimated_peak_memory_gib=estimated_peak_memory_gib,
+            activation_checkpointing=self.plan.policy,
+            estimated_peak_bytes=self.plan.est_peak_bytes,
+            communication=self.comm.describe() if self.dist.world_size > 1 else None,
         )
 
     # ------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -27,7 +28,8 @@ def test_the_banner_says_what_runs_and_its_flops_are_a_steps(tmp_path):
     trainer = Trainer(tiny_config(tmp_path, 1))
     try:
         banner = trainer.banner()
-        estimated = trainer.banner(estimated_peak_memory_gib=12.5)
+        trainer.plan = dataclasses.replace(trainer.plan, est_peak_bytes=int(12.5 * 2**30))  # as a GPU's plan
+        estimated = trainer.banner()
         trainer.train_step()
         (record,) = trainer.log_metrics()
     finally:
@@ -38,14 +40,14 @@ def test_the_banner_says_what_runs_and_its_flops_are_a_steps(tmp_path):
         "1 x cpu (world size 1)",
         "float32 parameters",
         "FP8 off",
-        "activation checkpointing off; estimated peak n/a",
+        "activation checkpointing none; estimated peak n/a",
         "compile    off",
         "MFU against n/a (no known peak for cpu)",
         "procedural: 32 samples; global batch 4",
         "text bucket off",
     ):
         assert part in banner, (part, banner)
-    assert "estimated peak 12.5 GiB" in estimated
+    assert "estimated peak 12.5 GiB per rank" in estimated
     # the procedural text is never cut without a bucket: the nominal step is the step the run took
     assert nominal_step_flops(trainer.config, 1) == pytest.approx(record["tflops_per_step"] * 1e12, rel=1e-12)
     assert f"{record['tflops_per_step']:.4g} TFLOP per step" in banner
