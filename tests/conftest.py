@@ -14,11 +14,28 @@ import torch
 # Before any test module imports transformers: from the repo root, selfe steers the bare name `kernels` to the
 # installed package rather than our kernels/ folder (selfe.utils.checkout).
 import selfe  # noqa: F401
+from tests.helpers_text import forbid_network_and_unpickling, make_tiny_clip_snapshot, make_tiny_t5_snapshot
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="module")
+def no_network():
+    """A module opts in with `pytestmark = pytest.mark.usefixtures("no_network")`: the whole module, its
+    module-scoped fixtures included, runs with no network and no unpickling (forbid_network_and_unpickling)."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        forbid_network_and_unpickling(monkeypatch)
+        yield
+
+
+@pytest.fixture(scope="module")
+def snapshots(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny T5 and a tiny CLIP snapshot, built once per module: (t5 folder, clip folder)."""
+    root = tmp_path_factory.mktemp("text_snapshots")
+    return make_tiny_t5_snapshot(root / "t5"), make_tiny_clip_snapshot(root / "clip")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -13,7 +13,8 @@ import torch
 
 from selfe.components.text_encoders import TextEncoders
 from selfe.method.conditioning import ConditioningConfig, TextConditioner
-from tests.helpers_text import forbid_network_and_unpickling, make_tiny_clip_snapshot, make_tiny_t5_snapshot
+
+pytestmark = pytest.mark.usefixtures("no_network")  # the whole module offline, no unpickling
 
 CAPTIONS = ["a photo of a cat", "a red dog", "the blue table", "a cat on the table", "dog", "a photo"]
 
@@ -39,14 +40,6 @@ class WordHashEncoder:
                 )
                 mask[row, col] = True
         return {"txt": txt, "txt_mask": mask, "pooled": txt.sum(dim=1)}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def no_network():
-    """Module-wide, so the snapshot fixtures run under it too."""
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        forbid_network_and_unpickling(monkeypatch)
-        yield
 
 
 def conditioner(**overrides) -> tuple[TextConditioner, WordHashEncoder]:
@@ -151,12 +144,6 @@ def test_bad_captions() -> None:
         cond.training_batch([], gen, want_fake=False)
     with pytest.raises(TypeError, match="generator"):
         cond.training_batch(["a cat"], 0, want_fake=False)
-
-
-@pytest.fixture(scope="module")
-def snapshots(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("text_snapshots")
-    return make_tiny_t5_snapshot(root / "t5"), make_tiny_clip_snapshot(root / "clip")
 
 
 @pytest.mark.parametrize("pad_to_max_length", [True, False])

@@ -9,23 +9,11 @@ import torch
 
 from selfe.components.encoding_cache import PromptEncodingCache
 from selfe.components.text_encoders import NEGATIVE_CACHE_SIZE, TextEncoders
-from tests.helpers_text import forbid_network_and_unpickling, make_tiny_clip_snapshot, make_tiny_t5_snapshot
+
+pytestmark = pytest.mark.usefixtures("no_network")  # the whole module offline, no unpickling
 
 L = 64
 BUCKET = 4
-
-
-@pytest.fixture(autouse=True, scope="module")
-def no_network():
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        forbid_network_and_unpickling(monkeypatch)
-        yield
-
-
-@pytest.fixture(scope="module")
-def snapshots(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("text_snapshots")
-    return make_tiny_t5_snapshot(root / "t5"), make_tiny_clip_snapshot(root / "clip")
 
 
 def counted(encoders: TextEncoders) -> list[list[str]]:

@@ -25,27 +25,13 @@ from selfe.sampling.pipeline import SelfEPipeline
 from selfe.utils.compiling import CompiledPerShape
 from tests.helpers_text import (
     allow_inductor_unpickling,
-    forbid_network_and_unpickling,
-    make_tiny_clip_snapshot,
-    make_tiny_t5_snapshot,
 )
+
+pytestmark = pytest.mark.usefixtures("no_network")  # the whole module offline, no unpickling
 
 CPU = torch.device("cpu")
 PROMPTS = ["a photo of a cat", "a red dog on the table, photo of the dog"]
 PARTS_ON = dict(compile_text_encoder=True, compile_decoder=True, decoder_channels_last=True)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def no_network():
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        forbid_network_and_unpickling(monkeypatch)
-        yield
-
-
-@pytest.fixture(scope="module")
-def snapshots(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("text_snapshots")
-    return make_tiny_t5_snapshot(root / "t5"), make_tiny_clip_snapshot(root / "clip")
 
 
 def fast_config(backend, **overrides) -> FastPathConfig:

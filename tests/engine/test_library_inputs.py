@@ -33,19 +33,14 @@ from selfe.sampling.fast_path import FastPathConfig, FastSampler
 from selfe.sampling.pipeline import SelfEPipeline
 from selfe.sampling.sampler import SamplerConfig
 from selfe.shapes import shipped_model_dir
-from tests.helpers_text import forbid_network_and_unpickling
 
 SHIPPED = shipped_model_dir()
-pytestmark = pytest.mark.skipif(SHIPPED is None, reason="this install lacks the shipped ShapesEval model")
+pytestmark = [
+    pytest.mark.usefixtures("no_network"),  # the whole module offline, no unpickling
+    pytest.mark.skipif(SHIPPED is None, reason="this install lacks the shipped ShapesEval model"),
+]
 EAGER = FastPathConfig(compile=False)
 FILES = ("model.safetensors", "ae.safetensors", "text_encoder", "text_encoder_2")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def no_network():
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        forbid_network_and_unpickling(monkeypatch)
-        yield
 
 
 @pytest.fixture(scope="module")

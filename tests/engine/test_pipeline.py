@@ -28,18 +28,13 @@ from selfe.sampling.fast_path import FastPathConfig, FastSampler
 from selfe.sampling.pipeline import SelfEPipeline, SelfEPipelineOutput
 from tests.helpers_pipeline import ReplayOnCPU as _ReplayOnCPU
 from tests.helpers_pipeline import random_mmdit, write_pipeline_dir
-from tests.helpers_text import allow_inductor_unpickling, forbid_network_and_unpickling
+from tests.helpers_text import allow_inductor_unpickling
+
+pytestmark = pytest.mark.usefixtures("no_network")  # the whole module offline, no unpickling
 
 SIZE = 32  # pixels; the tiny autoencoder downsamples 2x and patches are 2x2, so 16 x 16 latents, 64 tokens
 FAST = FastPathConfig(compile=True, compile_backend="aot_eager")
 PROMPTS = ["a photo of a cat", "a red dog on the table"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def no_network():
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        forbid_network_and_unpickling(monkeypatch)
-        yield
 
 
 def write_tiny_pipeline(root: Path, seed: int = 0, **model_overrides) -> Path:

@@ -27,21 +27,15 @@ from selfe.sampling.pipeline_files import check_pipeline_dir
 from tests.helpers_pipeline import ReplayOnCPU, random_mmdit
 from tests.helpers_text import (
     allow_inductor_unpickling,
-    forbid_network_and_unpickling,
     make_tiny_clip_snapshot,
     make_tiny_t5_snapshot,
 )
 
+pytestmark = pytest.mark.usefixtures("no_network")  # the whole module offline, no unpickling
+
 SIZE = 16  # 8 x 8 latents, 16 tokens
 COMPILED = FastPathConfig(compile=True, compile_backend="aot_eager")  # traced by dynamo, no C++ build
 EAGER = FastPathConfig(compile=False)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def no_network():
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        forbid_network_and_unpickling(monkeypatch)
-        yield
 
 
 @pytest.fixture(scope="module")

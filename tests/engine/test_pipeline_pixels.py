@@ -23,18 +23,12 @@ from selfe.sampling.fast_path import FastPathConfig
 from selfe.sampling.pipeline import SelfEPipeline
 from selfe.sampling.pipeline_files import read_pipeline_config
 from tests.helpers_pipeline import random_mmdit, write_pipeline_dir
-from tests.helpers_text import forbid_network_and_unpickling
+
+pytestmark = pytest.mark.usefixtures("no_network")  # the whole module offline, no unpickling
 
 SIZE = 32  # the model's native resolution: 4 x 4 latents of 192 channels, 16 tokens
 FAST = FastPathConfig(compile=True, compile_backend="aot_eager")
 PROMPTS = ["a red cat", "a blue dog on the table"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def no_network():
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        forbid_network_and_unpickling(monkeypatch)
-        yield
 
 
 def write_pixel_pipeline(root: Path, seed: int = 0) -> Path:

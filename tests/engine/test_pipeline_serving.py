@@ -21,10 +21,13 @@ from selfe.sampling.pipeline import SelfEPipeline
 from selfe.sampling.sampler import SamplerConfig
 from selfe.shapes import shipped_model_dir
 from tests.engine.test_pipeline import _ReplayOnCPU
-from tests.helpers_text import allow_inductor_unpickling, forbid_network_and_unpickling
+from tests.helpers_text import allow_inductor_unpickling
 
 SHIPPED = shipped_model_dir()
-pytestmark = pytest.mark.skipif(SHIPPED is None, reason="this install lacks the shipped ShapesEval model")
+pytestmark = [
+    pytest.mark.usefixtures("no_network"),  # the whole module offline, no unpickling
+    pytest.mark.skipif(SHIPPED is None, reason="this install lacks the shipped ShapesEval model"),
+]
 EAGER = FastPathConfig(compile=False)
 REQUESTS = [
     dict(prompt="a red circle", seed=0, steps=2),
@@ -32,13 +35,6 @@ REQUESTS = [
     dict(prompt="a blue square", seed=2, steps=2),
     dict(prompt="a red triangle", seed=3, steps=2),
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def no_network():
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        forbid_network_and_unpickling(monkeypatch)
-        yield
 
 
 @pytest.fixture(scope="module")

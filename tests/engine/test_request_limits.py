@@ -16,17 +16,12 @@ from selfe.sampling.fast_path import FastPathConfig
 from selfe.sampling.pipeline import SelfEPipeline
 from selfe.sampling.request_limits import RequestLimits
 from selfe.shapes import shipped_model_dir
-from tests.helpers_text import forbid_network_and_unpickling
 
 SHIPPED = shipped_model_dir()
-pytestmark = pytest.mark.skipif(SHIPPED is None, reason="this install lacks the shipped ShapesEval model")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def no_network():
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        forbid_network_and_unpickling(monkeypatch)
-        yield
+pytestmark = [
+    pytest.mark.usefixtures("no_network"),  # the whole module offline, no unpickling
+    pytest.mark.skipif(SHIPPED is None, reason="this install lacks the shipped ShapesEval model"),
+]
 
 
 @pytest.fixture(scope="module")

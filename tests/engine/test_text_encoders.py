@@ -22,24 +22,10 @@ from selfe.components.text_encoders import (
     resolve_dtype,
     text_bucket_length,
 )
-from tests.helpers_text import forbid_network_and_unpickling, make_tiny_clip_snapshot, make_tiny_t5_snapshot
 
+pytestmark = pytest.mark.usefixtures("no_network")  # the whole module offline, no unpickling
 L = 64
 PROMPTS = ["a photo of a cat", "", "a red dog on the table, photo of the dog", "zebra!"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def no_network():
-    """Module-wide, so the snapshot fixtures run under it too."""
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        forbid_network_and_unpickling(monkeypatch)
-        yield
-
-
-@pytest.fixture(scope="module")
-def snapshots(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("text_snapshots")
-    return make_tiny_t5_snapshot(root / "t5"), make_tiny_clip_snapshot(root / "clip")
 
 
 @pytest.fixture(scope="module")
