@@ -136,10 +136,7 @@ def check_text_encoders(out: Path, t5_order_bias: float, text_training: TextPret
                 raise ShapesMismatchError(f"{out} holds random-init text encoders, not pretrained ones; {fix}")
             return False
         if recorded != wanted:
-            changed = sorted(k for k in wanted.keys() | recorded.keys() if recorded.get(k) != wanted.get(k))
-            setting = f"other settings ({', '.join(changed)})"
-            if changed == ["steps"]:  # the one the command line sets
-                setting = f"--text-steps {recorded['steps']}, not {text_training.steps}"
+            setting = _changed_settings(recorded, wanted, "settings", "--text-steps")
             raise ShapesMismatchError(f"{out} holds text encoders pretrained with {setting}; {fix}")
         return True
     if recorded is not None:
@@ -156,6 +153,14 @@ def check_text_encoders(out: Path, t5_order_bias: float, text_training: TextPret
     return False
 
 
+def _changed_settings(recorded: dict, wanted: dict, what: str, steps_flag: str) -> str:
+    """How the settings a folder was made with differ from this command's, for an error message."""
+    changed = sorted(k for k in wanted.keys() | recorded.keys() if recorded.get(k) != wanted.get(k))
+    if changed == ["steps"]:  # the one the command line sets
+        return f"{steps_flag} {recorded['steps']}, not {wanted['steps']}"
+    return f"other {what} ({', '.join(changed)})"
+
+
 def check_autoencoder(out: Path, autoencoder: str, ae_training: AutoEncoderTraining) -> bool:
     """check_existing's part for the autoencoder; returns whether out holds one trained with `ae_training`."""
     fix = f"use a new --out folder or delete {out}"
@@ -168,10 +173,7 @@ def check_autoencoder(out: Path, autoencoder: str, ae_training: AutoEncoderTrain
         return False
     wanted = asdict(ae_training)
     if recorded != wanted:
-        changed = sorted(k for k in wanted.keys() | recorded.keys() if recorded.get(k) != wanted.get(k))
-        setting = f"other autoencoder training settings ({', '.join(changed)})"
-        if changed == ["steps"]:  # the one the command line sets
-            setting = f"--ae-steps {recorded['steps']}, not {ae_training.steps}"
+        setting = _changed_settings(recorded, wanted, "autoencoder training settings", "--ae-steps")
         raise ShapesMismatchError(f"{out} holds an autoencoder trained with {setting}; {fix}")
     return True
 
