@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # `bench` as a package from a checkout
 
 from bench import peer_flux, train_mfu  # noqa: E402
-from bench.sample_throughput import timed  # noqa: E402
+from bench.fp8 import median_seconds  # noqa: E402
 from selfe.components.autoencoder import AUTOENCODER_PRESETS, AutoEncoder  # noqa: E402
 from selfe.network.config import PRESETS  # noqa: E402
 from selfe.network.model import MMDiT, patchify  # noqa: E402
@@ -202,7 +202,7 @@ def sampling_rows(args: argparse.Namespace, device: torch.device, dtype: torch.d
             for label, steps, decode in points:
                 run = ours_run(fast, steps, decode)
                 run()  # the first call of a step count builds its grid tables
-                ours_ms[(variant, label)] = timed(run, device, args.iters)[0] * 1e3
+                ours_ms[(variant, label)] = median_seconds(run, device, 0, args.iters) * 1e3
         print(f"# ours {variant}: warm-up {ours_warm[variant]:.1f} s", file=sys.stderr, flush=True)
         del fast
         _free(device)
@@ -224,7 +224,7 @@ def sampling_rows(args: argparse.Namespace, device: torch.device, dtype: torch.d
             for label, steps, decode in points:
                 run = peer_run(model, steps, decode)
                 run()
-                peer_ms = timed(run, device, args.iters)[0] * 1e3
+                peer_ms = median_seconds(run, device, 0, args.iters) * 1e3
                 mine = "eager" if variant == "eager" else "fast path"
                 row = {"part": "sample", "what": label, "steps": steps, "decode": decode, "peer_variant": variant,
                        "ours_variant": mine, "peer_ms": peer_ms, "ours_ms": ours_ms[(mine, label)],

@@ -37,7 +37,7 @@ class CompileShapes:
     image_tokens: tuple[int, ...]
     text_lengths: tuple[int, ...]  # known lengths; plus `cache_length` more for a cache's own
     cache_length: int  # 1 where a cache's own padded text length may add one more, else 0
-    activation_checkpointing: bool
+    activation_checkpointing: str  # the policy: none, selective, full ("auto" counts as checkpointing, the most)
 
     @property
     def text_count(self) -> int:
@@ -46,7 +46,8 @@ class CompileShapes:
     @property
     def graphs_per_code(self) -> int:
         """The most graphs one compiled code object keeps over the run (see the module docstring)."""
-        per_shape = 2 * self.live_passes if self.activation_checkpointing else self.live_passes + 1
+        checkpointed = self.activation_checkpointing != "none"
+        per_shape = 2 * self.live_passes if checkpointed else self.live_passes + 1
         return per_shape * len(self.image_tokens) * self.text_count
 
 
@@ -60,15 +61,18 @@ def bucket_lengths(bucket: int | None, full: int) -> tuple[int, ...]:
     return (*lengths, full)
 
 
-def compile_shapes(config: TrainConfig) -> CompileShapes:
+def compile_shapes(config: TrainConfig, policy: str | None = None) -> CompileShapes:
+    """The run's bounded shape set; `policy`: the activation checkpointing it runs (default: the config's, where
+    "auto" counts as checkpointing until selfe.train.memory_plan resolves it)."""
     data, objective, patch = config.data, config.objective, config.model.patch_size
+    policy = config.parallel.activation_checkpointing if policy is None else policy
     aux_in_run = objective.aux_start is not None and objective.aux_on(config.steps - 1)
     live_passes = 1 + int(objective.self_eval) + int(aux_in_run)
     if data.source in ("procedural", "synthetic"):
         side = data.resolution // SMOKE_LATENT_FACTOR // patch
         return CompileShapes(
             live_passes, (side * side,), bucket_lengths(data.text_bucket, data.text_length), 0,
-            config.parallel.activation_checkpointing,
+            policy,
         )  # fmt: skip
     from selfe.train.data.buckets import BucketConfig
 
@@ -80,7 +84,7 @@ def compile_shapes(config: TrainConfig) -> CompileShapes:
     }
     return CompileShapes(
         live_passes, tuple(sorted(tokens)), bucket_lengths(data.text_bucket, data.t5_max_length), 1,
-        config.parallel.activation_checkpointing,
+        policy,
     )  # fmt: skip
 
 

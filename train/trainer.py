@@ -214,7 +214,7 @@ class Trainer:
         # below sees the same parameters, in the same order).
         self.model = parallelize(model, parallel, mesh, fp8=config.fp8)
         if config.parallel.compile:
-            allow_compiles(compile_shapes(config))
+            allow_compiles(compile_shapes(config, self.plan.policy))
         parallelize(self.ema.model, parallel, mesh, trainable=False)
         self.optimizer = build_optimizer(self.model.parameters(), config.optim, device)
         self.scheduler = build_scheduler(self.optimizer, config.optim, config.steps)
@@ -451,7 +451,7 @@ class Trainer:
             peak_flops=self.metrics.peak_flops,
             flops_per_step=nominal_step_flops(cfg, self.dist.world_size, self.step),
             data_size=getattr(inner, "num_samples", None),
-            compile_graphs=compile_shapes(cfg).graphs_per_code if cfg.parallel.compile else None,
+            compile_graphs=compile_shapes(cfg, self.plan.policy).graphs_per_code if cfg.parallel.compile else None,
             activation_checkpointing=self.plan.policy,
             estimated_peak_bytes=self.plan.est_peak_bytes,
             communication=self.comm.describe() if self.dist.world_size > 1 else None,

@@ -25,6 +25,7 @@ def main(out: str, overrides: list[str]) -> None:
             tracker.track(v for state in trainer.optimizer.state.values() for v in state.values())
             tracker.reset_peak()
             trainer.train_step()
+        trainer.log_metrics()  # the log step's sync: every collective of the steps done before the teardown
         peaks = [None] * world
         dist.all_gather_object(peaks, tracker.peak)
     finally:
