@@ -12,7 +12,9 @@ import torch
 from selfe.components.fp8 import FP8Config, converted_modules
 from selfe.generate import generate_main
 from selfe.sampling.pipeline import SelfEPipeline
-from tests.engine.test_pipeline import FAST, PROMPTS, SIZE, no_network, pipeline_dir, run  # noqa: F401 (fixtures)
+from tests.engine.test_pipeline import FAST, PROMPTS, SIZE, pipeline_dir, run  # noqa: F401 (pipeline_dir: a fixture)
+
+pytestmark = pytest.mark.usefixtures("no_network")  # the whole module offline, no unpickling
 
 pytest.importorskip("torchao.float8", reason="torchao is the tested FP8 path (pip install torchao)")
 
