@@ -79,25 +79,27 @@ def test_every_text_bucket_compiles_once_and_statically(tmp_path, monkeypatch):
     assert shapes.graphs_per_code == (3 + 1) * 1 * 4  # 3 live passes and the EMA's, per text length
     real_build = trainer_module.build_source
     monkeypatch.setattr(trainer_module, "build_source", lambda *a, **k: _EveryTextBucket(real_build(*a, **k)))
-    for key in ("recompile_limit", "accumulated_recompile_limit", "error_on_recompile"):
-        monkeypatch.setattr(torch._dynamo.config, key, getattr(torch._dynamo.config, key))  # restored after
     torch._dynamo.reset()
     graph_inputs.clear()
-    trainer = Trainer(config)
-    try:
-        for _ in range(8):  # steps 0-3 without the auxiliary term, 4-7 with it: every bucket of each
-            trainer.train_step()
-        first_visit = {
-            block: len(_debug_get_cache_entry_list(block.forward.__code__))
-            for block in (DoubleStreamBlock, SingleStreamBlock)
-        }
-        torch._dynamo.config.error_on_recompile = True  # the second visit of every shape compiles nothing
-        for _ in range(4):  # steps 8-11: every bucket again, with the auxiliary term
-            trainer.train_step()
-        records = trainer.log_metrics()
-    finally:
-        trainer.close()
-        torch._dynamo.reset()
+    dynamo = torch._dynamo.config
+    # dynamo's own patch restores the limits the trainer raises (pytest's monkeypatch would delete them)
+    with dynamo.patch(recompile_limit=dynamo.recompile_limit, error_on_recompile=False,
+                      accumulated_recompile_limit=dynamo.accumulated_recompile_limit):  # fmt: skip
+        trainer = Trainer(config)
+        try:
+            for _ in range(8):  # steps 0-3 without the auxiliary term, 4-7 with it: every bucket of each
+                trainer.train_step()
+            first_visit = {
+                block: len(_debug_get_cache_entry_list(block.forward.__code__))
+                for block in (DoubleStreamBlock, SingleStreamBlock)
+            }
+            dynamo.error_on_recompile = True  # the second visit of every shape compiles nothing
+            for _ in range(4):  # steps 8-11: every bucket again, with the auxiliary term
+                trainer.train_step()
+            records = trainer.log_metrics()
+        finally:
+            trainer.close()
+            torch._dynamo.reset()
     assert first_visit == {DoubleStreamBlock: shapes.graphs_per_code, SingleStreamBlock: shapes.graphs_per_code}
     assert len(graph_inputs) == 2 * shapes.graphs_per_code
     assert all(isinstance(n, int) for inputs in graph_inputs for shape, _ in inputs for n in shape)  # no SymInt
