@@ -2,9 +2,9 @@
 
 torch.distributed.checkpoint (DCP, torch 2.11-2.13) writes `.metadata` with pickle.dump and the non-tensor
 entries of `__*_*.distcp` (step, counters, the scheduler's and the optimizer's settings) with torch.save,
-and reads them back with pickle.load and torch.load(weights_only=False): a pickle planted in either would
-run on load. We keep DCP's file format (FSDP2's DTensor shards and the optimizer state resume as DCP
-reshards them) and read it through two subclasses of DCP's own reader and planner:
+and its stock reader unpickles both without restriction (plain pickle, and torch's loader with its weights-only
+guard off): a pickle planted in either would run on load. We keep DCP's file format (FSDP2's DTensor shards
+and the optimizer state resume as DCP reshards them) and read it through two subclasses of DCP's own reader and planner:
     .metadata             an unpickler that admits only DCP's metadata classes (the dataclasses and enums
                           of torch.distributed.checkpoint.metadata / .filesystem), torch.Size, dtypes,
                           layouts and paths; any other global (os.system, exec, ...) is refused unlooked-up
