@@ -154,6 +154,7 @@ class MetricsLogger:
         self._file = None
         self._tb = None
         self._last_print: tuple[int, float] | None = None  # (step, time) of the last progress line
+        self._step_seconds = 0.0  # the step times logged since then
         if not enabled:
             return
         path = Path(run_dir) / "metrics.jsonl"
@@ -182,6 +183,7 @@ class MetricsLogger:
         now = time.perf_counter()
         if self._last_print is None:
             self._last_print = (step - 1, now - record.get("step_time", 0.0))
+        self._step_seconds += record.get("step_time", 0.0)
         record = {"step": step, **{k: _plain(v) for k, v in record.items()}}
         self._file.write(json.dumps({k: _json_value(v) for k, v in record.items()}, allow_nan=False) + "\n")
         self._file.flush()
@@ -190,9 +192,12 @@ class MetricsLogger:
                 if isinstance(value, (int, float)) and key != "step":
                     self._tb.add_scalar(key, value, step)
         if step % self.log_every == 0 or step == self.total_steps:
-            # the rate over the steps since the last line: start-up and compilation fall out of it
-            rate = (step - self._last_print[0]) / max(now - self._last_print[1], 1e-9)
-            self._last_print = (step, now)
+            # The rate over the steps since the last line: start-up and compilation fall out of it. The trainer
+            # logs a window of steps at once (its log step's one sync), so the first window's rows arrive
+            # microseconds apart: their own step times bound the elapsed time from below.
+            elapsed = max(now - self._last_print[1], self._step_seconds)
+            rate = (step - self._last_print[0]) / max(elapsed, 1e-9)
+            self._last_print, self._step_seconds = (step, now), 0.0
             eta = (self.total_steps - step) / rate if rate > 0 else float("inf")
             print(
                 f"step {step}/{self.total_steps} | loss {record.get('loss', float('nan')):.4f} | "

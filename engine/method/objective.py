@@ -44,6 +44,12 @@ class ObjectiveConfig:
     aux_start: int | None = 550_000  # iteration at which the fake-score term switches on (None: never)
     aux_k: float = 0.9  # D = k (g_u - g_c) + (1 - k)(g_f - g_c)
     aux_weight: float = 1.0  # weight of L_fake [ours: 1.0]
+    # [ours, ablation knobs; the defaults are the paper's] x_self = x0_hat - self_eval_guidance * D (1: the
+    # paper; 0: no guidance direction, the target pulls toward x0_hat only); and whether a row whose caption
+    # was dropped is self-evaluated (its g_c and g_u are then both unconditional) or, False, gets lambda = 0:
+    # a plain flow-matching row (docs/method.md §3).
+    self_eval_guidance: float = 1.0
+    self_eval_dropped: bool = True
     # c_fake = prefix + caption [ours: the exact string]; a dropped caption's c_fake is the bare prefix (its
     # x0_hat was drawn under phi). The data sources encode it; the objective sees only the encodings.
     fake_prompt_prefix: str = DEFAULT_FAKE_PROMPT_PREFIX
@@ -64,6 +70,8 @@ class ObjectiveConfig:
             raise ValueError(f"aux_k must lie in [0, 1], got {self.aux_k}")
         if self.aux_weight < 0:
             raise ValueError(f"aux_weight must be >= 0, got {self.aux_weight}")
+        if not self.self_eval_guidance >= 0:
+            raise ValueError(f"self_eval_guidance must be >= 0, got {self.self_eval_guidance}")
         check_fake_prompt_prefix(self.fake_prompt_prefix)
 
     def aux_on(self, iteration: int) -> bool:
@@ -128,6 +136,7 @@ class SelfELoss:
             if batch.get(key) is None:
                 raise ValueError(f"the auxiliary term is on at iteration {iteration} but the batch has no {key!r}")
 
+        dropped = None
         if cfg.caption_dropout > 0:
             dropped = torch.rand(B, generator=generator, device=device) < cfg.caption_dropout
             cond = condition_tree.where(dropped, null, cond)
@@ -177,6 +186,8 @@ class SelfELoss:
             x_self = self._self_evaluate(net, ema_net, x0_hat_i, x_s_hat, s_i, conds_i, v_fake)
             lam_i = self_eval_lambda(t[index].double(), s_i.double())  # t / (1 - t) loses digits near 1 in fp32
             lam_i = lam_i.to(torch.promote_types(x0.dtype, torch.float32))
+            if dropped is not None and not cfg.self_eval_dropped:
+                lam_i = lam_i.masked_fill(dropped[index], 0.0)  # lambda = 0: the target is x0 itself
             x0_i = x0[index]
             target_i = energy_preserving_target(x0_i, x_self, lam_i, cfg.energy_preserving, cfg.kernel_backend)
             if stand_in:
@@ -221,16 +232,16 @@ class SelfELoss:
         conds: dict[str, Any],
         v_fake: Tensor | None = None,
     ) -> Tensor:
-        """x_self = x0_hat - D, D = g_u - g_c (EMA conditional, live unconditional), mixed with the fake
-        direction g_f - g_c (g_f from `v_fake`, the live network's detached c_fake velocity) when the
-        auxiliary term is on. No gradient reaches either network from here."""
+        """x_self = x0_hat - w D (w = self_eval_guidance, 1 in the paper), D = g_u - g_c (EMA conditional, live
+        unconditional), mixed with the fake direction g_f - g_c (g_f from `v_fake`, the live network's detached
+        c_fake velocity) when the auxiliary term is on. No gradient reaches either network from here."""
         g_c = clean_estimate(ema_net(x_s_hat, s, s, conds["cond"]), x_s_hat, s)
         g_u = clean_estimate(net(x_s_hat, s, s, conds["null"]), x_s_hat, s)
         direction = g_u - g_c
         if v_fake is not None:
             g_f = clean_estimate(v_fake, x_s_hat, s)
             direction = self.config.aux_k * direction + (1 - self.config.aux_k) * (g_f - g_c)
-        return x0_hat - direction
+        return x0_hat - self.config.self_eval_guidance * direction
 
 
 def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:

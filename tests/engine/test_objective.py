@@ -183,8 +183,10 @@ def literal_loss(calls, batch, cfg: ObjectiveConfig, live: nn.Module | None = No
         if cfg.aux_on(10**9) and len(rest) >= 3:
             g_f = xs - s_i.view(bshape) * rest[2]["v"]
             d = cfg.aux_k * d + (1 - cfg.aux_k) * (g_f - g_c)
-        x_self = x0_hat[:n].detach() - d
+        x_self = x0_hat[:n].detach() - cfg.self_eval_guidance * d
         lam = t_i / (1 - t_i) - s_i / (1 - s_i)
+        if not cfg.self_eval_dropped:  # a dropped row is conditioned on the null label (4): lambda = 0
+            lam = torch.where(main["c"][:n] == batch["null_cond"][:n], 0.0, lam)
         for i in range(n):
             y = x0[i] + lam[i] * x_self[i]
             target[i] = y * x0[i].norm() / y.norm()
@@ -224,6 +226,42 @@ def test_loss_equals_the_literal_formulas(self_eval):
     else:
         assert len(net.calls) == 1 and not ema.calls
         assert torch.equal(main["t"], main["s"]) and metrics["frac_self"].item() == 0.0
+
+
+@pytest.mark.parametrize("guidance", [0.0, 2.5])
+def test_the_self_eval_guidance_scales_the_direction(guidance):
+    cfg = ObjectiveConfig(
+        caption_dropout=0.0, time_shift=TimeShift(mu=0.3), tau_warmup=0, aux_start=None, kernel_backend="torch"
+    )
+    scaled = dataclasses.replace(cfg, self_eval_guidance=guidance)
+    losses = []
+    for c in (cfg, scaled):
+        net, ema = RecordingNet(0), RecordingNet(1)
+        loss, _ = SelfELoss(c)(net, ema, make_batch(), iteration=5, generator=torch.Generator().manual_seed(7))
+        expected, _ = literal_loss([net.calls[0], ema.calls[0], net.calls[1]], make_batch(), c)
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-9)
+        losses.append(loss.item())
+    assert losses[0] != pytest.approx(losses[1], rel=1e-6)  # the knob changes the target
+
+
+def test_dropped_rows_can_be_plain_flow_matching():
+    """self_eval_dropped=False: a row whose caption was dropped gets lambda = 0, so its target is x0."""
+    base = ObjectiveConfig(
+        caption_dropout=0.5, time_shift=TimeShift(mu=0.3), tau_warmup=0, aux_start=None, kernel_backend="torch"
+    )
+    cfg = dataclasses.replace(base, self_eval_dropped=False)
+    net, ema = RecordingNet(0), RecordingNet(1)
+    batch = make_batch()
+    loss, metrics = SelfELoss(cfg)(net, ema, batch, iteration=5, generator=torch.Generator().manual_seed(2))
+    dropped = net.calls[0]["c"][:4] == batch["null_cond"][:4]
+    assert 0 < int(dropped.sum()) < 4  # the seed drops some self-evaluated rows and keeps others
+    expected, _ = literal_loss([net.calls[0], ema.calls[0], net.calls[1]], batch, cfg)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-9)
+    paper, _ = literal_loss([net.calls[0], ema.calls[0], net.calls[1]], batch, base)
+    assert loss.item() != pytest.approx(paper.item(), rel=1e-6)
+    t_i, s_i = net.calls[0]["t"][:4].double(), ema.calls[0]["s"].double()
+    lam = torch.where(dropped, 0.0, t_i / (1 - t_i) - s_i / (1 - s_i))
+    assert metrics["lambda_mean"].item() == pytest.approx(lam.mean().item(), rel=1e-6)
 
 
 def test_flow_matching_is_velocity_mse():
@@ -388,6 +426,8 @@ def test_config_validation():
         ObjectiveConfig(s_split="thirds")
     with pytest.raises(ValueError, match="aux_k"):
         ObjectiveConfig(aux_k=1.5)
+    with pytest.raises(ValueError, match="self_eval_guidance"):
+        ObjectiveConfig(self_eval_guidance=-1.0)
     assert ObjectiveConfig(time_shift={"mu": 0.5}).time_shift.mu == 0.5
 
 

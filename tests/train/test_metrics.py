@@ -44,3 +44,14 @@ def test_records_and_progress_line_carry_tflops_and_mfu(tmp_path, capsys):
     assert record["mfu"] == pytest.approx(2.0)
     line = capsys.readouterr().err
     assert "| 4 TFLOP/s | MFU 200.0% |" in line
+
+
+def test_a_window_logged_at_once_reports_its_steps_own_rate(tmp_path, capsys):
+    """The trainer logs a window of steps at its log step, microseconds apart: the first line's rate comes
+    from their step times (0.5 s each: 2 it/s), not from the moment they were written (thousands of it/s)."""
+    logger = MetricsLogger(tmp_path, total_steps=100, log_every=50, peak_flops=None, world_size=1)
+    for step in range(1, 51):
+        logger.log(step, {"loss": 1.0, "step_time": 0.5})
+    logger.close()
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "| 2.00 it/s |" in line and "ETA 0:00:25" in line, line
