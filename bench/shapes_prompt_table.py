@@ -22,7 +22,9 @@ from selfe.shapes.scorer import score_image
 
 
 def prompt_table(pipe, prompts, steps: list[int], seeds: int) -> dict[str, dict[int, float]]:
-    """{caption: {steps: share of seeds right}} with the model's default sampler."""
+    """{caption: {steps: share of seeds right}} with the model's default sampler; captions must be distinct."""
+    if len({p.caption for p in prompts}) < len(prompts):
+        raise ValueError("prompt_table: the prompts repeat a caption (a row per caption)")
     right = {p.caption: {n: 0 for n in steps} for p in prompts}
     captions = [p.caption for p in prompts]
     for n in steps:
@@ -48,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     pipe = SelfEPipeline.from_pretrained(args.model or shipped_model_dir(), device="cpu")
     pipe.set_progress_bar_config(disable=True)
     held_out = evaluation_prompts(48)
-    by_category = {c: [p for p in held_out if p.category == c][: args.per_category] for c in CATEGORIES}
+    distinct = list({p.caption: p for p in reversed(held_out)}.values())[::-1]  # first of each caption, in order
+    by_category = {c: [p for p in distinct if p.category == c][: args.per_category] for c in CATEGORIES}
     prompts = [p for category in CATEGORIES for p in by_category[category]]
     table = prompt_table(pipe, prompts, args.steps, args.seeds)
     print("| prompt | category | " + " | ".join(f"{n} step{'s' * (n > 1)}" for n in args.steps) + " |")
