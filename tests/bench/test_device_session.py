@@ -113,9 +113,11 @@ def test_a_test_run_past_its_cap_still_reports_what_ran(tmp_path: Path, monkeypa
     monkeypatch.setattr(runner, "SUMMARY_RESERVE_S", 0.5)
     monkeypatch.setattr(runner, "STOP_S", 0.5)
     tests = tmp_path / "test_sample.py"
-    # test_a writes a file the runner waits for (not a sleep): pytest is past collection and one test in
+    # test_b writes a file the runner waits for (not a sleep): test_a has run and the SIGINT lands in test_b's
+    # sleep, where pytest turns it into its summary (between tests, under load, it may land in pytest's hooks)
     tests.write_text(
-        f"import time\ndef test_a(): open({str(tmp_path / 'ran')!r}, 'w').close()\ndef test_b(): time.sleep(300)\n"
+        f"import time\ndef test_a(): pass\ndef test_b():\n    open({str(tmp_path / 'ran')!r}, 'w').close()\n"
+        "    time.sleep(300)\n"
     )
     pytest_argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:timeout"]
     steps = [Step("tests", "1", 60.0, argv=[*pytest_argv, "--junitxml={work}/j.xml", str(tests)], junit="j.xml")]
