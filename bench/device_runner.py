@@ -99,7 +99,15 @@ def start(argv: list[str], log: IO[str], env: dict[str, str] | None = None) -> s
         stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         start_new_session=True,
+        preexec_fn=_take_interrupts,
     )
+
+
+def _take_interrupts() -> None:
+    """In the child before exec: SIGINT back to its default. A job a non-interactive shell started in the
+    background inherits SIGINT ignored, and Python then never raises KeyboardInterrupt, so a test run past
+    its cap would die at SIGTERM without its summary or junit file."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def stop_group(proc: subprocess.Popen, interrupt_first: bool = False) -> None:

@@ -114,7 +114,7 @@ def test_a_test_run_past_its_cap_still_reports_what_ran(tmp_path: Path, monkeypa
     monkeypatch.setattr(runner, "STOP_S", 0.5)
     tests = tmp_path / "test_sample.py"
     # test_b writes a file the runner waits for (not a sleep): test_a has run and the SIGINT lands in test_b's
-    # sleep, where pytest turns it into its summary (between tests, under load, it may land in pytest's hooks)
+    # sleep, where pytest turns it into its summary
     tests.write_text(
         f"import time\ndef test_a(): pass\ndef test_b():\n    open({str(tmp_path / 'ran')!r}, 'w').close()\n"
         "    time.sleep(300)\n"
@@ -132,6 +132,22 @@ def test_a_test_run_past_its_cap_still_reports_what_ran(tmp_path: Path, monkeypa
     got = run(steps, tmp_path, budget=120.0)["steps"]["tests"]
     assert got["status"] == "timed out"
     assert got["tests"]["tests"] >= 1 and "data_error" not in got, got
+
+
+def test_a_step_takes_sigint_even_when_the_runner_was_started_with_it_ignored(tmp_path: Path) -> None:
+    """`cmd &` in a script starts the runner with SIGINT ignored, which exec passes on to every step."""
+    import signal
+
+    log = tmp_path / "log"
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with log.open("w") as out:
+            code = "import signal; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
+            proc = runner.start(python(code), out)
+            proc.wait(timeout=60)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert log.read_text().split() == ["True"]
 
 
 def test_stale_or_broken_step_outputs_are_not_reported(tmp_path: Path) -> None:
