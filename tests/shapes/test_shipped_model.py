@@ -19,7 +19,7 @@ MAX_BYTES = 30 * 2**20
 # `selfe eval shapes --model runs/fm-pt/export --steps 2 --guidance 5 --sampler euler --samples-per-prompt 4`:
 # the first draw's overall at 2 steps of the equal-budget flow matching run (3500 iterations on the same pretrained
 # text encoders, docs/shapes-eval.md), at the best of the settings tried for it (DDIM at omega 5 gave 0.295). The
-# shipped model's own first draw scores 0.507: not asserted here, as another CPU's rounding flipping a few images
+# shipped model's own first draw scores 0.576: not asserted here, as another CPU's rounding flipping a few images
 # could move it.
 FLOW_MATCHING_TWO_STEPS = 0.365
 
