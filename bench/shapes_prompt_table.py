@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe = SelfEPipeline.from_pretrained(args.model or shipped_model_dir(), device="cpu")
     pipe.set_progress_bar_config(disable=True)
     held_out = evaluation_prompts(48)
-    distinct = list({p.caption: p for p in reversed(held_out)}.values())[::-1]  # first of each caption, in order
+    distinct = list(dict.fromkeys(held_out))  # a repeated caption is the same (frozen) Prompt: keep its first
     by_category = {c: [p for p in distinct if p.category == c][: args.per_category] for c in CATEGORIES}
     prompts = [p for category in CATEGORIES for p in by_category[category]]
     table = prompt_table(pipe, prompts, args.steps, args.seeds)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -136,8 +137,6 @@ def test_a_test_run_past_its_cap_still_reports_what_ran(tmp_path: Path, monkeypa
 
 def test_a_step_takes_sigint_even_when_the_runner_was_started_with_it_ignored(tmp_path: Path) -> None:
     """`cmd &` in a script starts the runner with SIGINT ignored, which exec passes on to every step."""
-    import signal
-
     log = tmp_path / "log"
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
