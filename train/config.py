@@ -240,6 +240,9 @@ class ParallelConfig:
             raise ValueError(f"parallel.prefetch_blocks must be >= 0, got {self.prefetch_blocks}")
 
 
+EXPORT_DTYPES = ("float32", "float16", "bfloat16")  # checkpoint.export_dtype's choices (torch dtype names)
+
+
 @dataclass
 class CheckpointConfig:
     every: int = 1000  # steps between checkpoints (one is also written at the end); 0: only at the end
@@ -268,8 +271,15 @@ class CheckpointConfig:
     export_stand_ins: bool = False
     # The export's default EP-CFG omega (config.json "sampler": "guidance"); None: sample without CFG.
     export_guidance: float | None = 5.0
+    # [ours] The floating dtype export stores the weights in: float32, or float16 / bfloat16 for a file half
+    # the size (a loader casts to its own dtype). Training and its checkpoints stay fp32 either way.
+    export_dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        if self.export_dtype not in EXPORT_DTYPES:
+            raise ValueError(
+                f"checkpoint.export_dtype must be one of {', '.join(EXPORT_DTYPES)}, got {self.export_dtype!r}"
+            )
         if self.every < 0 or self.keep < 1:
             raise ValueError(f"checkpoint.every must be >= 0 and keep >= 1, got {self.every}, {self.keep}")
         if self.init_grow and not self.init_from:

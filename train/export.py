@@ -4,8 +4,9 @@ checkpoint.export_text_encoders / export_autoencoder also the (small) encoders, 
 run on stand-in data with checkpoint.export_stand_ins: random-init stand-ins, selfe.train.stand_in_export).
 
 Every rank calls `export_ema` (gathering the sharded weights is collective); rank 0 writes.
-The file is always plain fp32 under the unconverted model's keys: the trainer's EMA copy is never FP8-
-converted, and a converted network passed here is unwrapped too (FP8 is a run-time choice, not a format).
+The file holds plain tensors under the unconverted model's keys, fp32 unless checkpoint.export_dtype halves
+them: the trainer's EMA copy is never FP8-converted, and a converted network passed here is unwrapped too
+(FP8 is a run-time choice, not a format).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import os
 import shutil
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from selfe.components.fp8 import plain_tensor
 from selfe.sampling.pipeline_files import AE_FILE
-from selfe.train.config import TrainConfig
+from selfe.train.config import EXPORT_DTYPES, TrainConfig
 from selfe.train.stand_in_export import trains_on_stand_ins, write_stand_ins
 
 
@@ -61,7 +62,8 @@ def _exported_autoencoder(config: TrainConfig) -> str:
 
 
 def export_ema(ema_model: nn.Module, config: TrainConfig, out_dir: str | os.PathLike, rank: int = 0) -> Path:
-    """Gather the (sharded) EMA network's full weights and write them, fp32, as a pipeline directory."""
+    """Gather the (sharded) EMA network's full weights and write them, in checkpoint.export_dtype, as a
+    pipeline directory."""
     full = get_model_state_dict(ema_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     out = Path(out_dir)
     if rank != 0:
@@ -70,10 +72,9 @@ def export_ema(ema_model: nn.Module, config: TrainConfig, out_dir: str | os.Path
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
+        dtype = getattr(torch, config.checkpoint.export_dtype)
         tensors = {  # torchao's FSDP weight wrapper unwrapped; TE's FP8 metadata (`_extra_state`) is run-time state
-            k: plain_tensor(v).detach().to(torch.float32).contiguous()
-            for k, v in full.items()
-            if not k.endswith("_extra_state")
+            k: _stored(plain_tensor(v).detach(), dtype) for k, v in full.items() if not k.endswith("_extra_state")
         }
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         meta = pipeline_config(config)
@@ -100,6 +101,11 @@ def export_ema(ema_model: nn.Module, config: TrainConfig, out_dir: str | os.Path
     return out
 
 
+def _stored(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A weight as the export stores it: floating tensors in `dtype`, any other kind as it is."""
+    return (tensor.to(dtype) if tensor.is_floating_point() else tensor).contiguous()
+
+
 def check_out_dir(source: str | os.PathLike, checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -> None:
     """Refuse an output folder that export_ema's replace would turn on what it reads: OUT (or OUT.tmp,
     OUT.old, which it deletes) being or holding `source` (a run folder or a checkpoint) or the `checkpoint`
@@ -121,9 +127,10 @@ def check_out_dir(source: str | os.PathLike, checkpoint: str | os.PathLike, out_
         )
 
 
-def export_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+def export_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike, dtype: str | None = None) -> Path:
     """Export the EMA weights of a DCP checkpoint (a step_* folder, or a run folder: its newest complete
     checkpoint) as a pipeline directory, in one process, e.g. to evaluate a run while it trains.
+    dtype: the weights' stored dtype (checkpoint.export_dtype's choices); None: the run's own setting.
     A damaged checkpoint is a ValueError naming the file; nothing in it is unpickled
     (selfe.train.checkpoint_reader)."""
     from torch.distributed.checkpoint.api import CheckpointException
@@ -133,6 +140,8 @@ def export_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike) -> 
     from selfe.train.checkpoint_reader import first_failure, load_dcp
     from selfe.train.config import load_config
 
+    if dtype is not None and dtype not in EXPORT_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
     path = Path(source)
     if not (path / "meta.json").is_file():  # not a checkpoint: a run folder
         latest = Checkpointer(path / "checkpoints", keep=1).latest()
@@ -154,6 +163,8 @@ def export_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike) -> 
     except CheckpointException as err:  # the EMA entries do not fit the config's model
         raise ValueError(f"cannot read the EMA weights of {path}: {first_failure(err)}") from None
     net.load_state_dict(state["ema"])
+    if dtype is not None:
+        config = replace(config, checkpoint=replace(config.checkpoint, export_dtype=dtype))
     return export_ema(net, config, out_dir)
 
 
@@ -166,9 +177,15 @@ def export_main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("checkpoint", help="RUN_DIR/checkpoints/step_* or a run folder (its newest checkpoint)")
     parser.add_argument("--out", required=True, type=Path, help="pipeline folder to write (replaced atomically)")
+    parser.add_argument(
+        "--dtype",
+        choices=EXPORT_DTYPES,
+        help="stored dtype of the weights (default: the run's checkpoint.export_dtype, float32 unless set); "
+        "float16 halves the file",
+    )
     args = parser.parse_args(argv)
     try:
-        out = export_checkpoint(args.checkpoint, args.out)
+        out = export_checkpoint(args.checkpoint, args.out, args.dtype)
     except (OSError, ValueError) as err:  # OSError: a missing file, a full disk, no permission
         parser.exit(2, f"selfe export: {err}\n")
     print(f"selfe export: {args.checkpoint} -> {out}")

@@ -9,9 +9,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from selfe.cli import main
+from selfe.components.weights import load_safetensors_into
 from selfe.network.model import MMDiT
 from selfe.train.export import export_ema
 from selfe.train.trainer import Trainer
@@ -95,6 +97,37 @@ def test_a_failing_export_leaves_no_tmp_folder_and_the_old_export_intact(tmp_pat
         export_ema(net, failing, out)
     assert not (tmp_path / "out.tmp").exists()
     assert (out / "model.safetensors").read_bytes() == weights
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_a_half_precision_export_stores_the_rounded_weights_in_half_the_bytes(dtype, tmp_path):
+    net = MMDiT(tiny_config(tmp_path / "r", 1).model)
+    full = export_ema(net, tiny_config(tmp_path / "r", 1), tmp_path / "full")
+    half = export_ema(net, tiny_config(tmp_path / "r", 1, f"checkpoint.export_dtype={dtype}"), tmp_path / "half")
+    stored = load_file(half / "model.safetensors")
+    assert {t.dtype for t in stored.values()} == {getattr(torch, dtype)}
+    for name, weight in net.state_dict().items():
+        assert torch.equal(stored[name], weight.to(getattr(torch, dtype))), name
+    ratio = (half / "model.safetensors").stat().st_size / (full / "model.safetensors").stat().st_size
+    assert 0.45 < ratio < 0.55, ratio
+    again = load_safetensors_into(MMDiT(tiny_config(tmp_path / "r", 1).model), half / "model.safetensors")
+    assert all(p.dtype == torch.float32 for p in again.parameters())  # the loader casts to the model's dtype
+
+
+@pytest.mark.slow
+def test_selfe_export_dtype_overrides_the_runs_setting_and_records_it(run, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["export", str(run), "--out", str(out), "--dtype", "float16"]) == 0
+    assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.float16}
+    assert '"export_dtype": "float16"' in (out / "train_config.json").read_text()
+    assert "invalid choice: 'fp8'" in _refused_usage([str(run), "--out", str(out), "--dtype", "fp8"], capsys)
+
+
+def _refused_usage(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", *argv])
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
 
 
 def _truncate(name: str, size: int) -> Callable[[Path], Path]:
