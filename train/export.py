@@ -140,8 +140,6 @@ def export_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike, dty
     from selfe.train.checkpoint_reader import first_failure, load_dcp
     from selfe.train.config import load_config
 
-    if dtype is not None and dtype not in EXPORT_DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
     path = Path(source)
     if not (path / "meta.json").is_file():  # not a checkpoint: a run folder
         latest = Checkpointer(path / "checkpoints", keep=1).latest()
@@ -154,6 +152,8 @@ def export_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike, dty
         config = load_config(config_file)
     except ValueError as err:  # bad JSON or values, or not UTF-8 at all; load_config may name the file itself
         raise ValueError(str(err) if str(config_file) in str(err) else f"{config_file}: {err}") from None
+    if dtype is not None:  # checked here, before any weight is read
+        config = replace(config, checkpoint=replace(config.checkpoint, export_dtype=dtype))
     net = MMDiT(config.model)
     state = {"ema": net.state_dict()}
     try:
@@ -163,8 +163,6 @@ def export_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike, dty
     except CheckpointException as err:  # the EMA entries do not fit the config's model
         raise ValueError(f"cannot read the EMA weights of {path}: {first_failure(err)}") from None
     net.load_state_dict(state["ema"])
-    if dtype is not None:
-        config = replace(config, checkpoint=replace(config.checkpoint, export_dtype=dtype))
     return export_ema(net, config, out_dir)
 
 
