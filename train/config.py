@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from selfe.components.fp8 import FP8Config
+from selfe.components.text_encoders import DTYPE_NAMES
 from selfe.method.objective import ObjectiveConfig
 from selfe.method.schedule import TimeShift
 from selfe.network.config import MMDiTConfig, mmdit_preset
@@ -240,9 +241,6 @@ class ParallelConfig:
             raise ValueError(f"parallel.prefetch_blocks must be >= 0, got {self.prefetch_blocks}")
 
 
-EXPORT_DTYPES = ("float32", "float16", "bfloat16")  # checkpoint.export_dtype's choices (torch dtype names)
-
-
 @dataclass
 class CheckpointConfig:
     every: int = 1000  # steps between checkpoints (one is also written at the end); 0: only at the end
@@ -271,14 +269,14 @@ class CheckpointConfig:
     export_stand_ins: bool = False
     # The export's default EP-CFG omega (config.json "sampler": "guidance"); None: sample without CFG.
     export_guidance: float | None = 5.0
-    # [ours] The floating dtype export stores the weights in: float32, or float16 / bfloat16 for a file half
-    # the size (a loader casts to its own dtype). Training and its checkpoints stay fp32 either way.
+    # [ours] The floating dtype export stores the weights in: float32, or float16 / bfloat16 (fp16, bf16) for a
+    # file half the size (a loader casts to its own dtype). Training and its checkpoints stay fp32 either way.
     export_dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        if self.export_dtype not in EXPORT_DTYPES:
+        if self.export_dtype not in DTYPE_NAMES:
             raise ValueError(
-                f"checkpoint.export_dtype must be one of {', '.join(EXPORT_DTYPES)}, got {self.export_dtype!r}"
+                f"checkpoint.export_dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.export_dtype!r}"
             )
         if self.every < 0 or self.keep < 1:
             raise ValueError(f"checkpoint.every must be >= 0 and keep >= 1, got {self.every}, {self.keep}")

@@ -24,8 +24,9 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from selfe.components.fp8 import plain_tensor
+from selfe.components.text_encoders import DTYPE_NAMES
 from selfe.sampling.pipeline_files import AE_FILE
-from selfe.train.config import EXPORT_DTYPES, TrainConfig
+from selfe.train.config import TrainConfig
 from selfe.train.stand_in_export import trains_on_stand_ins, write_stand_ins
 
 
@@ -72,7 +73,7 @@ def export_ema(ema_model: nn.Module, config: TrainConfig, out_dir: str | os.Path
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        dtype = getattr(torch, config.checkpoint.export_dtype)
+        dtype = DTYPE_NAMES[config.checkpoint.export_dtype]
         tensors = {  # torchao's FSDP weight wrapper unwrapped; TE's FP8 metadata (`_extra_state`) is run-time state
             k: _stored(plain_tensor(v).detach(), dtype) for k, v in full.items() if not k.endswith("_extra_state")
         }
@@ -177,7 +178,7 @@ def export_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path, help="pipeline folder to write (replaced atomically)")
     parser.add_argument(
         "--dtype",
-        choices=EXPORT_DTYPES,
+        choices=DTYPE_NAMES,
         help="stored dtype of the weights (default: the run's checkpoint.export_dtype, float32 unless set); "
         "float16 halves the file",
     )

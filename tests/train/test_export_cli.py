@@ -38,11 +38,16 @@ def _files(root: Path) -> dict[Path, tuple[int, int]]:
     return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
 
 
-def _refused(argv: list[str], capsys) -> str:
+def _exit_2(argv: list[str], capsys) -> str:
+    """stderr of `selfe export ARGV`, which must exit with status 2."""
     with pytest.raises(SystemExit) as exit_info:
         main(["export", *argv])
     assert exit_info.value.code == 2
-    err = capsys.readouterr().err
+    return capsys.readouterr().err
+
+
+def _refused(argv: list[str], capsys) -> str:
+    err = _exit_2(argv, capsys)
     assert err.startswith("selfe export: ") and len(err.strip().splitlines()) == 1, err
     return err
 
@@ -121,14 +126,7 @@ def test_selfe_export_dtype_overrides_the_runs_setting_and_records_it(run, tmp_p
     assert main(["export", str(run), "--out", str(out), "--dtype", "float16"]) == 0
     assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.float16}
     assert '"export_dtype": "float16"' in (out / "train_config.json").read_text()
-    assert "invalid choice: 'fp8'" in _refused_usage([str(run), "--out", str(out), "--dtype", "fp8"], capsys)
-
-
-def _refused_usage(argv: list[str], capsys) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(["export", *argv])
-    assert exit_info.value.code == 2
-    return capsys.readouterr().err
+    assert "invalid choice: 'fp8'" in _exit_2([str(run), "--out", str(out), "--dtype", "fp8"], capsys)
 
 
 def _truncate(name: str, size: int) -> Callable[[Path], Path]:
