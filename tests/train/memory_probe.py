@@ -4,6 +4,7 @@ measured with LiveBytes, beside the memory plan's estimate for this world size; 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import torch.distributed as dist
@@ -37,3 +38,7 @@ def main(out: str, overrides: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2:])
+    # As selfe.train.cli ends a rank: gloo's threads may abort the process if Python finalises first.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
