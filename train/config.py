@@ -287,8 +287,10 @@ class CheckpointConfig:
                 "checkpoint.export_stand_ins writes random stand-in encoders where export_text_encoders / "
                 "export_autoencoder copy the run's own: set checkpoint.export_stand_ins=false"
             )
-        if self.export_guidance is not None and self.export_guidance < 0:  # the pipeline refuses it too
-            raise ValueError(f"checkpoint.export_guidance must be >= 0 or none, got {self.export_guidance}")
+        if self.export_guidance is not None and not (math.isfinite(self.export_guidance) and self.export_guidance >= 0):
+            raise ValueError(  # the pipeline refuses it too
+                f"checkpoint.export_guidance must be a finite number >= 0 or none, got {self.export_guidance}"
+            )
 
 
 @dataclass

@@ -17,6 +17,7 @@ import shutil
 import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -128,10 +129,11 @@ def check_out_dir(source: str | os.PathLike, checkpoint: str | os.PathLike, out_
         )
 
 
-def export_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike, dtype: str | None = None) -> Path:
+def export_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike, **checkpoint_overrides: Any) -> Path:
     """Export the EMA weights of a DCP checkpoint (a step_* folder, or a run folder: its newest complete
     checkpoint) as a pipeline directory, in one process, e.g. to evaluate a run while it trains.
-    dtype: the weights' stored dtype (checkpoint.export_dtype's choices); None: the run's own setting.
+    checkpoint_overrides: checkpoint.* fields that replace the run's own for this export (export_dtype,
+    export_guidance), checked as the config checks them and recorded in its train_config.json.
     A damaged checkpoint is a ValueError naming the file; nothing in it is unpickled
     (selfe.train.checkpoint_reader)."""
     from torch.distributed.checkpoint.api import CheckpointException
@@ -153,8 +155,8 @@ def export_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike, dty
         config = load_config(config_file)
     except ValueError as err:  # bad JSON or values, or not UTF-8 at all; load_config may name the file itself
         raise ValueError(str(err) if str(config_file) in str(err) else f"{config_file}: {err}") from None
-    if dtype is not None:  # checked here, before any weight is read
-        config = replace(config, checkpoint=replace(config.checkpoint, export_dtype=dtype))
+    if checkpoint_overrides:  # checked here (CheckpointConfig's own checks), before any weight is read
+        config = replace(config, checkpoint=replace(config.checkpoint, **checkpoint_overrides))
     net = MMDiT(config.model)
     state = {"ema": net.state_dict()}
     try:
@@ -182,9 +184,18 @@ def export_main(argv: list[str] | None = None) -> int:
         help="stored dtype of the weights (default: the run's checkpoint.export_dtype, float32 unless set); "
         "float16 halves the file",
     )
+    guidance = parser.add_mutually_exclusive_group()
+    guidance.add_argument(
+        "--guidance", type=float, metavar="OMEGA", help="the export's default EP-CFG omega (default: the run's "
+        "checkpoint.export_guidance); `selfe generate --guidance` still overrides it per call",
+    )  # fmt: skip
+    guidance.add_argument("--no-guidance", action="store_true", help="the export samples without CFG by default")
     args = parser.parse_args(argv)
+    overrides: dict[str, Any] = {} if args.dtype is None else {"export_dtype": args.dtype}
+    if args.guidance is not None or args.no_guidance:
+        overrides["export_guidance"] = None if args.no_guidance else args.guidance
     try:
-        out = export_checkpoint(args.checkpoint, args.out, args.dtype)
+        out = export_checkpoint(args.checkpoint, args.out, **overrides)
     except (OSError, ValueError) as err:  # OSError: a missing file, a full disk, no permission
         parser.exit(2, f"selfe export: {err}\n")
     print(f"selfe export: {args.checkpoint} -> {out}")

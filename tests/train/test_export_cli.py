@@ -3,6 +3,7 @@ checkpoint. Each is a one-line exit-2 error that names the path, and leaves noth
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from safetensors.torch import load_file
 from selfe.cli import main
 from selfe.components.weights import load_safetensors_into
 from selfe.network.model import MMDiT
+from selfe.sampling.pipeline_files import read_pipeline_config
 from selfe.train.export import export_ema
 from selfe.train.trainer import Trainer
 from tests.train.helpers_trainer import tiny_config
@@ -127,6 +129,22 @@ def test_selfe_export_dtype_overrides_the_runs_setting_and_records_it(run, tmp_p
     assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.float16}
     assert '"export_dtype": "float16"' in (out / "train_config.json").read_text()
     assert "invalid choice: 'fp8'" in _exit_2([str(run), "--out", str(out), "--dtype", "fp8"], capsys)
+
+
+@pytest.mark.slow
+def test_selfe_export_guidance_sets_the_exports_default_and_records_it(run, tmp_path, capsys):
+    """A re-export changes the default EP-CFG omega that sampling reads from config.json, without retraining."""
+    for flags, expected in ([["--guidance", "1.5"], 1.5], [["--no-guidance"], None]):
+        out = tmp_path / str(expected)
+        assert main(["export", str(run), "--out", str(out), *flags]) == 0
+        assert json.loads((out / "config.json").read_text())["sampler"]["guidance"] == expected
+        assert json.loads((out / "train_config.json").read_text())["checkpoint"]["export_guidance"] == expected
+        assert read_pipeline_config(out)["sampler"].guidance == expected  # what from_pretrained samples with
+    for bad in ("-1", "nan"):
+        assert "export_guidance must be a finite number >= 0" in _refused(
+            [str(run), "--out", str(out), "--guidance", bad], capsys
+        )
+    assert "not allowed with" in _exit_2([str(run), "--out", str(out), "--guidance", "2", "--no-guidance"], capsys)
 
 
 def _truncate(name: str, size: int) -> Callable[[Path], Path]:

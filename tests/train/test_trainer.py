@@ -49,7 +49,7 @@ def test_presets_round_trip_and_overrides_are_checked(tmp_path):
         ("steps", "key=value"),
         ("optim.lr=nan", "must be finite"),
         ("optim.grad_clip=inf", "must be finite"),
-        ("checkpoint.export_guidance=-2", "export_guidance must be >= 0"),
+        ("checkpoint.export_guidance=-2", "export_guidance must be a finite number >= 0"),
         ("checkpoint.export_dtype=int8", "export_dtype must be one of bf16, bfloat16, .*float32.*, got 'int8'"),
     ]:
         with pytest.raises(ValueError, match=message):
