@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="EP-CFG omega >= 0 (0: unconditional, 1: conditional). Default: the model's config.json "
-        "sampler.guidance, written at export from checkpoint.export_guidance (null, no CFG, for the shipped model)",
+        "sampler.guidance, written at export from checkpoint.export_guidance (1.5 for the shipped model)",
     )
     parser.add_argument("--no-guidance", action="store_true", help="sample without CFG (one forward per step)")
     parser.add_argument("--sampler", choices=("ddim", "euler"), default=None)
