@@ -186,9 +186,12 @@ def export_main(argv: list[str] | None = None) -> int:
     )
     guidance = parser.add_mutually_exclusive_group()
     guidance.add_argument(
-        "--guidance", type=float, metavar="OMEGA", help="the export's default EP-CFG omega (default: the run's "
-        "checkpoint.export_guidance); `selfe generate --guidance` still overrides it per call",
-    )  # fmt: skip
+        "--guidance",
+        type=float,
+        metavar="OMEGA",
+        help="the export's default EP-CFG omega (default: the run's checkpoint.export_guidance); "
+        "`selfe generate --guidance` still overrides it per call",
+    )
     guidance.add_argument("--no-guidance", action="store_true", help="the export samples without CFG by default")
     args = parser.parse_args(argv)
     overrides: dict[str, Any] = {} if args.dtype is None else {"export_dtype": args.dtype}

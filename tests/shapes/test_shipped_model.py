@@ -19,8 +19,8 @@ MAX_BYTES = 30 * 2**20
 # `selfe eval shapes --model runs/fm-pt-w192/export --steps 2 --samples-per-prompt 4` (its default, EP-CFG omega 5):
 # the first draw's overall at 2 steps of the shipped model's flow-matching twin (the same command, data, width,
 # iterations and seed; docs/shapes-eval.md), at the best of the settings tried for it (Euler at omega 5 gave
-# 0.403). The shipped model's own first draw scores 0.556: not asserted here, as another CPU's rounding flipping a
-# few images could move it.
+# 0.403). The shipped model's own first draw scores 0.590 at its default omega 1.5 (0.556 without CFG): not
+# asserted here, as another CPU's rounding flipping a few images could move it.
 FLOW_MATCHING_TWO_STEPS = 0.410
 
 
