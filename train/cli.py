@@ -64,10 +64,10 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     if result is not None and trainer.dist.rank == 0:
         how = "stopped by signal" if result.stopped_by_signal else "finished"
         print(f"selfe train: {how} at step {result.step} ({result.skipped} skipped); checkpoint {result.checkpoint}")
-    return _end(trainer, 3 if result is None else 0)
+    return end_rank(trainer, 3 if result is None else 0)
 
 
-def _end(trainer, code: int) -> int:
+def end_rank(trainer, code: int) -> int:
     """`code`, or for a rank of a multi-process run, exit now with it (see the module docstring)."""
     if trainer.dist.world_size == 1:
         return code

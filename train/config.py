@@ -23,6 +23,7 @@ from typing import Any
 from selfe.components.fp8 import FP8Config
 from selfe.components.text_encoders import DTYPE_NAMES
 from selfe.method.objective import ObjectiveConfig
+from selfe.method.renorm import is_cfg_scale
 from selfe.method.schedule import TimeShift
 from selfe.network.config import MMDiTConfig, mmdit_preset
 from selfe.utils.atomic import atomic_write_json
@@ -287,8 +288,8 @@ class CheckpointConfig:
                 "checkpoint.export_stand_ins writes random stand-in encoders where export_text_encoders / "
                 "export_autoencoder copy the run's own: set checkpoint.export_stand_ins=false"
             )
-        if self.export_guidance is not None and not (math.isfinite(self.export_guidance) and self.export_guidance >= 0):
-            raise ValueError(  # the pipeline refuses it too
+        if self.export_guidance is not None and not is_cfg_scale(self.export_guidance):  # as SamplerConfig's
+            raise ValueError(
                 f"checkpoint.export_guidance must be a finite number >= 0 or none, got {self.export_guidance}"
             )
 

@@ -6,6 +6,9 @@
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -32,6 +35,13 @@ def energy_preserving_target(
         return (x0 + lam * x_self) / (1 + lam)
     mix = get_op("energy_preserving_mix", kernel_backend, x0.device)
     return mix(x0, x_self, torch.ones_like(lam), lam)
+
+
+def is_cfg_scale(omega: Any) -> bool:
+    """A usable EP-CFG omega: a finite real >= 0 (0 is unconditional, 1 no CFG; a negative one pushes away from
+    the prompt: a typo, not a setting). True / False are not numbers here. The one check behind
+    SamplerConfig.guidance and checkpoint.export_guidance, which becomes it on load."""
+    return isinstance(omega, (int, float)) and not isinstance(omega, bool) and math.isfinite(omega) and omega >= 0
 
 
 def energy_preserving_cfg(

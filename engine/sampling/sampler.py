@@ -18,7 +18,7 @@ from torch import Tensor
 from selfe.kernels.dispatch import BACKENDS as KERNEL_BACKENDS
 from selfe.method import condition_tree
 from selfe.method.objective import DualTimeNetwork
-from selfe.method.renorm import energy_preserving_cfg
+from selfe.method.renorm import energy_preserving_cfg, is_cfg_scale
 from selfe.method.schedule import TimeShift, sampling_grid
 
 S_POLICIES = ("next", "current", "midpoint", "fixed")
@@ -68,10 +68,7 @@ class SamplerConfig:
             raise ValueError(f"SamplerConfig.s_policy must be one of {S_POLICIES}, got {self.s_policy!r}")
         if not _is_number(self.eta) or not 0.0 <= self.eta <= 1.0:
             raise ValueError(f"SamplerConfig.eta must be a number in [0, 1], got {self.eta!r}")
-        if self.guidance is not None and not (
-            _is_number(self.guidance) and math.isfinite(self.guidance) and self.guidance >= 0
-        ):
-            # omega < 0 pushes away from the prompt: a typo, not a setting (0 is unconditional, 1 is no CFG)
+        if self.guidance is not None and not is_cfg_scale(self.guidance):
             raise ValueError(
                 f"SamplerConfig.guidance must be a finite number >= 0 or None (no CFG), got {self.guidance!r}"
             )

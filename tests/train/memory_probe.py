@@ -4,11 +4,11 @@ measured with LiveBytes, beside the memory plan's estimate for this world size; 
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import torch.distributed as dist
 
+from selfe.train.cli import end_rank
 from selfe.train.config import apply_overrides, preset
 from selfe.train.memory_plan import LiveBytes, plan_activation_checkpointing
 from selfe.train.trainer import Trainer
@@ -34,11 +34,8 @@ def main(out: str, overrides: list[str]) -> None:
     if rank == 0:
         with open(out, "w") as f:
             json.dump({"estimate": plan.est_peak_bytes, "peaks": peaks}, f)
+    end_rank(trainer, 0)  # as selfe train ends a rank: gloo's threads may abort the process at Python's finalisation
 
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2:])
-    # As selfe.train.cli ends a rank: gloo's threads may abort the process if Python finalises first.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
